@@ -1,0 +1,228 @@
+"""RunConfig: the one pydantic model a run is described by (YAML file + `--set` + environment).
+
+Validation happens before any work: an unknown key or a bad value fails with the dotted key
+and the allowed values, never halfway through a corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "SPEECHPAIRS__"
+
+DEFAULT_INSTRUCTION = "What can you hear from the audio?"
+DEFAULT_ATTRIBUTES = ["gender", "emotion", "age", "accent", "pitch", "speed", "volume", "noise"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(_Strict):
+    """One corpus to read. `kind: auto` picks manifest for a file and folder for a directory."""
+
+    kind: Literal["auto", "manifest", "folder"] = "auto"
+    path: str = Field(description="Local path or s3:// URI of a manifest file or an audio folder.")
+    dataset: str | None = Field(default=None, description="Corpus name written to rows; default: file/folder stem.")
+    language: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict, description="Labels added to every clip of this source.")
+
+
+class AudioConfig(_Strict):
+    sampling_rate: Literal[16000] = 16000
+    min_duration_s: float = Field(default=0.3, gt=0)
+    max_duration_s: float = Field(default=30.0, gt=0)
+    silence_dbfs: float = Field(default=-60.0, description="Peak level below which a clip is `silent`.")
+    clip_level: float = Field(default=0.999, gt=0, le=1.0, description="|sample| at or above this counts as clipped.")
+
+    @model_validator(mode="after")
+    def _order(self) -> AudioConfig:
+        if self.min_duration_s >= self.max_duration_s:
+            raise ValueError("audio.min_duration_s must be smaller than audio.max_duration_s")
+        return self
+
+
+class FeaturesConfig(_Strict):
+    pitch_fmin_hz: float = Field(default=60.0, gt=0)
+    pitch_fmax_hz: float = Field(default=500.0, gt=0)
+    gender_from_pitch: bool = Field(default=True, description="Fallback gender from pitch when no corpus label.")
+
+
+class DescribeConfig(_Strict):
+    format: Literal["desta2", "desta25"] = "desta25"
+    attributes: list[str] = Field(default_factory=lambda: list(DEFAULT_ATTRIBUTES))
+    bins: str | None = Field(default=None, description="Path of a bins JSON; default: the shipped bins.")
+    instruction: str = DEFAULT_INSTRUCTION
+    instruction_pool: str | None = Field(default=None, description="Text file, one instruction a line.")
+    seed: int = 0
+
+    @field_validator("attributes")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        from schemas.attributes import KNOWN_ATTRIBUTES  # local: keeps the import graph flat
+
+        bad = [a for a in value if a not in KNOWN_ATTRIBUTES]
+        if bad:
+            raise ValueError(f"unknown attribute(s) {bad}; allowed: {sorted(KNOWN_ATTRIBUTES)}")
+        return value
+
+
+class LLMConfig(_Strict):
+    backend: Literal["template", "openai"] = "template"
+    base_url: str | None = Field(default=None, description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    model: str | None = None
+    api_key_env: str = Field(default="SPEECHPAIRS_LLM_API_KEY", description="Env var holding the API key.")
+    system_prompt: str | None = None
+    temperature: float = Field(default=0.05, ge=0, le=2)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_tokens: int = Field(default=256, gt=0)
+    seed: int = 0
+    concurrency: int = Field(default=32, ge=1, le=4096)
+    timeout_s: float = Field(default=120.0, gt=0)
+    max_retries: int = Field(default=5, ge=0)
+    backoff_s: float = Field(default=1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> LLMConfig:
+        if self.backend == "openai" and not (self.base_url and self.model):
+            raise ValueError("llm.backend 'openai' needs llm.base_url and llm.model")
+        return self
+
+
+class OutputConfig(_Strict):
+    root: str = Field(default="./data", description="Local directory or s3://bucket/prefix.")
+    dataset: str = Field(default="speechpairs", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    shard_size: int = Field(default=1000, ge=1, le=100_000, description="Clips per shard (unit of work).")
+    compression: Literal["zstd", "snappy", "none"] = "zstd"
+    audio_format: Literal["flac", "wav"] = "flac"
+
+
+class S3Config(_Strict):
+    """Endpoint settings; credentials come only from the environment (AWS_* variables)."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+
+
+class RunConfig(_Strict):
+    sources: list[SourceConfig] = Field(min_length=1)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    audio: AudioConfig = Field(default_factory=AudioConfig)
+    features: FeaturesConfig = Field(default_factory=FeaturesConfig)
+    describe: DescribeConfig = Field(default_factory=DescribeConfig)
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    s3: S3Config = Field(default_factory=S3Config)
+    runner: Literal["thread", "sequential"] = "thread"
+    max_workers: int = Field(default=2, ge=1, le=256)
+
+    def config_hash(self) -> str:
+        """Hash of everything that changes the output rows; shards are reused only on equal hashes."""
+        payload = self.model_dump(mode="json", exclude={"runner", "max_workers"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and what is allowed."""
+
+
+def _coerce(text: str) -> Any:
+    """`--set` values are YAML scalars/lists: 500 → int, true → bool, [a, b] → list."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[int(part)]
+            continue
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = [] if parts[i + 1].isdigit() else {}
+            node[part] = nxt
+        node = nxt
+    last = parts[-1]
+    if isinstance(node, list):
+        idx = int(last)
+        while len(node) <= idx:
+            node.append({})
+        node[idx] = value
+    else:
+        node[last] = value
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see README 'Config reference')"
+        elif e["type"] == "literal_error":
+            msg = f"{msg} (got {e.get('input')!r})"
+        lines.append(f"  {key}: {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def env_overrides(environ: Mapping[str, str]) -> list[str]:
+    """SPEECHPAIRS__OUTPUT__ROOT=s3://b/p → 'output.root=s3://b/p' (double underscore = dot)."""
+    out = []
+    for key, value in sorted(environ.items()):
+        if key.startswith(ENV_PREFIX) and len(key) > len(ENV_PREFIX):
+            dotted = key[len(ENV_PREFIX):].lower().replace("__", ".")
+            out.append(f"{dotted}={value}")
+    return out
+
+
+def parse_config(data: Mapping[str, Any], overrides: Sequence[str] = (),
+                 environ: Mapping[str, str] | None = None) -> RunConfig:
+    """Dict + environment + `--set` overrides (in that order of precedence) → validated RunConfig."""
+    merged: dict[str, Any] = json.loads(json.dumps(dict(data)))  # deep copy, plain types
+    env = os.environ if environ is None else environ
+    for item in [*env_overrides(env), *overrides]:
+        if "=" not in item:
+            raise ConfigError(f"--set needs key=value, got {item!r}")
+        key, _, raw = item.partition("=")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", key.strip()):
+            raise ConfigError(f"--set key {key!r} is not a dotted name like output.root")
+        try:
+            _set_dotted(merged, key.strip(), _coerce(raw))
+        except (ValueError, IndexError, AttributeError, TypeError) as exc:
+            raise ConfigError(f"--set {key}: cannot apply ({exc})") from exc
+    try:
+        return RunConfig.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = (),
+                environ: Mapping[str, str] | None = None) -> RunConfig:
+    """Read YAML at `path`; relative source paths and output root resolve against its folder."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of settings")
+    base = p.resolve().parent
+    for src in data.get("sources") or []:
+        if isinstance(src, dict) and isinstance(src.get("path"), str) and "://" not in src["path"]:
+            src["path"] = str((base / src["path"]).resolve()) if not Path(src["path"]).is_absolute() else src["path"]
+    return parse_config(data, overrides, environ)

@@ -1,0 +1,69 @@
+"""The committed-version manifest and the refs that point at versions.
+
+A version is visible only once its manifest exists; readers go through the manifest and never
+list prefixes, so this model is the whole consumer-facing contract of a version.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from schemas.records import utc_now
+
+
+class ShardInfo(BaseModel):
+    path: str  # relative to the version prefix, e.g. data/train-00000-of-00004.parquet
+    rows: int
+    bytes: int
+    sha256: str
+
+
+class ModelInfo(BaseModel):
+    role: str  # e.g. "llm", "asr", "gender"
+    name: str
+    revision: str | None = None
+
+
+class Lineage(BaseModel):
+    dataset: str
+    version: str
+    parent: str | None = None
+    created_at: datetime = Field(default_factory=utc_now)
+    flow_run_id: str | None = None
+    run_id: str
+    code_version: str
+    config_hash: str
+    bins_version: str
+    models: list[ModelInfo] = Field(default_factory=list)
+    sampling: dict[str, Any] = Field(default_factory=dict)
+    prompt_pool_hash: str
+    extractor_versions: dict[str, str] = Field(default_factory=dict)
+
+
+class Stats(BaseModel):
+    clips_in: int
+    rows: int
+    quarantined: int
+    quarantine_by_reason: dict[str, int] = Field(default_factory=dict)
+    audio_hours: float = 0.0
+    attribute_counts: dict[str, dict[str, int]] = Field(default_factory=dict)
+
+
+class Manifest(BaseModel):
+    format: str = "speechpairs/manifest@1"
+    lineage: Lineage
+    stats: Stats
+    shards: list[ShardInfo]
+    quarantine: list[ShardInfo] = Field(default_factory=list)
+    arrow_schema: str  # base64 of the serialized Arrow schema (pyarrow.ipc)
+    hf_features: dict[str, Any] = Field(default_factory=dict)
+
+
+class Ref(BaseModel):
+    """Content of refs/<name>.json: a movable name for a committed version."""
+
+    version: str
+    updated_at: datetime = Field(default_factory=utc_now)

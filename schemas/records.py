@@ -1,0 +1,172 @@
+"""Pydantic records that cross stage boundaries: clips in, features, rows and quarantine out.
+
+Every stage takes and returns these, so a stage can be tested alone and its output checked
+against the Arrow schema in `schemas.arrow` before anything is written.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Stage(str, Enum):
+    """Where in the flow a clip was stopped."""
+
+    ingest = "ingest"
+    audio = "audio"
+    features = "features"
+    describe = "describe"
+    llm = "llm"
+    write = "write"
+
+
+class ReasonCode(str, Enum):
+    """Named quarantine reasons; the dataset card and run summary count by these."""
+
+    missing_file = "missing_file"
+    unreadable = "unreadable"
+    empty = "empty"
+    too_short = "too_short"
+    too_long = "too_long"
+    silent = "silent"
+    non_finite = "non_finite"
+    bad_row = "bad_row"
+    duplicate_id = "duplicate_id"
+    feature_error = "feature_error"
+    describe_error = "describe_error"
+    llm_error = "llm_error"
+    llm_empty = "llm_empty"
+
+
+class Clip(BaseModel):
+    """One input clip as ingest found it: where the audio is and what the corpus says about it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    dataset: str
+    audio_uri: str
+    transcript: str | None = None
+    language: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    # Set when ingest already knows the row is unusable (e.g. a manifest row without a path):
+    # the clip then goes straight to quarantine with this reason and message.
+    ingest_error: tuple[ReasonCode, str] | None = None
+
+
+class Features(BaseModel):
+    """Measured values for one clip. Every field is nullable: an extractor may not apply."""
+
+    duration_s: float | None = None
+    speech_duration_s: float | None = None
+    voiced_ratio: float | None = None
+    pitch_mean_hz: float | None = None
+    pitch_std_hz: float | None = None
+    loudness_lufs: float | None = None
+    rms_dbfs: float | None = None
+    peak_dbfs: float | None = None
+    clipping_ratio: float | None = None
+    snr_db: float | None = None
+    c50_db: float | None = None
+    speaking_rate_wps: float | None = None
+    speaking_rate_sps: float | None = None
+    speaking_rate_pps: float | None = None
+    gender: str | None = None
+    gender_score: float | None = None
+    gender_source: str | None = None
+    emotion: str | None = None
+    emotion_score: float | None = None
+    age: str | None = None
+    age_score: float | None = None
+    accent: str | None = None
+    accent_score: float | None = None
+
+
+class AudioRef(BaseModel):
+    """HF `Audio` storage layout: encoded bytes plus a file name hint."""
+
+    bytes: bytes
+    path: str
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class Generation(BaseModel):
+    """How the response was produced, so any row can be regenerated or audited."""
+
+    backend: str
+    model: str | None = None
+    revision: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    attempts: int = 1
+    latency_s: float | None = None
+
+
+class Provenance(BaseModel):
+    pipeline_version: str
+    config_hash: str
+    bins_version: str
+    extractor_versions: dict[str, str] = Field(default_factory=dict)
+    run_id: str
+    created_at: datetime = Field(default_factory=utc_now)
+
+
+class Row(BaseModel):
+    """One speech-text pair: the dataset's row contract (see ARCHITECTURE.md)."""
+
+    id: str
+    dataset: str
+    audio: AudioRef
+    audio_uri: str
+    audio_sha256: str
+    sampling_rate: int
+    duration_s: float
+    transcript: str | None
+    transcript_source: str | None
+    language: str | None
+    labels: dict[str, str]
+    features: Features
+    attributes: dict[str, str]
+    seed_description: str
+    prompt: str
+    messages: list[Message]
+    response: str
+    generation: Generation
+    provenance: Provenance
+
+
+class QuarantineRow(BaseModel):
+    id: str
+    dataset: str
+    audio_uri: str
+    stage: Stage
+    reason_code: ReasonCode
+    message: str
+    created_at: datetime = Field(default_factory=utc_now)
+
+
+class QuarantineError(Exception):
+    """Raised by a per-clip stage to send that clip (not the shard) to quarantine."""
+
+    def __init__(self, stage: Stage, reason: ReasonCode, message: str) -> None:
+        super().__init__(f"{stage.value}/{reason.value}: {message}")
+        self.stage = stage
+        self.reason = reason
+        self.message = message
