@@ -1,0 +1,240 @@
+"""The generate flow: plan shards → process each shard → commit one version. It only composes.
+
+One Prefect task run per shard (never per clip) keeps the UI and API fast on million-clip runs.
+A re-run of the same config resumes its staging area: finished shards are skipped by their
+completion markers and a committed run is not committed twice.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections import Counter
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel, Field
+
+from schemas.arrow import ROW_SCHEMA, hf_features, schema_to_b64
+from schemas.config import RunConfig
+from schemas.manifest import Manifest, Stats
+from storage.objectstore import NotFound, ObjectStore, open_store
+from storage.versions import commit_version, staging_prefix
+from tasks.audio import AUDIO_VERSION
+from tasks.describe import DESCRIBE_VERSION, instruction_pool, load_bins, pool_hash
+from tasks.features import EXTRACTOR_VERSIONS
+from tasks.llm import make_backend
+from tasks.pipeline import RunContext, ShardOutcome, process_shard, report_total
+from tasks.plan import RunPlan, load_shard_plan, plan_run
+
+
+class RunSummary(BaseModel):
+    dataset: str
+    version: str
+    location: str
+    run_id: str
+    clips_in: int
+    rows: int
+    quarantined: int
+    quarantine_by_reason: dict[str, int] = Field(default_factory=dict)
+    quarantine_by_stage: dict[str, int] = Field(default_factory=dict)
+    audio_hours: float
+    shards: int
+    shards_skipped: int
+    seconds: float
+    stage_seconds: dict[str, float] = Field(default_factory=dict)
+    already_committed: bool = False
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """Package version plus the git commit when running from a checkout."""
+    version = metadata.version("speechpairs")
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        return f"{version}+g{sha}" if sha else version
+    except (OSError, subprocess.SubprocessError):
+        return version
+
+
+def run_context(config: RunConfig) -> RunContext:
+    config_hash = config.config_hash()
+    run_id = f"run-{config_hash}"
+    return RunContext(
+        run_id=run_id,
+        staging=staging_prefix(config.output.dataset, run_id),
+        config_hash=config_hash,
+        pipeline_version=code_version(),
+        bins_version=load_bins(config.describe.bins).full_version,
+        extractor_versions={**EXTRACTOR_VERSIONS, "audio": AUDIO_VERSION, "describe": DESCRIBE_VERSION},
+    )
+
+
+def _store(config: RunConfig) -> ObjectStore:
+    return open_store(config.output.root, config.s3)
+
+
+@task(name="plan-shards", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE, tags=["plan"])
+def plan_task(config: RunConfig, ctx: RunContext) -> RunPlan:
+    return plan_run(config, _store(config), ctx.staging, ctx.run_id)
+
+
+@task(name="process-shard", task_run_name="shard-{index:05d}", retries=2, retry_delay_seconds=5,
+      cache_policy=NO_CACHE, tags=["shard", "cpu"])
+def shard_task(config: RunConfig, ctx: RunContext, index: int) -> ShardOutcome:
+    store = _store(config)
+    backend = make_backend(config.llm)
+    try:
+        return process_shard(load_shard_plan(store, ctx.staging, index), config, store, ctx, backend)
+    finally:
+        close = getattr(backend, "close", None)
+        if callable(close):
+            close()
+
+
+@task(name="commit-version", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, tags=["commit"])
+def commit_task(config: RunConfig, ctx: RunContext, plan: RunPlan, outcomes: list[ShardOutcome]) -> Manifest:
+    store = _store(config)
+    stats = combine_stats(plan, outcomes)
+    backend = make_backend(config.llm)
+    model = backend.model_info()
+    lineage = {
+        "flow_run_id": str(flow_run.id) if flow_run.id else None,
+        "run_id": ctx.run_id,
+        "code_version": ctx.pipeline_version,
+        "config_hash": ctx.config_hash,
+        "bins_version": ctx.bins_version,
+        "models": [{"role": "llm", "name": model.get("name") or backend.name, "revision": model.get("revision")}],
+        "sampling": {"backend": backend.name, "temperature": config.llm.temperature, "top_p": config.llm.top_p,
+                     "max_tokens": config.llm.max_tokens, "seed": config.llm.seed},
+        "prompt_pool_hash": pool_hash(instruction_pool(config.describe)),
+        "extractor_versions": ctx.extractor_versions,
+    }
+    manifest = commit_version(
+        store,
+        dataset=config.output.dataset,
+        staged_shards=[o.shard for o in outcomes if o.shard is not None],
+        staged_quarantine=[o.quarantine for o in outcomes if o.quarantine is not None],
+        lineage=lineage,
+        stats=stats,
+        arrow_schema_b64=schema_to_b64(ROW_SCHEMA),
+        hf_features=hf_features(),
+    )
+    store.put_bytes(committed_key(ctx), json.dumps({"version": manifest.lineage.version}).encode())
+    return manifest
+
+
+def committed_key(ctx: RunContext) -> str:
+    return f"{ctx.staging}/committed.json"
+
+
+def combine_stats(plan: RunPlan, outcomes: list[ShardOutcome]) -> Stats:
+    by_reason: Counter[str] = Counter()
+    attrs: dict[str, Counter[str]] = {}
+    for o in outcomes:
+        by_reason.update(o.by_reason)
+        for key, counts in o.attribute_counts.items():
+            attrs.setdefault(key, Counter()).update(counts)
+    stats = Stats(
+        clips_in=plan.clips,
+        rows=sum(o.rows for o in outcomes),
+        quarantined=sum(o.quarantined for o in outcomes),
+        quarantine_by_reason=dict(sorted(by_reason.items())),
+        audio_hours=round(sum(o.audio_seconds for o in outcomes) / 3600, 6),
+        attribute_counts={k: dict(v.most_common()) for k, v in attrs.items()},
+    )
+    if stats.rows + stats.quarantined != stats.clips_in:
+        raise RuntimeError(f"clips in ({stats.clips_in}) != rows ({stats.rows}) + quarantined "
+                           f"({stats.quarantined}); not committing")
+    return stats
+
+
+def summarize(config: RunConfig, ctx: RunContext, plan: RunPlan, outcomes: list[ShardOutcome],
+              version: str, started: float, already: bool = False) -> RunSummary:
+    stage_seconds: Counter[str] = Counter()
+    by_stage: Counter[str] = Counter()
+    by_reason: Counter[str] = Counter()
+    for o in outcomes:
+        stage_seconds.update(o.stage_seconds)
+        by_stage.update(o.by_stage)
+        by_reason.update(o.by_reason)
+    store = _store(config)
+    return RunSummary(
+        dataset=config.output.dataset,
+        version=version,
+        location=store.uri(f"{config.output.dataset}/{version}"),
+        run_id=ctx.run_id,
+        clips_in=plan.clips,
+        rows=sum(o.rows for o in outcomes),
+        quarantined=sum(o.quarantined for o in outcomes),
+        quarantine_by_reason=dict(sorted(by_reason.items())),
+        quarantine_by_stage=dict(sorted(by_stage.items())),
+        audio_hours=round(sum(o.audio_seconds for o in outcomes) / 3600, 6),
+        shards=plan.shards,
+        shards_skipped=sum(o.skipped for o in outcomes),
+        seconds=round(time.perf_counter() - started, 3),
+        stage_seconds={k: round(v, 3) for k, v in sorted(stage_seconds.items())},
+        already_committed=already,
+    )
+
+
+def publish_artifacts(summary: RunSummary, attribute_counts: dict[str, dict[str, int]]) -> None:
+    """A human summary in the Prefect UI: counts table and attribute distributions."""
+    table = [
+        {"metric": "clips in", "value": summary.clips_in},
+        {"metric": "rows out", "value": summary.rows},
+        {"metric": "quarantined", "value": summary.quarantined},
+        *({"metric": f"quarantined: {k}", "value": v} for k, v in summary.quarantine_by_reason.items()),
+        {"metric": "audio hours", "value": summary.audio_hours},
+        {"metric": "shards (skipped)", "value": f"{summary.shards} ({summary.shards_skipped})"},
+        {"metric": "seconds", "value": summary.seconds},
+    ]
+    create_table_artifact(key="run-summary", table=table,
+                          description=f"{summary.dataset} {summary.version} at {summary.location}")
+    lines = [f"# Attribute distributions: {summary.dataset} {summary.version}", ""]
+    for attr, counts in sorted(attribute_counts.items()):
+        total = sum(counts.values()) or 1
+        lines += [f"## {attr}", "", "| value | rows | share |", "|---|---:|---|"]
+        for word, n in counts.items():
+            lines.append(f"| {word} | {n} | {'█' * max(1, round(20 * n / total))} {100 * n / total:.0f}% |")
+        lines.append("")
+    create_markdown_artifact(key="attribute-distributions", markdown="\n".join(lines))
+
+
+@flow(name="generate-dataset", flow_run_name="generate-{config.output.dataset}", validate_parameters=True)
+def generate_dataset(config: RunConfig) -> RunSummary:
+    """Corpus → committed dataset version. Re-running the same config resumes, never duplicates."""
+    started = time.perf_counter()
+    logger = get_run_logger()
+    ctx = run_context(config)
+    store = _store(config)
+    plan = plan_task(config, ctx)
+    logger.info("run %s: %d clips in %d shards of ≤%d", ctx.run_id, plan.clips, plan.shards, plan.shard_size)
+    report_total(plan.clips)
+    futures = shard_task.map(unmapped(config), unmapped(ctx), list(range(plan.shards)))
+    outcomes = [f.result() for f in futures]
+    try:
+        version = json.loads(store.get_bytes(committed_key(ctx)))["version"]
+        already = True
+    except NotFound:
+        version = commit_task(config, ctx, plan, outcomes).lineage.version
+        already = False
+    summary = summarize(config, ctx, plan, outcomes, version, started, already)
+    publish_artifacts(summary, combine_stats(plan, outcomes).attribute_counts)
+    logger.info("committed %s %s: %d rows, %d quarantined %s", summary.dataset, version, summary.rows,
+                summary.quarantined, summary.quarantine_by_reason)
+    return summary
+
+
+def run_generate(config: RunConfig) -> RunSummary:
+    """Run the flow with the task runner the config asks for."""
+    runner = ThreadPoolTaskRunner(max_workers=1 if config.runner == "sequential" else config.max_workers)
+    return generate_dataset.with_options(task_runner=runner)(config)

@@ -1,0 +1,59 @@
+"""The LLM stage's contract: one request per clip in, one result (or a quarantine) per clip out.
+
+A backend turns a batch of `LLMRequest`s into the same number of `LLMResult | QuarantineError`,
+in the same order. One bad request never raises and is never dropped: it becomes a
+`QuarantineError(Stage.llm, ...)` whose message names the clip id and the last error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from pydantic import BaseModel, Field
+
+from schemas.config import LLMConfig
+from schemas.records import Generation, Message, QuarantineError
+
+
+class LLMRequest(BaseModel):
+    """Everything a backend may use for one clip. `messages` is exactly what is sent."""
+
+    id: str
+    messages: list[Message]
+    seed: int
+    attributes: dict[str, str] = Field(default_factory=dict)  # display label -> word
+    transcript: str | None = None
+    duration_s: float
+
+
+class LLMResult(BaseModel):
+    id: str
+    text: str
+    generation: Generation
+
+
+@runtime_checkable
+class LLMBackend(Protocol):
+    name: str
+
+    def model_info(self) -> dict[str, str | None]:
+        """{"name": ..., "revision": ...} for the manifest."""
+        ...
+
+    def generate(self, requests: Sequence[LLMRequest]) -> list[LLMResult | QuarantineError]:
+        """Same length and order as `requests`; never raises for one bad request."""
+        ...
+
+
+def make_backend(config: LLMConfig) -> LLMBackend:
+    """The backend named by `config.backend`."""
+    if config.backend == "template":
+        from tasks.llm.template import TemplateBackend
+
+        return TemplateBackend(config)
+    if config.backend == "openai":
+        from tasks.llm.openai_compat import OpenAICompatBackend
+
+        return OpenAICompatBackend(config)
+    raise ValueError(f"unknown llm.backend {config.backend!r}; allowed: 'template', 'openai'")

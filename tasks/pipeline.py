@@ -1,0 +1,278 @@
+"""The per-shard work: clips → (decode, features, describe, LLM) → staged Parquet + quarantine.
+
+One call processes one shard in plain Python; the flow wraps it in a single Prefect task run.
+Clips move through in micro-batches so memory stays bounded by the batch, not the shard, and the
+LLM backend still sees many requests at once. Every clip ends as a row or a quarantine row; an
+unexpected error in one clip quarantines that clip with the stage, never the whole shard.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+from pydantic import BaseModel, Field
+
+from schemas.arrow import QUARANTINE_SCHEMA, ROW_SCHEMA, quarantine_to_table, rows_to_table
+from schemas.config import RunConfig
+from schemas.manifest import ShardInfo
+from schemas.records import (
+    AudioRef,
+    Clip,
+    Features,
+    Provenance,
+    QuarantineError,
+    QuarantineRow,
+    ReasonCode,
+    Row,
+    Stage,
+)
+from storage.objectstore import ObjectStore
+from storage.shards import read_marker, write_marker, write_parquet_shard
+from tasks.audio import DecodedAudio, encode_audio, load_audio
+from tasks.describe import (
+    Bins,
+    attribute_words,
+    instruction_pool,
+    load_bins,
+    pick_instruction,
+    seed_description,
+    stable_int,
+)
+from tasks.features import extract_features
+from tasks.ingest import load_clip
+from tasks.llm import LLMBackend, LLMRequest, LLMResult, build_messages
+from tasks.plan import ShardPlan
+
+# Set by the CLI to drive a progress bar: called with ("total", n) once planned, then ("done", n).
+ProgressHook = Callable[[str, int], None]
+_progress_hook: ProgressHook | None = None
+
+
+def set_progress_hook(hook: ProgressHook | None) -> None:
+    global _progress_hook
+    _progress_hook = hook
+
+
+def report_total(clips: int) -> None:
+    if _progress_hook is not None:
+        _progress_hook("total", clips)
+
+
+def _progress(n: int) -> None:
+    if _progress_hook is not None and n:
+        _progress_hook("done", n)
+
+
+class RunContext(BaseModel):
+    """What every row of a run shares (provenance), computed once by the flow."""
+
+    run_id: str
+    staging: str
+    config_hash: str
+    pipeline_version: str
+    bins_version: str
+    extractor_versions: dict[str, str]
+
+
+class ShardOutcome(BaseModel):
+    index: int
+    clips: int
+    rows: int
+    quarantined: int
+    by_reason: dict[str, int] = Field(default_factory=dict)
+    by_stage: dict[str, int] = Field(default_factory=dict)
+    audio_seconds: float = 0.0
+    attribute_counts: dict[str, dict[str, int]] = Field(default_factory=dict)
+    stage_seconds: dict[str, float] = Field(default_factory=dict)
+    shard: ShardInfo | None = None
+    quarantine: ShardInfo | None = None
+    config_hash: str
+    skipped: bool = False
+
+
+@dataclass
+class _Prepared:
+    clip: Clip
+    audio: DecodedAudio
+    features: Features
+    attributes: dict[str, str]
+    seed: str
+    instruction: str
+    request: LLMRequest
+
+
+@dataclass
+class _Acc:
+    rows: list[pa.Table] = field(default_factory=list)
+    quarantine: list[QuarantineRow] = field(default_factory=list)
+    attribute_counts: dict[str, Counter[str]] = field(default_factory=dict)
+    audio_seconds: float = 0.0
+    n_rows: int = 0
+    stage_seconds: Counter[str] = field(default_factory=Counter)
+
+
+def marker_key(ctx: RunContext, index: int) -> str:
+    return f"{ctx.staging}/markers/shard-{index:05d}.json"
+
+
+def finished_outcome(store: ObjectStore, ctx: RunContext, index: int) -> ShardOutcome | None:
+    """The outcome recorded by an earlier attempt of this shard with the same config, if any."""
+    payload = read_marker(store, marker_key(ctx, index))
+    if payload is None:
+        return None
+    outcome = ShardOutcome.model_validate(payload)
+    return outcome if outcome.config_hash == ctx.config_hash else None
+
+
+def process_shard(plan: ShardPlan, config: RunConfig, store: ObjectStore, ctx: RunContext,
+                  backend: LLMBackend, batch_size: int = 64) -> ShardOutcome:
+    """Process one planned shard end to end, idempotently: a finished shard is returned as is."""
+    done = finished_outcome(store, ctx, plan.index)
+    if done is not None:
+        _progress(done.clips)
+        return done.model_copy(update={"skipped": True})
+    bins = load_bins(config.describe.bins)
+    acc = _Acc()
+    for batch in _batches((load_clip(ref, config.sources) for ref in plan.refs), batch_size):
+        prepared = [p for p in (_prepare(clip, config, bins, acc) for clip in batch) if p is not None]
+        t0 = time.perf_counter()
+        results = backend.generate([p.request for p in prepared]) if prepared else []
+        acc.stage_seconds["llm"] += time.perf_counter() - t0
+        rows = [_finish(p, r, config, ctx, acc) for p, r in zip(prepared, results, strict=True)]
+        rows = [r for r in rows if r is not None]
+        if rows:
+            acc.rows.append(rows_to_table(rows))
+            acc.n_rows += len(rows)
+        _progress(len(batch))
+    return _write_outcome(plan, store, ctx, config, acc)
+
+
+def _batches(items: Iterable[Clip], size: int) -> Iterator[list[Clip]]:
+    batch: list[Clip] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _quarantine(acc: _Acc, clip: Clip, stage: Stage, reason: ReasonCode, message: str) -> None:
+    acc.quarantine.append(QuarantineRow(id=clip.id, dataset=clip.dataset, audio_uri=clip.audio_uri,
+                                        stage=stage, reason_code=reason, message=message))
+
+
+def _prepare(clip: Clip, config: RunConfig, bins: Bins, acc: _Acc) -> _Prepared | None:
+    """Decode → features → describe → request, or quarantine the clip at the stage that failed."""
+    if clip.ingest_error is not None:
+        reason, message = clip.ingest_error
+        _quarantine(acc, clip, Stage.ingest, reason, message)
+        return None
+    stage = Stage.audio
+    try:
+        t0 = time.perf_counter()
+        audio = load_audio(clip, config.audio)
+        t1 = time.perf_counter()
+        stage = Stage.features
+        features = extract_features(audio.samples, audio.sampling_rate, clip.transcript, clip.labels, config.features)
+        features = features.model_copy(update={"clipping_ratio": audio.clipping_ratio})
+        t2 = time.perf_counter()
+        stage = Stage.describe
+        attributes = attribute_words(features, clip.labels, bins, config.describe.attributes)
+        seed = seed_description(clip.transcript, audio.duration_s, attributes, config.describe.format)
+        instruction = pick_instruction(instruction_pool(config.describe), config.describe.seed, clip.id)
+        messages = build_messages(seed, instruction, config.llm.system_prompt)
+        t3 = time.perf_counter()
+    except QuarantineError as exc:
+        _quarantine(acc, clip, exc.stage, exc.reason, exc.message)
+        return None
+    except Exception as exc:  # noqa: BLE001 - one clip's bug must not take the shard down
+        reason = {Stage.features: ReasonCode.feature_error, Stage.describe: ReasonCode.describe_error}.get(
+            stage, ReasonCode.unreadable)
+        _quarantine(acc, clip, stage, reason, f"{clip.audio_uri}: {exc.__class__.__name__}: {exc}")
+        return None
+    acc.stage_seconds["audio"] += t1 - t0
+    acc.stage_seconds["features"] += t2 - t1
+    acc.stage_seconds["describe"] += t3 - t2
+    request = LLMRequest(id=clip.id, messages=messages, seed=stable_int(config.llm.seed, clip.id) % (2**31),
+                         attributes=attributes, transcript=clip.transcript, duration_s=audio.duration_s)
+    return _Prepared(clip=clip, audio=audio, features=features, attributes=attributes, seed=seed,
+                     instruction=instruction, request=request)
+
+
+def _finish(p: _Prepared, result: LLMResult | QuarantineError, config: RunConfig, ctx: RunContext,
+            acc: _Acc) -> Row | None:
+    if isinstance(result, QuarantineError):
+        _quarantine(acc, p.clip, result.stage, result.reason, result.message)
+        return None
+    t0 = time.perf_counter()
+    fmt = config.output.audio_format
+    local = p.clip.id.split("/", 1)[-1]
+    row = Row(
+        id=p.clip.id,
+        dataset=p.clip.dataset,
+        audio=AudioRef(bytes=encode_audio(p.audio.samples, p.audio.sampling_rate, fmt), path=f"{local}.{fmt}"),
+        audio_uri=p.clip.audio_uri,
+        audio_sha256=p.audio.sha256,
+        sampling_rate=p.audio.sampling_rate,
+        duration_s=p.audio.duration_s,
+        transcript=p.clip.transcript,
+        transcript_source="corpus" if p.clip.transcript else None,
+        language=p.clip.language,
+        labels=p.clip.labels,
+        features=p.features,
+        attributes=p.attributes,
+        seed_description=p.seed,
+        prompt=p.instruction,
+        messages=p.request.messages,
+        response=result.text,
+        generation=result.generation,
+        provenance=Provenance(pipeline_version=ctx.pipeline_version, config_hash=ctx.config_hash,
+                              bins_version=ctx.bins_version, extractor_versions=ctx.extractor_versions,
+                              run_id=ctx.run_id),
+    )
+    acc.audio_seconds += p.audio.duration_s
+    for key, word in p.attributes.items():
+        acc.attribute_counts.setdefault(key, Counter())[word] += 1
+    acc.stage_seconds["encode"] += time.perf_counter() - t0
+    return row
+
+
+def _write_outcome(plan: ShardPlan, store: ObjectStore, ctx: RunContext, config: RunConfig,
+                   acc: _Acc) -> ShardOutcome:
+    t0 = time.perf_counter()
+    compression = config.output.compression
+    shard = quarantine = None
+    if acc.n_rows:
+        table = pa.concat_tables(acc.rows).cast(ROW_SCHEMA)
+        shard = write_parquet_shard(store, f"{ctx.staging}/shards/train-{plan.index:05d}.parquet", table,
+                                    compression=compression)
+    if acc.quarantine:
+        qtable = quarantine_to_table(acc.quarantine).cast(QUARANTINE_SCHEMA)
+        quarantine = write_parquet_shard(store, f"{ctx.staging}/quarantine/part-{plan.index:05d}.parquet",
+                                         qtable, compression=compression)
+    acc.stage_seconds["write"] += time.perf_counter() - t0
+    outcome = ShardOutcome(
+        index=plan.index,
+        clips=len(plan.refs),
+        rows=acc.n_rows,
+        quarantined=len(acc.quarantine),
+        by_reason=dict(Counter(q.reason_code.value for q in acc.quarantine)),
+        by_stage=dict(Counter(q.stage.value for q in acc.quarantine)),
+        audio_seconds=acc.audio_seconds,
+        attribute_counts={k: dict(v) for k, v in acc.attribute_counts.items()},
+        stage_seconds={k: round(v, 4) for k, v in acc.stage_seconds.items()},
+        shard=shard,
+        quarantine=quarantine,
+        config_hash=ctx.config_hash,
+    )
+    if outcome.rows + outcome.quarantined != outcome.clips:
+        raise RuntimeError(f"shard {plan.index}: {outcome.clips} clips in but {outcome.rows} rows + "
+                           f"{outcome.quarantined} quarantined out; refusing to mark it complete")
+    write_marker(store, marker_key(ctx, plan.index), outcome.model_dump(mode="json"))
+    return outcome
