@@ -82,13 +82,13 @@ def _store(config: RunConfig) -> ObjectStore:
     return open_store(config.output.root, config.s3)
 
 
-@task(name="plan-shards", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE, tags=["plan"])
+@task(name="plan-shards", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
 def plan_task(config: RunConfig, ctx: RunContext) -> RunPlan:
     return plan_run(config, _store(config), ctx.staging, ctx.run_id)
 
 
 @task(name="process-shard", task_run_name="shard-{index:05d}", retries=2, retry_delay_seconds=5,
-      cache_policy=NO_CACHE, tags=["shard", "cpu"])
+      cache_policy=NO_CACHE)
 def shard_task(config: RunConfig, ctx: RunContext, index: int) -> ShardOutcome:
     store = _store(config)
     backend = make_backend(config.llm)
@@ -100,7 +100,7 @@ def shard_task(config: RunConfig, ctx: RunContext, index: int) -> ShardOutcome:
             close()
 
 
-@task(name="commit-version", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE, tags=["commit"])
+@task(name="commit-version", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def commit_task(config: RunConfig, ctx: RunContext, plan: RunPlan, outcomes: list[ShardOutcome]) -> Manifest:
     store = _store(config)
     stats = combine_stats(plan, outcomes)

@@ -129,8 +129,10 @@ def finished_outcome(store: ObjectStore, ctx: RunContext, index: int) -> ShardOu
 
 
 def process_shard(plan: ShardPlan, config: RunConfig, store: ObjectStore, ctx: RunContext,
-                  backend: LLMBackend, batch_size: int = 64) -> ShardOutcome:
+                  backend: LLMBackend, batch_size: int | None = None) -> ShardOutcome:
     """Process one planned shard end to end, idempotently: a finished shard is returned as is."""
+    # Enough requests per LLM call to keep every concurrency slot busy while stragglers finish.
+    batch_size = batch_size or max(64, 2 * config.llm.concurrency)
     done = finished_outcome(store, ctx, plan.index)
     if done is not None:
         _progress(done.clips)

@@ -82,6 +82,9 @@ def test_manifest_is_read_lazily(tmp_path: Path) -> None:
     with path.open("w") as f:
         for i in range(200_000):
             f.write(json.dumps({"path": f"clips/{i:07d}.wav", "transcript": "word " * 20, "spk": str(i % 50)}) + "\n")
+    small = tmp_path / "small.jsonl"
+    small.write_text(path.read_text().split("\n", 100)[0] + "\n")
+    assert len(list(iter_refs([SourceConfig(path=str(small), dataset="big")]))) == 1  # warm caches first
     refs = iter_refs([SourceConfig(path=str(path), dataset="big")])
     tracemalloc.start()
     count = 0
@@ -90,4 +93,4 @@ def test_manifest_is_read_lazily(tmp_path: Path) -> None:
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert count == 200_000
-    assert peak < path.stat().st_size / 5, f"peak {peak} bytes while streaming a {path.stat().st_size} byte manifest"
+    assert peak < 1_000_000, f"peak {peak} bytes while streaming a {path.stat().st_size} byte manifest"

@@ -11,8 +11,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import posixpath
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from schemas.records import Clip, ReasonCode
@@ -121,7 +122,8 @@ def local_id(record: dict[str, Any] | str, offset: int) -> str:
             return str(record["id"]).strip()
         _, audio = _first(record, PATH_COLUMNS)
         if isinstance(audio, str) and audio.strip():
-            return str(PurePosixPath(audio.strip().replace("\\", "/")).with_suffix(""))
+            # String ops, not pathlib: pathlib interns every path part, which grows with the manifest.
+            return posixpath.splitext(posixpath.normpath(audio.strip().replace("\\", "/")))[0]
     return f"row@{offset}"
 
 

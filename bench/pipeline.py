@@ -1,0 +1,143 @@
+"""Pipeline benchmark: Prefect flow vs the same stage functions in a plain loop, and memory growth.
+
+Prints ratios measured in one run (targets: flow/plain ≤ 1.15×; peak RSS at 10× corpus < 1.2× of
+1×). The Prefect API is started before timing (a temporary local server), so the ratio measures
+per-task orchestration overhead, not server start-up.
+
+    .venv/bin/python bench/pipeline.py [--repeat 20] [--shard-size 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "ERROR")
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+SAMPLE = REPO / "examples" / "sample_corpus"
+
+
+def repeated_manifest(dest: Path, repeat: int) -> Path:
+    """The sample corpus listed `repeat` times with distinct ids (same audio files)."""
+    lines = (SAMPLE / "manifest.jsonl").read_text().splitlines()
+    out = dest / f"manifest_x{repeat}.jsonl"
+    with out.open("w") as f:
+        for r in range(repeat):
+            for line in lines:
+                rec = json.loads(line)
+                rec["id"] = f"{rec['id']}__r{r:04d}"
+                rec["path"] = str(SAMPLE / rec["path"])
+                f.write(json.dumps(rec) + "\n")
+    return out
+
+
+def make_config(manifest: Path, root: Path, dataset: str, shard_size: int):  # noqa: ANN201
+    from schemas.config import parse_config
+
+    return parse_config({
+        "sources": [{"path": str(manifest), "dataset": "bench"}],
+        "output": {"root": str(root), "dataset": dataset, "shard_size": shard_size},
+        "runner": "sequential",
+    }, environ={})
+
+
+def plain_loop(config) -> int:  # noqa: ANN001
+    """Exactly the flow's stage functions, called in order without Prefect."""
+    from flows.generate import combine_stats, run_context
+    from schemas.arrow import ROW_SCHEMA, hf_features, schema_to_b64
+    from storage.objectstore import open_store
+    from storage.versions import commit_version
+    from tasks.llm import make_backend
+    from tasks.pipeline import process_shard
+    from tasks.plan import load_shard_plan, plan_run
+
+    store = open_store(config.output.root, config.s3)
+    ctx = run_context(config)
+    plan = plan_run(config, store, ctx.staging, ctx.run_id)
+    backend = make_backend(config.llm)
+    outcomes = [process_shard(load_shard_plan(store, ctx.staging, i), config, store, ctx, backend)
+                for i in range(plan.shards)]
+    stats = combine_stats(plan, outcomes)
+    commit_version(store, dataset=config.output.dataset, staged_shards=[o.shard for o in outcomes if o.shard],
+                   staged_quarantine=[o.quarantine for o in outcomes if o.quarantine],
+                   lineage={"run_id": ctx.run_id, "code_version": ctx.pipeline_version,
+                            "config_hash": ctx.config_hash, "bins_version": ctx.bins_version,
+                            "prompt_pool_hash": "bench"},
+                   stats=stats, arrow_schema_b64=schema_to_b64(ROW_SCHEMA), hf_features=hf_features())
+    return stats.rows
+
+
+def rss_child(repeat: int, shard_size: int) -> None:
+    """Run in a fresh process: the plain pipeline on the corpus × repeat, then print peak RSS (KiB)."""
+    import flows.generate  # noqa: F401 - import everything first: the baseline is the loaded program
+
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with tempfile.TemporaryDirectory() as tmp:
+        manifest = repeated_manifest(Path(tmp), repeat)
+        rows = plain_loop(make_config(manifest, Path(tmp) / "out", "rss", shard_size))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"rows": rows, "peak_rss_kib": peak, "baseline_kib": baseline}))
+
+
+def peak_rss(repeat: int, shard_size: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--rss-child", str(repeat), "--shard-size", str(shard_size)],
+                         capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeat", type=int, default=150, help="corpus repetitions for the timing run")
+    parser.add_argument("--shard-size", type=int, default=250)
+    parser.add_argument("--rss-child", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rss_child:
+        rss_child(args.rss_child, args.shard_size)
+        return
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.generate import run_generate
+
+    with tempfile.TemporaryDirectory() as tmp, prefect_test_harness(server_startup_timeout=90):
+        manifest = repeated_manifest(Path(tmp), args.repeat)
+        clips = 10 * args.repeat
+        # Warm-up (imports, caches, first flow registration) outside the timed region.
+        run_generate(make_config(repeated_manifest(Path(tmp), 1), Path(tmp) / "warm", "warm", args.shard_size))
+        plain_loop(make_config(repeated_manifest(Path(tmp), 1), Path(tmp) / "warm2", "warm", args.shard_size))
+
+        t0 = time.perf_counter()
+        rows_plain = plain_loop(make_config(manifest, Path(tmp) / "plain", "bench", args.shard_size))
+        plain_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        summary = run_generate(make_config(manifest, Path(tmp) / "flow", "bench", args.shard_size))
+        flow_s = time.perf_counter() - t0
+    assert rows_plain == summary.rows == clips, (rows_plain, summary.rows, clips)
+    shards = (clips + args.shard_size - 1) // args.shard_size
+    ratio = flow_s / plain_s
+    print(f"corpus: sample ×{args.repeat} = {clips} clips, {shards} shards of ≤{args.shard_size}, sequential")
+    print(f"plain loop:   {plain_s:7.2f} s  ({clips / plain_s:6.1f} clips/s)")
+    print(f"prefect flow: {flow_s:7.2f} s  ({clips / flow_s:6.1f} clips/s)")
+    print(f"flow / plain: {ratio:.3f}×   target ≤ 1.15×   {'PASS' if ratio <= 1.15 else 'MISS'}")
+
+    one = peak_rss(1, 10)
+    ten = peak_rss(10, 10)
+    growth = ten["peak_rss_kib"] / one["peak_rss_kib"]
+    for name, r in (("×1 corpus: ", one), ("×10 corpus:", ten)):
+        print(f"peak RSS {name} {r['peak_rss_kib'] / 1024:7.1f} MiB ({r['rows']} rows; "
+              f"{(r['peak_rss_kib'] - r['baseline_kib']) / 1024:.1f} MiB above the loaded program)")
+    print(f"RSS growth 10×/1×: {growth:.3f}×   target < 1.2×   {'PASS' if growth < 1.2 else 'MISS'}")
+
+
+if __name__ == "__main__":
+    main()

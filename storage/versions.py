@@ -1,0 +1,236 @@
+"""Immutable dataset versions: allocate, copy, verify, publish the manifest, move the ref.
+
+Commit protocol (ARCHITECTURE.md, "Storage layout and commit protocol"):
+1. claim `<dataset>/vNNNN/_claim` create-only; on conflict try N+1 (so concurrent commits never
+   share a prefix; the claim stays forever, or a later writer could reuse the prefix);
+2. copy the staged shards into the version prefix and re-verify each copy's sha256;
+3. write `manifest.json` LAST and create-only: this is the instant the version exists;
+4. move `refs/latest.json` forward by compare-and-swap.
+A crash before 3 leaves only garbage under an unreferenced prefix (a janitor may remove it);
+readers never list prefixes, they go through refs and manifests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+
+from pydantic import ValidationError
+
+from schemas.manifest import Lineage, Manifest, Ref, ShardInfo, Stats
+from schemas.records import utc_now
+from storage.objectstore import NotFound, ObjectStore, PreconditionFailed
+
+log = logging.getLogger(__name__)
+
+VERSION_RE = re.compile(r"^v(\d{4,})$")
+DATASET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+MAX_CLAIM_TRIES = 1000
+MAX_REF_TRIES = 50
+
+
+class CommitError(RuntimeError):
+    """The commit could not be completed; no manifest was published by it."""
+
+
+class VersionNotFound(NotFound):
+    """A ref or version that does not resolve to a committed manifest."""
+
+
+def _check_dataset(dataset: str) -> str:
+    if not DATASET_RE.match(dataset):
+        raise ValueError(f"invalid dataset name {dataset!r} (allowed: letters, digits, '.', '_', '-')")
+    return dataset
+
+
+def version_name(n: int) -> str:
+    return f"v{n:04d}"
+
+
+def version_number(version: str) -> int:
+    m = VERSION_RE.match(version)
+    if not m:
+        raise ValueError(f"not a version name: {version!r} (expected v0001, v0002, …)")
+    return int(m.group(1))
+
+
+def staging_prefix(dataset: str, run_id: str) -> str:
+    """Where a run keeps in-progress shards and completion markers."""
+    return f"{_check_dataset(dataset)}/_staging/{run_id}"
+
+
+def version_prefix(dataset: str, version: str) -> str:
+    version_number(version)
+    return f"{_check_dataset(dataset)}/{version}"
+
+
+def manifest_key(dataset: str, version: str) -> str:
+    return f"{version_prefix(dataset, version)}/manifest.json"
+
+
+def ref_key(dataset: str, name: str) -> str:
+    if not REF_RE.match(name) or VERSION_RE.match(name):
+        raise ValueError(f"invalid ref name {name!r}")
+    return f"{_check_dataset(dataset)}/refs/{name}.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+def read_ref(store: ObjectStore, dataset: str, name: str = "latest") -> tuple[Ref, str] | None:
+    """The ref and its etag (for compare-and-swap), or None if the ref does not exist."""
+    try:
+        data, etag = store.get_with_etag(ref_key(dataset, name))
+    except NotFound:
+        return None
+    return Ref.model_validate_json(data), etag
+
+
+def resolve_version(store: ObjectStore, dataset: str, ref: str = "latest") -> str:
+    """'latest' / a tag → 'v0003'; 'v0003' → itself. Raises VersionNotFound if not committed."""
+    if VERSION_RE.match(ref):
+        version = ref
+    else:
+        found = read_ref(store, dataset, ref)
+        if found is None:
+            raise VersionNotFound(f"dataset {dataset!r} has no ref {ref!r} under {store.root}")
+        version = found[0].version
+    if not store.exists(manifest_key(dataset, version)):
+        raise VersionNotFound(f"dataset {dataset!r} has no committed version {version!r} under {store.root}")
+    return version
+
+
+def read_manifest(store: ObjectStore, dataset: str, version: str) -> Manifest:
+    try:
+        data = store.get_bytes(manifest_key(dataset, version))
+    except NotFound:
+        raise VersionNotFound(f"dataset {dataset!r} has no committed version {version!r}") from None
+    return Manifest.model_validate_json(data)
+
+
+def list_versions(store: ObjectStore, dataset: str) -> list[str]:
+    """Committed versions (those with a manifest), oldest first. Lists keys: an admin call."""
+    pattern = re.compile(rf"^{re.escape(_check_dataset(dataset))}/(v\d{{4,}})/manifest\.json$")
+    found = {m.group(1) for key in store.list(f"{dataset}/v") if (m := pattern.match(key))}
+    return sorted(found, key=version_number)
+
+
+# --------------------------------------------------------------------------------------------
+# Refs
+# --------------------------------------------------------------------------------------------
+
+
+def set_ref(store: ObjectStore, dataset: str, version: str, name: str = "latest", *,
+            only_forward: bool = True) -> bool:
+    """Point refs/<name>.json at `version` by compare-and-swap; True if it now points there.
+
+    With `only_forward` a ref already at a newer version is left alone (a later commit won).
+    """
+    if not store.exists(manifest_key(dataset, version)):
+        raise VersionNotFound(f"cannot point {name!r} at uncommitted version {version!r}")
+    key = ref_key(dataset, name)
+    payload = Ref(version=version).model_dump_json(indent=2).encode()
+    for attempt in range(MAX_REF_TRIES):
+        current = read_ref(store, dataset, name)
+        try:
+            if current is None:
+                store.put_bytes(key, payload, if_none_match=True)
+                return True
+            ref, etag = current
+            if ref.version == version:
+                return True
+            if only_forward and version_number(ref.version) > version_number(version):
+                log.info("ref %s of %s already at newer %s; leaving it", name, dataset, ref.version)
+                return False
+            store.put_bytes(key, payload, if_match=etag)
+            return True
+        except PreconditionFailed:
+            time.sleep(min(0.05 * 2**attempt, 1.0))  # lost a race: re-read and decide again
+    raise CommitError(f"could not move ref {name!r} of {dataset!r} to {version} after {MAX_REF_TRIES} tries")
+
+
+# --------------------------------------------------------------------------------------------
+# Commit
+# --------------------------------------------------------------------------------------------
+
+
+def _claim_version(store: ObjectStore, dataset: str, start: int, run_id: str) -> str:
+    body = json.dumps({"run_id": run_id, "claimed_at": utc_now().isoformat()}).encode()
+    for n in range(start, start + MAX_CLAIM_TRIES):
+        version = version_name(n)
+        try:
+            store.put_bytes(f"{version_prefix(dataset, version)}/_claim", body, if_none_match=True)
+            return version
+        except PreconditionFailed:
+            continue
+    raise CommitError(f"no free version slot for {dataset!r} in {MAX_CLAIM_TRIES} tries from {version_name(start)}")
+
+
+def _copy_verified(store: ObjectStore, src: ShardInfo, dst_key: str, rel_path: str) -> ShardInfo:
+    store.copy(src.path, dst_key)
+    size = store.size(dst_key)
+    digest = store.sha256(dst_key)
+    if size != src.bytes or digest != src.sha256:
+        raise CommitError(f"copy of {src.path} to {store.uri(dst_key)} does not verify "
+                          f"(bytes {size} vs {src.bytes}, sha256 {digest[:12]} vs {src.sha256[:12]})")
+    return ShardInfo(path=rel_path, rows=src.rows, bytes=src.bytes, sha256=src.sha256)
+
+
+def commit_version(store: ObjectStore, *, dataset: str, staged_shards: list[ShardInfo],
+                   staged_quarantine: list[ShardInfo], lineage: dict, stats: Stats, arrow_schema_b64: str,
+                   hf_features: dict) -> Manifest:
+    """Publish staged shards as the next immutable version and move `latest` to it.
+
+    `staged_*[i].path` are store keys of staged objects; `lineage` needs every Lineage field but
+    dataset/version/parent, which are filled in here. Returns the published manifest.
+    """
+    _check_dataset(dataset)
+    try:  # validate before touching the store, so a bad lineage leaves nothing behind
+        draft = Lineage.model_validate({**lineage, "dataset": dataset, "version": "v0000", "parent": None})
+    except ValidationError as exc:
+        raise ValueError(f"incomplete lineage for commit: {exc}") from None
+
+    current = read_ref(store, dataset, "latest")
+    parent = current[0].version if current else None
+    start = version_number(parent) + 1 if parent else 1
+    version = _claim_version(store, dataset, start, draft.run_id)
+    prefix = version_prefix(dataset, version)
+    log.info("committing %s %s (parent %s) to %s", dataset, version, parent, store.uri(prefix))
+
+    total = len(staged_shards)
+    shards: list[ShardInfo] = []
+    for i, staged in enumerate(staged_shards):
+        rel = f"data/train-{i:05d}-of-{total:05d}.parquet"
+        shards.append(_copy_verified(store, staged, f"{prefix}/{rel}", rel))
+    quarantine: list[ShardInfo] = []
+    for i, staged in enumerate(staged_quarantine):
+        rel = f"quarantine/part-{i:05d}.parquet"
+        quarantine.append(_copy_verified(store, staged, f"{prefix}/{rel}", rel))
+
+    manifest = Manifest(
+        lineage=draft.model_copy(update={"version": version, "parent": parent}),
+        stats=stats,
+        shards=shards,
+        quarantine=quarantine,
+        arrow_schema=arrow_schema_b64,
+        hf_features=hf_features,
+    )
+    body = manifest.model_dump_json(indent=2).encode()
+    try:
+        store.put_bytes(manifest_key(dataset, version), body, if_none_match=True)
+    except PreconditionFailed:
+        # Our own write may have landed with its answer lost; anything else is a real conflict.
+        existing = read_manifest(store, dataset, version)
+        if existing.lineage.run_id != manifest.lineage.run_id or existing.shards != manifest.shards:
+            raise CommitError(f"{store.uri(manifest_key(dataset, version))} was written by another run") from None
+        manifest = existing
+
+    set_ref(store, dataset, version, "latest", only_forward=True)
+    log.info("committed %s %s: %d shards, %d rows, %d quarantined", dataset, version, len(shards),
+             manifest.stats.rows, manifest.stats.quarantined)
+    return manifest

@@ -1,0 +1,117 @@
+"""The generate flow end to end under one session-scoped Prefect test harness."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from flows.cli import main
+from flows.generate import run_context, run_generate
+from schemas.arrow import ROW_SCHEMA
+from schemas.config import RunConfig, load_config
+from storage.objectstore import open_store
+from storage.versions import read_manifest, resolve_version
+from tasks.llm import make_backend
+from tasks.pipeline import process_shard
+from tasks.plan import load_shard_plan, plan_run
+from tests.corrupt_zoo import build_zoo
+
+REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def quickstart(root: Path, *overrides: str) -> RunConfig:
+    return load_config(REPO / "examples" / "quickstart.yaml", [f"output.root={root}", *overrides], environ={})
+
+
+def committed_rows(root: Path, dataset: str, version: str) -> list[dict]:
+    store = open_store(str(root))
+    manifest = read_manifest(store, dataset, version)
+    rows: list[dict] = []
+    for shard in manifest.shards:
+        table = pq.read_table(root / dataset / version / shard.path)
+        assert table.schema.equals(ROW_SCHEMA)
+        assert table.schema.metadata[b"huggingface"] == ROW_SCHEMA.metadata[b"huggingface"]
+        rows += table.to_pylist()
+    return rows
+
+
+def test_sample_corpus_becomes_a_committed_version(tmp_path: Path) -> None:
+    config = quickstart(tmp_path)
+    summary = run_generate(config)
+    assert (summary.clips_in, summary.rows, summary.quarantined) == (10, 10, 0)
+    assert summary.shards == 3 and summary.version == "v0001"
+    manifest = read_manifest(open_store(str(tmp_path)), "sample", "v0001")
+    assert manifest.stats.rows == 10 and sum(s.rows for s in manifest.shards) == 10
+    assert manifest.lineage.config_hash == config.config_hash()
+    assert manifest.lineage.bins_version.startswith("speechpairs-bins/1+")
+    assert manifest.stats.attribute_counts["Gender"]["Male"] >= 8
+    rows = committed_rows(tmp_path, "sample", "v0001")
+    by_id = {r["id"]: r for r in rows}
+    assert len(by_id) == 10
+    slt = by_id["sample/arctic_slt_a0009"]
+    assert slt["seed_description"].startswith("[00:00-00:03] he turned sharply and faced gregson across the table (")
+    assert "Gender: Female" in slt["seed_description"] and "Accent: American" in slt["seed_description"]
+    assert slt["messages"][-1]["content"] == slt["seed_description"] + "\nWhat can you hear from the audio?"
+    assert slt["generation"]["backend"] == "template" and slt["response"]
+    awb = by_id["sample/arctic_awb_a0007"]
+    assert awb["transcript"] is None and awb["seed_description"].startswith("[00:00-00:04] (Gender: Male")
+    assert json.loads(awb["labels"])["accent"] == "Scottish"
+    assert all(r["sampling_rate"] == 16000 and r["provenance"]["run_id"] == summary.run_id for r in rows)
+
+
+def test_rerun_resumes_and_never_commits_twice(tmp_path: Path) -> None:
+    config = quickstart(tmp_path, "output.dataset=resume")
+    ctx = run_context(config)
+    store = open_store(str(tmp_path))
+    plan = plan_run(config, store, ctx.staging, ctx.run_id)
+    # A first attempt that died after finishing shard 1 only.
+    first = process_shard(load_shard_plan(store, ctx.staging, 1), config, store, ctx, make_backend(config.llm))
+    summary = run_generate(config)
+    assert summary.shards_skipped == 1 and summary.rows == plan.clips == 10
+    again = run_generate(config)
+    assert again.already_committed and again.version == summary.version == "v0001"
+    assert again.shards_skipped == plan.shards
+    assert resolve_version(store, "resume", "latest") == "v0001"
+    ids = [r["id"] for r in committed_rows(tmp_path, "resume", "v0001")]
+    assert len(ids) == len(set(ids)) == 10
+    assert first.rows == 4
+    # A changed config is a new run: new staging, new version.
+    changed = run_generate(quickstart(tmp_path, "output.dataset=resume", "describe.format=desta2"))
+    assert changed.version == "v0002" and changed.shards_skipped == 0
+
+
+def test_corrupt_zoo_nothing_lost(tmp_path: Path, sample_corpus: Path) -> None:
+    manifest_path, expected = build_zoo(tmp_path / "zoo", sample_corpus)
+    config = quickstart(tmp_path / "out", f"sources.0.path={manifest_path}", "sources.0.dataset=zoo",
+                        "output.dataset=zoo", "output.shard_size=5")
+    summary = run_generate(config)
+    assert summary.clips_in == len(expected) + 1  # + the line that is not JSON
+    assert summary.clips_in == summary.rows + summary.quarantined
+    version_dir = tmp_path / "out" / "zoo" / summary.version
+    quarantine = pq.read_table(version_dir / "quarantine").to_pylist()
+    got = {q["id"].split("/", 1)[1]: q["reason_code"] for q in quarantine}
+    bad_json = [k for k in got if k.startswith("row@")]
+    assert len(bad_json) == 1 and got.pop(bad_json[0]) == "bad_row"
+    assert got == {k: v for k, v in expected.items() if v is not None}
+    assert all(q["message"] and q["stage"] in {"ingest", "audio"} for q in quarantine)
+    rows = committed_rows(tmp_path / "out", "zoo", summary.version)
+    assert {r["id"].split("/", 1)[1] for r in rows} == {k for k, v in expected.items() if v is None}
+    assert summary.quarantine_by_reason["too_long"] == 1
+
+
+def test_cli_run_show_and_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(REPO / "examples" / "quickstart.yaml")
+    assert main(["run", config, "--set", f"output.root={tmp_path}", "--set", "output.dataset=cli",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "cli committed v0001" in out and "rows written: 10" in out and "quarantined:  0" in out
+    assert main(["datasets", "show", f"{tmp_path}/cli@v0001"]) == 0
+    assert "v0001" in capsys.readouterr().out
+    assert main(["run", config, "--set", "llm.backend=gpt"]) == 2
+    assert "llm.backend" in capsys.readouterr().err
+    assert main(["run", config, "--set", "sources.0.path=/nonexistent/m.jsonl"]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
