@@ -41,7 +41,7 @@ def repeated_manifest(dest: Path, repeat: int) -> Path:
     return out
 
 
-def make_config(manifest: Path, root: Path, dataset: str, shard_size: int):  # noqa: ANN201
+def make_config(manifest: Path, root: Path, dataset: str, shard_size: int):
     from schemas.config import parse_config
 
     return parse_config({
@@ -51,7 +51,7 @@ def make_config(manifest: Path, root: Path, dataset: str, shard_size: int):  # n
     }, environ={})
 
 
-def plain_loop(config) -> int:  # noqa: ANN001
+def plain_loop(config) -> int:
     """Exactly the flow's stage functions, called in order without Prefect."""
     from flows.generate import combine_stats, run_context
     from schemas.arrow import ROW_SCHEMA, hf_features, schema_to_b64

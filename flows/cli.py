@@ -21,7 +21,7 @@ def _quiet_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
-def _progress_bar(enabled: bool):  # noqa: ANN202 - returns (hook, close)
+def _progress_bar(enabled: bool):
     if not enabled:
         return None, lambda: None
     from tqdm import tqdm

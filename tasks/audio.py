@@ -38,7 +38,7 @@ def _fail(reason: ReasonCode, message: str) -> QuarantineError:
 
 def read_source_bytes(uri: str) -> bytes:
     """Bytes of a local clip (`file://` or plain path)."""
-    path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+    path = Path(uri.removeprefix("file://"))
     if "://" in str(path):
         raise _fail(ReasonCode.unreadable, f"{uri}: remote audio URIs are not supported yet; copy the corpus locally")
     try:

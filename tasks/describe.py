@@ -126,7 +126,7 @@ def _attribute_word(key: str, f: Features, labels: Mapping[str, str], bins: Bins
 
 def format_timestamp(seconds: float, fmt: str) -> str:
     """DeSTA2: HH:MM:SS; DeSTA2.5: MM:SS (minutes may exceed 59 for long clips)."""
-    total = max(0, int(round(seconds)))
+    total = max(0, round(seconds))
     if fmt == "desta2":
         return f"{total // 3600:02d}:{total % 3600 // 60:02d}:{total % 60:02d}"
     return f"{total // 60:02d}:{total % 60:02d}"

@@ -1,7 +1,6 @@
 """A real S3 server for tests: SeaweedFS `weed mini` on 127.0.0.1 with free ports and one identity.
 
-Import the fixtures into a test module:
-    from tests.seaweedfs import seaweedfs, seaweedfs_server  # noqa: F401
+Registered for every test module by `pytest_plugins` in tests/conftest.py.
 `seaweedfs_server` (session) runs the server; `seaweedfs` (per test) also sets the AWS_*
 variables for the test's duration only and restores them afterwards.
 """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from tasks.llm import make_backend
 from tasks.pipeline import process_shard
 from tasks.plan import load_shard_plan, plan_run
 from tests.corrupt_zoo import build_zoo
+from tests.seaweedfs import SeaweedS3
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -115,3 +117,49 @@ def test_cli_run_show_and_usage_errors(tmp_path: Path, capsys: pytest.CaptureFix
     assert "llm.backend" in capsys.readouterr().err
     assert main(["run", config, "--set", "sources.0.path=/nonexistent/m.jsonl"]) == 2
     assert "no such file or directory" in capsys.readouterr().err
+
+
+@pytest.mark.s3
+def test_flow_commits_to_s3_and_hf_decodes_the_shards(seaweedfs: SeaweedS3, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    root = seaweedfs.root(f"flow-{tmp_path.name}")
+    config = quickstart(Path("unused"), f"output.root={root}", f"s3.endpoint_url={seaweedfs.endpoint_url}",
+                        f"s3.region={seaweedfs.region}", "s3.addressing_style=path")
+    summary = run_generate(config)
+    assert summary.rows == 10 and summary.location == f"{root}/sample/v0001"
+    store = open_store(root, config.s3)
+    assert resolve_version(store, "sample", "latest") == "v0001"
+    manifest = read_manifest(store, "sample", "v0001")
+    assert seaweedfs.secret_key not in manifest.model_dump_json()
+    local = tmp_path / "pulled"
+    for shard in manifest.shards:
+        target = local / shard.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        store.download_file(f"sample/v0001/{shard.path}", target)
+        assert hashlib.sha256(target.read_bytes()).hexdigest() == shard.sha256
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    ds = datasets.load_dataset("parquet", data_files=sorted(str(p) for p in (local / "data").glob("*.parquet")),
+                               split="train", cache_dir=str(tmp_path / "hf"))
+    assert ds.num_rows == 10 and isinstance(ds.features["audio"], datasets.Audio)
+    row = next(r for r in ds if r["id"] == "sample/librivox_ss01_0870")
+    decoded = row["audio"].get_all_samples()
+    assert decoded.sample_rate == 16000
+    assert abs(decoded.data.shape[-1] / 16000 - 7.1) < 0.01
+    assert row["attributes"]["Gender"] == "Male"
+
+
+def test_run_publishes_summary_artifacts(tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    summary = run_generate(quickstart(tmp_path, "output.dataset=artifacts"))
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["run-summary", "attribute-distributions"])))
+    latest = {a.key: a for a in sorted(found, key=lambda a: a.created)}
+    table = latest["run-summary"].data
+    assert f"{summary.dataset} {summary.version}" in (latest["run-summary"].description or "")
+    assert "clips in" in str(table) and "quarantined" in str(table)
+    assert "## Gender" in latest["attribute-distributions"].data

@@ -1,13 +1,20 @@
 import io
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import soundfile as sf
 
-from schemas.arrow import QUARANTINE_SCHEMA, ROW_SCHEMA, quarantine_to_table, rows_to_table, schema_from_b64, schema_to_b64
+from schemas.arrow import (
+    QUARANTINE_SCHEMA,
+    ROW_SCHEMA,
+    quarantine_to_table,
+    rows_to_table,
+    schema_from_b64,
+    schema_to_b64,
+)
 from schemas.records import (
     AudioRef,
     Features,
@@ -31,7 +38,7 @@ def make_row(clip_id: str = "d/a", **features: float | str | None) -> Row:
                messages=[Message(role="user", content="[00:00-00:01] (Gender: Male)\nWhat can you hear from the audio?")],
                response="A man.", generation=Generation(backend="template"),
                provenance=Provenance(pipeline_version="t", config_hash="h", bins_version="b", run_id="r",
-                                     created_at=datetime(2026, 1, 1, tzinfo=timezone.utc)))
+                                     created_at=datetime(2026, 1, 1, tzinfo=UTC)))
 
 
 def test_row_table_has_exact_schema_even_with_all_nulls() -> None:

@@ -51,11 +51,7 @@ from storage.versions import (
     set_ref,
     staging_prefix,
 )
-
-try:
-    from tests.seaweedfs import SeaweedS3, seaweedfs, seaweedfs_server
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from seaweedfs import SeaweedS3, seaweedfs, seaweedfs_server  # type: ignore[no-redef]  # noqa: F401
+from tests.seaweedfs import SeaweedS3
 
 DATASET = "demo"
 SR = 16_000
