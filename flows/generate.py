@@ -26,7 +26,7 @@ from schemas.arrow import ROW_SCHEMA, hf_features, schema_to_b64
 from schemas.config import RunConfig
 from schemas.manifest import Manifest, Stats
 from storage.objectstore import NotFound, ObjectStore, open_store
-from storage.versions import commit_version, staging_prefix
+from storage.versions import commit_version, read_manifest, resolve_version, staging_prefix
 from tasks.audio import AUDIO_VERSION
 from tasks.describe import DESCRIBE_VERSION, instruction_pool, load_bins, pool_hash
 from tasks.features import EXTRACTOR_VERSIONS
@@ -104,6 +104,11 @@ def shard_task(config: RunConfig, ctx: RunContext, index: int) -> ShardOutcome:
 def commit_task(config: RunConfig, ctx: RunContext, plan: RunPlan, outcomes: list[ShardOutcome]) -> Manifest:
     store = _store(config)
     stats = combine_stats(plan, outcomes)
+    landed = manifest_of_run(store, config.output.dataset, ctx.run_id)
+    if landed is not None:
+        # An earlier attempt published the manifest but died before recording it: don't publish twice.
+        store.put_bytes(committed_key(ctx), json.dumps({"version": landed.lineage.version}).encode())
+        return landed
     backend = make_backend(config.llm)
     model = backend.model_info()
     lineage = {
@@ -130,6 +135,15 @@ def commit_task(config: RunConfig, ctx: RunContext, plan: RunPlan, outcomes: lis
     )
     store.put_bytes(committed_key(ctx), json.dumps({"version": manifest.lineage.version}).encode())
     return manifest
+
+
+def manifest_of_run(store: ObjectStore, dataset: str, run_id: str) -> Manifest | None:
+    """The latest version's manifest if this run published it (a retried commit finds its own)."""
+    try:
+        manifest = read_manifest(store, dataset, resolve_version(store, dataset, "latest"))
+    except NotFound:
+        return None
+    return manifest if manifest.lineage.run_id == run_id else None
 
 
 def committed_key(ctx: RunContext) -> str:

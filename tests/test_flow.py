@@ -163,3 +163,16 @@ def test_run_publishes_summary_artifacts(tmp_path: Path) -> None:
     assert f"{summary.dataset} {summary.version}" in (latest["run-summary"].description or "")
     assert "clips in" in str(table) and "quarantined" in str(table)
     assert "## Gender" in latest["attribute-distributions"].data
+
+
+def test_commit_retry_after_lost_marker_does_not_publish_twice(tmp_path: Path) -> None:
+    config = quickstart(tmp_path, "output.dataset=twice")
+    first = run_generate(config)
+    ctx = run_context(config)
+    store = open_store(str(tmp_path))
+    store.delete(f"{ctx.staging}/committed.json")  # as if the process died right after the manifest
+    again = run_generate(config)
+    assert again.version == first.version == "v0001"
+    from storage.versions import list_versions
+
+    assert list_versions(store, "twice") == ["v0001"]
