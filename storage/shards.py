@@ -13,7 +13,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -36,27 +36,82 @@ def sha256_file(path: str | Path, chunk_size: int = 8 * 1024 * 1024) -> str:
     return digest.hexdigest()
 
 
+class ParquetShardWriter:
+    """Streams tables into one Parquet object at `key`: memory holds a batch, never the shard.
+
+    Rows go to a local temp file (schema and its metadata kept exactly); `close()` uploads it as
+    one atomic object and returns its ShardInfo. Leaving the `with` block on an exception
+    discards the temp file and uploads nothing.
+    """
+
+    def __init__(self, store: ObjectStore, key: str, schema: pa.Schema, *, compression: str = "zstd",
+                 row_group_rows: int = ROW_GROUP_ROWS) -> None:
+        self.store, self.key, self.schema = store, key, schema
+        self._codec = None if compression in ("none", "", None) else compression
+        self._row_group_rows = max(1, row_group_rows)
+        self._writer: pq.ParquetWriter | None = None
+        self._tmp: Path | None = None
+        self.rows = 0
+
+    def _open(self) -> pq.ParquetWriter:
+        if self._writer is None:
+            fd, name = tempfile.mkstemp(prefix="speechpairs-shard-", suffix=".parquet")
+            os.close(fd)
+            self._tmp = Path(name)
+            # Non-"compliant" nested types keep list children named `item`, so the file's Arrow
+            # schema equals ROW_SCHEMA exactly (every Parquet reader still reads the 3-level list).
+            self._writer = pq.ParquetWriter(self._tmp, self.schema, compression=self._codec, store_schema=True,
+                                            use_compliant_nested_type=False)
+        return self._writer
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self._open().write_table(table.cast(self.schema), row_group_size=self._row_group_rows)
+            self.rows += table.num_rows
+
+    def close(self, *, allow_empty: bool = False) -> ShardInfo | None:
+        """Upload and describe the shard; None (nothing uploaded) if empty and not `allow_empty`."""
+        if self._writer is None and not allow_empty:
+            return None
+        try:
+            self._open().close()
+            assert self._tmp is not None
+            info = ShardInfo(path=self.key, rows=self.rows, bytes=self._tmp.stat().st_size,
+                             sha256=sha256_file(self._tmp))
+            self.store.put_file(self.key, self._tmp)
+        finally:
+            self.abort()
+        log.debug("wrote shard %s (%d rows, %d bytes)", self.store.uri(self.key), info.rows, info.bytes)
+        return info
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except (OSError, pa.ArrowException):
+                pass
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+        self._writer, self._tmp = None, None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self.abort()
+
+
 def write_parquet_shard(store: ObjectStore, key: str, table: pa.Table, *, compression: str = "zstd",
                         row_group_rows: int = ROW_GROUP_ROWS) -> ShardInfo:
-    """Write `table` (schema and its metadata kept exactly) as one Parquet object at `key`.
+    """Write `table` as one Parquet object at `key` (an empty table still makes a valid file).
 
     Returns ShardInfo(path=key, …); the commit step rewrites `path` relative to the version.
     """
-    codec = None if compression in ("none", "", None) else compression
-    fd, tmp_name = tempfile.mkstemp(prefix="speechpairs-shard-", suffix=".parquet")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        # Non-"compliant" nested types keep list children named `item`, so the file's Arrow schema
-        # equals ROW_SCHEMA exactly (every Parquet reader still reads the standard 3-level list).
-        with pq.ParquetWriter(tmp, table.schema, compression=codec, store_schema=True,
-                              use_compliant_nested_type=False) as writer:
-            writer.write_table(table, row_group_size=max(1, row_group_rows))
-        info = ShardInfo(path=key, rows=table.num_rows, bytes=tmp.stat().st_size, sha256=sha256_file(tmp))
-        store.put_file(key, tmp)
-    finally:
-        tmp.unlink(missing_ok=True)
-    log.debug("wrote shard %s (%d rows, %d bytes)", store.uri(key), info.rows, info.bytes)
+    with ParquetShardWriter(store, key, table.schema, compression=compression,
+                            row_group_rows=row_group_rows) as writer:
+        writer.write(table)
+        info = writer.close(allow_empty=True)
+    assert info is not None
     return info
 
 

@@ -13,7 +13,6 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-import pyarrow as pa
 from pydantic import BaseModel, Field
 
 from schemas.arrow import QUARANTINE_SCHEMA, ROW_SCHEMA, quarantine_to_table, rows_to_table
@@ -31,7 +30,7 @@ from schemas.records import (
     Stage,
 )
 from storage.objectstore import ObjectStore
-from storage.shards import read_marker, write_marker, write_parquet_shard
+from storage.shards import ParquetShardWriter, read_marker, write_marker, write_parquet_shard
 from tasks.audio import DecodedAudio, encode_audio, load_audio
 from tasks.describe import (
     Bins,
@@ -107,7 +106,6 @@ class _Prepared:
 
 @dataclass
 class _Acc:
-    rows: list[pa.Table] = field(default_factory=list)
     quarantine: list[QuarantineRow] = field(default_factory=list)
     attribute_counts: dict[str, Counter[str]] = field(default_factory=dict)
     audio_seconds: float = 0.0
@@ -139,18 +137,24 @@ def process_shard(plan: ShardPlan, config: RunConfig, store: ObjectStore, ctx: R
         return done.model_copy(update={"skipped": True})
     bins = load_bins(config.describe.bins)
     acc = _Acc()
-    for batch in _batches((load_clip(ref, config.sources) for ref in plan.refs), batch_size):
-        prepared = [p for p in (_prepare(clip, config, bins, acc) for clip in batch) if p is not None]
-        t0 = time.perf_counter()
-        results = backend.generate([p.request for p in prepared]) if prepared else []
-        acc.stage_seconds["llm"] += time.perf_counter() - t0
-        rows = [_finish(p, r, config, ctx, acc) for p, r in zip(prepared, results, strict=True)]
-        rows = [r for r in rows if r is not None]
-        if rows:
-            acc.rows.append(rows_to_table(rows))
+    key = f"{ctx.staging}/shards/train-{plan.index:05d}.parquet"
+    with ParquetShardWriter(store, key, ROW_SCHEMA, compression=config.output.compression) as writer:
+        for batch in _batches((load_clip(ref, config.sources) for ref in plan.refs), batch_size):
+            prepared = [p for p in (_prepare(clip, config, bins, acc) for clip in batch) if p is not None]
+            t0 = time.perf_counter()
+            results = backend.generate([p.request for p in prepared]) if prepared else []
+            acc.stage_seconds["llm"] += time.perf_counter() - t0
+            rows = [_finish(p, r, config, ctx, acc) for p, r in zip(prepared, results, strict=True)]
+            rows = [r for r in rows if r is not None]
+            t0 = time.perf_counter()
+            writer.write(rows_to_table(rows))  # streamed: the shard is never held in memory
             acc.n_rows += len(rows)
-        _progress(len(batch))
-    return _write_outcome(plan, store, ctx, config, acc)
+            acc.stage_seconds["write"] += time.perf_counter() - t0
+            _progress(len(batch))
+        t0 = time.perf_counter()
+        shard = writer.close()
+        acc.stage_seconds["write"] += time.perf_counter() - t0
+    return _write_outcome(plan, store, ctx, config, acc, shard)
 
 
 def _batches(items: Iterable[Clip], size: int) -> Iterator[list[Clip]]:
@@ -246,14 +250,10 @@ def _finish(p: _Prepared, result: LLMResult | QuarantineError, config: RunConfig
 
 
 def _write_outcome(plan: ShardPlan, store: ObjectStore, ctx: RunContext, config: RunConfig,
-                   acc: _Acc) -> ShardOutcome:
+                   acc: _Acc, shard: ShardInfo | None) -> ShardOutcome:
     t0 = time.perf_counter()
     compression = config.output.compression
-    shard = quarantine = None
-    if acc.n_rows:
-        table = pa.concat_tables(acc.rows).cast(ROW_SCHEMA)
-        shard = write_parquet_shard(store, f"{ctx.staging}/shards/train-{plan.index:05d}.parquet", table,
-                                    compression=compression)
+    quarantine = None
     if acc.quarantine:
         qtable = quarantine_to_table(acc.quarantine).cast(QUARANTINE_SCHEMA)
         quarantine = write_parquet_shard(store, f"{ctx.staging}/quarantine/part-{plan.index:05d}.parquet",

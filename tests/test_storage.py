@@ -465,3 +465,24 @@ def test_s3_secrets_stay_out_of_errors_and_manifests(seaweedfs: SeaweedS3) -> No
     texts = [repr(store), str(err.value), manifest.model_dump_json(), json.dumps(store.config.model_dump())]
     for text in texts:
         assert seaweedfs.secret_key not in text and seaweedfs.access_key not in text
+
+
+def test_streaming_shard_writer(store: ObjectStore) -> None:
+    from storage.shards import ParquetShardWriter
+
+    key = "streamed/_staging/r/shards/train-00000.parquet"
+    with ParquetShardWriter(store, key, ROW_SCHEMA) as writer:
+        for i in range(3):
+            writer.write(rows_to_table(make_rows(2, run_id=f"r{i}")))
+        info = writer.close()
+    assert info is not None and info.rows == 6
+    data = store.get_bytes(key)
+    assert hashlib.sha256(data).hexdigest() == info.sha256 and len(data) == info.bytes
+    assert pq.ParquetFile(io.BytesIO(data)).metadata.num_row_groups == 3
+    with ParquetShardWriter(store, "streamed/empty.parquet", ROW_SCHEMA) as writer:
+        assert writer.close() is None
+    assert not store.exists("streamed/empty.parquet")
+    with pytest.raises(RuntimeError), ParquetShardWriter(store, "streamed/failed.parquet", ROW_SCHEMA) as writer:
+        writer.write(rows_to_table(make_rows(2)))
+        raise RuntimeError("shard died halfway")
+    assert not store.exists("streamed/failed.parquet")
