@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 import threading
+import time
 from collections.abc import Sequence
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -41,13 +42,15 @@ def _progress_bar(enabled: bool):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
     from schemas.config import ConfigError, load_config
-    from tasks.ingest import SourceError, source_kind
+    from tasks.ingest import SourceError, iter_refs
 
     try:
         config = load_config(args.config, args.set or [])
-        for source in config.sources:
-            source_kind(source)  # fail before any work on a missing or unknown source
+        # Fail before any work on a missing, unknown or empty source (reads one clip reference).
+        if next(iter_refs(config.sources), None) is None:
+            raise SourceError("the sources list no clips: " + ", ".join(s.path for s in config.sources))
     except (ConfigError, SourceError) as exc:
         print(f"speechpairs: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -75,7 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"  quarantined:  {summary.quarantined} ({reasons})")
     print(f"  audio hours:  {summary.audio_hours:.4f}")
     print(f"  shards:       {summary.shards} ({summary.shards_skipped} reused from an earlier attempt)")
-    print(f"  time taken:   {summary.seconds:.2f} s")
+    print(f"  time taken:   {time.perf_counter() - started:.2f} s (flow {summary.seconds:.2f} s)")
     return EXIT_OK
 
 

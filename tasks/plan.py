@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 from schemas.config import RunConfig
 from schemas.records import utc_now
 from storage.objectstore import NotFound, ObjectStore, PreconditionFailed
-from tasks.ingest import ClipRef, iter_refs
+from tasks.ingest import ClipRef, SourceError, iter_refs
 
 PLAN_FORMAT = "speechpairs/plan@1"
 
@@ -51,6 +51,9 @@ def plan_run(config: RunConfig, store: ObjectStore, prefix: str, run_id: str) ->
     if existing is not None:
         return existing
     refs = sorted(iter_refs(config.sources), key=lambda r: (r.id, r.source, r.locator))
+    if not refs:
+        raise SourceError("the sources list no clips: " + ", ".join(s.path for s in config.sources)
+                          + "; check the paths and that folders hold wav/flac/mp3/ogg files")
     duplicates = 0
     for i in range(1, len(refs)):
         if refs[i].id == refs[i - 1].id:

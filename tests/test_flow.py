@@ -117,6 +117,9 @@ def test_cli_run_show_and_usage_errors(tmp_path: Path, capsys: pytest.CaptureFix
     assert "llm.backend" in capsys.readouterr().err
     assert main(["run", config, "--set", "sources.0.path=/nonexistent/m.jsonl"]) == 2
     assert "no such file or directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["run", config, "--set", f"sources.0.path={tmp_path / 'empty'}"]) == 2
+    assert "the sources list no clips" in capsys.readouterr().err
 
 
 @pytest.mark.s3
