@@ -83,11 +83,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_datasets_show(args: argparse.Namespace) -> int:
+    from schemas.config import S3Config
     from storage.objectstore import NotFound
     from storage.reader import manifest_summary, open_manifest
 
+    s3 = S3Config(endpoint_url=args.s3_endpoint_url, region=args.s3_region)
     try:
-        manifest = open_manifest(args.uri)
+        manifest = open_manifest(args.uri, s3)
     except (NotFound, FileNotFoundError, ValueError) as exc:
         print(f"speechpairs: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -109,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     ds_sub = ds.add_subparsers(dest="datasets_command", required=True)
     show = ds_sub.add_parser("show", help="print a version's manifest summary")
     show.add_argument("uri", help="ROOT/DATASET[@vN|@tag], e.g. ./data/sample or s3://bucket/prefix/sample@v0002")
+    show.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (credentials from AWS_* variables)")
+    show.add_argument("--s3-region", help="S3 region")
     show.set_defaults(func=cmd_datasets_show)
     return parser
 

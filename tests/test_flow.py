@@ -124,7 +124,8 @@ def test_cli_run_show_and_usage_errors(tmp_path: Path, capsys: pytest.CaptureFix
 
 @pytest.mark.s3
 def test_flow_commits_to_s3_and_hf_decodes_the_shards(seaweedfs: SeaweedS3, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
     root = seaweedfs.root(f"flow-{tmp_path.name}")
     config = quickstart(Path("unused"), f"output.root={root}", f"s3.endpoint_url={seaweedfs.endpoint_url}",
                         f"s3.region={seaweedfs.region}", "s3.addressing_style=path")
@@ -134,6 +135,10 @@ def test_flow_commits_to_s3_and_hf_decodes_the_shards(seaweedfs: SeaweedS3, tmp_
     assert resolve_version(store, "sample", "latest") == "v0001"
     manifest = read_manifest(store, "sample", "v0001")
     assert seaweedfs.secret_key not in manifest.model_dump_json()
+    assert main(["datasets", "show", f"{root}/sample@v0001", "--s3-endpoint-url", seaweedfs.endpoint_url,
+                 "--s3-region", seaweedfs.region]) == 0
+    shown = capsys.readouterr().out
+    assert "version v0001" in shown and "rows 10" in shown and seaweedfs.secret_key not in shown
     local = tmp_path / "pulled"
     for shard in manifest.shards:
         target = local / shard.path
