@@ -45,13 +45,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     from schemas.config import ConfigError, load_config
     from tasks.ingest import SourceError, iter_refs
+    from tasks.llm import make_backend
+    from tasks.llm.openai_compat import LLMUnavailable
 
     try:
         config = load_config(args.config, args.set or [])
         # Fail before any work on a missing, unknown or empty source (reads one clip reference).
         if next(iter_refs(config.sources), None) is None:
             raise SourceError("the sources list no clips: " + ", ".join(s.path for s in config.sources))
-    except (ConfigError, SourceError) as exc:
+        make_backend(config.llm).preflight()
+    except (ConfigError, SourceError, LLMUnavailable) as exc:
         print(f"speechpairs: {exc}", file=sys.stderr)
         return EXIT_USAGE
     _quiet_prefect()

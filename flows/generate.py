@@ -230,6 +230,7 @@ def generate_dataset(config: RunConfig) -> RunSummary:
     logger = get_run_logger()
     ctx = run_context(config)
     store = _store(config)
+    make_backend(config.llm).preflight()  # an unreachable endpoint fails the run, not every clip
     plan = plan_task(config, ctx)
     logger.info("run %s: %d clips in %d shards of ≤%d", ctx.run_id, plan.clips, plan.shards, plan.shard_size)
     report_total(plan.clips)

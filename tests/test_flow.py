@@ -184,3 +184,51 @@ def test_commit_retry_after_lost_marker_does_not_publish_twice(tmp_path: Path) -
     from storage.versions import list_versions
 
     assert list_versions(store, "twice") == ["v0001"]
+
+
+def test_flow_with_openai_backend_retries_faults_and_loses_nothing(tmp_path: Path, sample_corpus: Path) -> None:
+    from tests.fake_llm_server import FakeLLMServer
+
+    markers = {"librivox_ss01_0870": "flaky", "librivox_ss01_0880": "slow", "cmu_cards_002": "bad"}
+    with (tmp_path / "m.jsonl").open("w") as f:
+        for line in (sample_corpus / "manifest.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            rec["path"] = str(sample_corpus / rec["path"])
+            if rec["id"] in markers:
+                rec["transcript"] = f"{rec['transcript']} clip={markers[rec['id']]}"
+            f.write(json.dumps(rec) + "\n")
+    server = FakeLLMServer(sleep_s=1.0, scripts={"flaky": ["500", "429", "malformed", "ok"],
+                                                 "slow": ["sleep", "ok"], "bad": ["400"]}).start()
+    try:
+        config = quickstart(tmp_path / "out", f"sources.0.path={tmp_path / 'm.jsonl'}", "llm.backend=openai",
+                            f"llm.base_url={server.base_url}", "llm.model=fake-served-model",
+                            "llm.timeout_s=0.5", "llm.backoff_s=0.01", "llm.concurrency=4")
+        summary = run_generate(config)
+    finally:
+        server.stop()
+    assert (summary.clips_in, summary.rows, summary.quarantined) == (10, 9, 1)
+    assert summary.quarantine_by_reason == {"llm_error": 1} and summary.quarantine_by_stage == {"llm": 1}
+    assert len(server.requests_for("bad")) == 1  # a 400 is not retried
+    rows = {r["id"].split("/", 1)[1]: r for r in committed_rows(tmp_path / "out", "sample", summary.version)}
+    assert rows["librivox_ss01_0870"]["generation"]["attempts"] == 4
+    assert rows["librivox_ss01_0880"]["generation"]["attempts"] == 2
+    assert all(r["generation"]["backend"] == "openai" and r["generation"]["model"] == "fake-served-model"
+               for r in rows.values())
+    sent = server.requests_for("flaky")[-1].body["messages"]
+    assert sent == rows["librivox_ss01_0870"]["messages"]
+    quarantine = pq.read_table(tmp_path / "out" / "sample" / summary.version / "quarantine").to_pylist()
+    assert quarantine[0]["id"] == "sample/cmu_cards_002" and "400" in quarantine[0]["message"]
+
+
+def test_unreachable_llm_endpoint_fails_up_front(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["run", str(REPO / "examples" / "quickstart.yaml"), "--set", f"output.root={tmp_path}",
+            "--set", "llm.backend=openai", "--set", f"llm.base_url=http://127.0.0.1:{port}/v1",
+            "--set", "llm.model=m"]
+    assert main(args) == 2
+    assert f"llm.base_url http://127.0.0.1:{port}/v1 is unreachable" in capsys.readouterr().err
+    assert not (tmp_path / "sample").exists()

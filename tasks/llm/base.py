@@ -45,6 +45,10 @@ class LLMBackend(Protocol):
         """Same length and order as `requests`; never raises for one bad request."""
         ...
 
+    def preflight(self) -> None:
+        """Raise before any work if the backend cannot serve the run (unreachable, no model)."""
+        ...
+
 
 def make_backend(config: LLMConfig) -> LLMBackend:
     """The backend named by `config.backend`."""

@@ -34,6 +34,10 @@ RETRY_STATUSES = frozenset({408, 409, 429})
 BODY_EXCERPT_CHARS = 200
 
 
+class LLMUnavailable(RuntimeError):
+    """The endpoint cannot serve this run at all: fail the run up front, quarantine nothing."""
+
+
 class _Retryable(Exception):
     """An attempt failed in a way worth trying again."""
 
@@ -110,6 +114,32 @@ class OpenAICompatBackend:
         async with httpx.AsyncClient(timeout=httpx.Timeout(cfg.timeout_s), limits=limits,
                                      headers=self._headers()) as client:
             return list(await asyncio.gather(*(self._one(client, sem, r) for r in requests)))
+
+    def preflight(self) -> None:
+        """Fail fast, before any clip, when the endpoint is unreachable, refuses the key or lacks the model.
+
+        Without this, a typo in llm.base_url would quarantine every clip as llm_error after retries.
+        Any HTTP answer other than 401/403 counts as reachable (servers without /models are fine).
+        """
+        url = self.config.base_url.rstrip("/") + "/models"  # type: ignore[union-attr]
+        try:
+            resp = httpx.get(url, headers=self._headers(), timeout=min(10.0, self.config.timeout_s))
+        except httpx.HTTPError as exc:
+            raise LLMUnavailable(f"llm.base_url {self.config.base_url} is unreachable "
+                                 f"({exc.__class__.__name__}); start the server (e.g. `vllm serve MODEL`) "
+                                 "or fix llm.base_url") from None
+        if resp.status_code in (401, 403):
+            raise LLMUnavailable(f"llm.base_url {self.config.base_url} refused the API key (HTTP "
+                                 f"{resp.status_code}); set the environment variable {self.config.api_key_env}")
+        if resp.status_code != 200:
+            return
+        try:
+            served = [m.get("id") for m in resp.json().get("data", []) if isinstance(m, dict)]
+        except (ValueError, AttributeError):
+            return
+        if served and self.config.model not in served:
+            raise LLMUnavailable(f"llm.model {self.config.model!r} is not served at {self.config.base_url}; "
+                                 f"served: {served}")
 
     def close(self) -> None:
         """Nothing to release: each generate() call owns its client."""

@@ -183,6 +183,9 @@ class TemplateBackend:
     def model_info(self) -> dict[str, str | None]:
         return {"name": "template", "revision": TEMPLATE_REVISION}
 
+    def preflight(self) -> None:
+        """Nothing to check: no model, no endpoint."""
+
     def generate(self, requests: Sequence[LLMRequest]) -> list[LLMResult | QuarantineError]:
         out: list[LLMResult | QuarantineError] = []
         for req in requests:
