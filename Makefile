@@ -38,6 +38,7 @@ bench: setup
 
 lint: setup
 	$(VENV)/bin/ruff check flows tasks schemas storage tests bench
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf data .prefect .pytest_cache

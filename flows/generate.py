@@ -14,6 +14,7 @@ from collections import Counter
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -202,7 +203,7 @@ def summarize(config: RunConfig, ctx: RunContext, plan: RunPlan, outcomes: list[
 
 def publish_artifacts(summary: RunSummary, attribute_counts: dict[str, dict[str, int]]) -> None:
     """A human summary in the Prefect UI: counts table and attribute distributions."""
-    table = [
+    table: list[dict[str, Any]] = [
         {"metric": "clips in", "value": summary.clips_in},
         {"metric": "rows out", "value": summary.rows},
         {"metric": "quarantined", "value": summary.quarantined},
@@ -251,5 +252,6 @@ def generate_dataset(config: RunConfig) -> RunSummary:
 
 def run_generate(config: RunConfig) -> RunSummary:
     """Run the flow with the task runner the config asks for."""
-    runner = ThreadPoolTaskRunner(max_workers=1 if config.runner == "sequential" else config.max_workers)
-    return generate_dataset.with_options(task_runner=runner)(config)
+    runner: ThreadPoolTaskRunner[Any] = ThreadPoolTaskRunner(
+        max_workers=1 if config.runner == "sequential" else config.max_workers)
+    return generate_dataset.with_options(task_runner=runner)(config)  # type: ignore[arg-type]

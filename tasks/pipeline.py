@@ -9,7 +9,7 @@ unexpected error in one clip quarantines that clip with the stage, never the who
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -110,7 +110,7 @@ class _Acc:
     attribute_counts: dict[str, Counter[str]] = field(default_factory=dict)
     audio_seconds: float = 0.0
     n_rows: int = 0
-    stage_seconds: Counter[str] = field(default_factory=Counter)
+    stage_seconds: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
 def marker_key(ctx: RunContext, index: int) -> str:
@@ -144,8 +144,8 @@ def process_shard(plan: ShardPlan, config: RunConfig, store: ObjectStore, ctx: R
             t0 = time.perf_counter()
             results = backend.generate([p.request for p in prepared]) if prepared else []
             acc.stage_seconds["llm"] += time.perf_counter() - t0
-            rows = [_finish(p, r, config, ctx, acc) for p, r in zip(prepared, results, strict=True)]
-            rows = [r for r in rows if r is not None]
+            rows = [row for p, r in zip(prepared, results, strict=True)
+                    if (row := _finish(p, r, config, ctx, acc)) is not None]
             t0 = time.perf_counter()
             writer.write(rows_to_table(rows))  # streamed: the shard is never held in memory
             acc.n_rows += len(rows)

@@ -64,7 +64,7 @@ def integrated_loudness(audio: np.ndarray, sr: int) -> float:
     running = np.concatenate(([0.0], np.cumsum(sub_energy)))
     block_ms = (running[per_block:] - running[:-per_block]) / (per_block * step)
     block_lufs = _lufs(block_ms)
-    above_abs = block_lufs > ABSOLUTE_GATE_LUFS
+    above_abs = np.asarray(block_lufs > ABSOLUTE_GATE_LUFS)
     if not above_abs.any():  # quieter than -70 LUFS throughout: report the ungated level
         return float(_lufs(block_ms.mean()))
     relative_gate = _lufs(block_ms[above_abs].mean()) + RELATIVE_GATE_LU
