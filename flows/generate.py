@@ -31,6 +31,7 @@ from storage.versions import commit_version, read_manifest, resolve_version, sta
 from tasks.audio import AUDIO_VERSION
 from tasks.describe import DESCRIBE_VERSION, instruction_pool, load_bins, pool_hash
 from tasks.features import EXTRACTOR_VERSIONS
+from tasks.ingest import source_fingerprint
 from tasks.llm import make_backend
 from tasks.pipeline import RunContext, ShardOutcome, process_shard, report_total
 from tasks.plan import RunPlan, load_shard_plan, plan_run
@@ -68,7 +69,8 @@ def code_version() -> str:
 
 def run_context(config: RunConfig) -> RunContext:
     config_hash = config.config_hash()
-    run_id = f"run-{config_hash}"
+    # Same config + same corpus content = same run (resumable); a changed corpus is a new run.
+    run_id = f"run-{config_hash}-{source_fingerprint(config.sources)[:8]}"
     return RunContext(
         run_id=run_id,
         staging=staging_prefix(config.output.dataset, run_id),

@@ -232,3 +232,21 @@ def test_unreachable_llm_endpoint_fails_up_front(tmp_path: Path, capsys: pytest.
     assert main(args) == 2
     assert f"llm.base_url http://127.0.0.1:{port}/v1 is unreachable" in capsys.readouterr().err
     assert not (tmp_path / "sample").exists()
+
+
+def test_changed_corpus_is_a_new_run_and_version(tmp_path: Path, sample_corpus: Path) -> None:
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(sample_corpus / "audio", corpus)
+    (corpus / "arctic_slt_a0009.txt").write_text("he turned sharply and faced gregson across the table\n")
+    overrides = (f"sources.0.path={corpus}", "sources.0.dataset=folder", "output.dataset=grow")
+    first = run_generate(quickstart(tmp_path / "out", *overrides))
+    unchanged = run_generate(quickstart(tmp_path / "out", *overrides))
+    assert unchanged.already_committed and unchanged.run_id == first.run_id
+    shutil.copy(corpus / "cmu_goforward.flac", corpus / "cmu_goforward_copy.flac")
+    grown = run_generate(quickstart(tmp_path / "out", *overrides))
+    assert (first.version, grown.version) == ("v0001", "v0002")
+    assert grown.run_id != first.run_id and grown.rows == first.rows + 1 == 11
+    slt = next(r for r in committed_rows(tmp_path / "out", "grow", "v0002") if r["id"] == "folder/arctic_slt_a0009")
+    assert slt["transcript"] == "he turned sharply and faced gregson across the table"

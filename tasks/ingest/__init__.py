@@ -5,13 +5,14 @@ One module per source layout; this package only dispatches on `SourceConfig.kind
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 
 from schemas.config import SourceConfig
 from schemas.records import Clip, ReasonCode
 from tasks.ingest.common import ClipRef
-from tasks.ingest.folder import folder_clip, iter_folder_refs
+from tasks.ingest.folder import folder_clip, iter_audio_files, iter_folder_refs
 from tasks.ingest.manifest import MANIFEST_SUFFIXES, iter_manifest_refs, read_record_at, record_to_clip
 
 
@@ -60,6 +61,27 @@ def iter_refs(sources: list[SourceConfig]) -> Iterator[ClipRef]:
             yield from iter_manifest_refs(Path(source.path), index, name)
 
 
+def source_fingerprint(sources: list[SourceConfig]) -> str:
+    """A digest of what the sources hold now: manifest bytes; folder names, sizes and mtimes.
+
+    Part of the run id, so re-running an unchanged corpus resumes its run, while a corpus that
+    gained, lost or changed files is a new run (and a new version) instead of "already committed".
+    """
+    digest = hashlib.sha256()
+    for index, source in enumerate(sources):
+        digest.update(f"\x1e{index}:{source.path}\x1f".encode())
+        path = Path(source.path)
+        if source_kind(source) == "folder":
+            for rel in iter_audio_files(path):
+                st = (path / rel).stat()
+                digest.update(f"{rel}\x1f{st.st_size}\x1f{st.st_mtime_ns}\n".encode())
+        else:
+            with path.open("rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 def load_clip(ref: ClipRef, sources: list[SourceConfig]) -> Clip:
     """Re-read the record a reference points at; duplicates come back flagged for quarantine."""
     source = sources[ref.source]
@@ -79,4 +101,4 @@ def load_clip(ref: ClipRef, sources: list[SourceConfig]) -> Clip:
     return clip
 
 
-__all__ = ["ClipRef", "SourceError", "dataset_name", "iter_refs", "load_clip", "source_kind"]
+__all__ = ["ClipRef", "SourceError", "dataset_name", "iter_refs", "load_clip", "source_fingerprint", "source_kind"]
