@@ -50,7 +50,9 @@ def plan_run(config: RunConfig, store: ObjectStore, prefix: str, run_id: str) ->
     existing = load_plan(store, prefix)
     if existing is not None:
         return existing
-    refs = sorted(iter_refs(config.sources), key=lambda r: (r.id, r.source, r.locator))
+    # Ties (duplicate ids) keep source order: manifest offsets compare as numbers, not strings.
+    refs = sorted(iter_refs(config.sources),
+                  key=lambda r: (r.id, r.source, int(r.locator) if r.locator.isdigit() else -1, r.locator))
     if not refs:
         raise SourceError("the sources list no clips: " + ", ".join(s.path for s in config.sources)
                           + "; check the paths and that folders hold wav/flac/mp3/ogg files")

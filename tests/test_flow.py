@@ -250,3 +250,28 @@ def test_changed_corpus_is_a_new_run_and_version(tmp_path: Path, sample_corpus: 
     assert grown.run_id != first.run_id and grown.rows == first.rows + 1 == 11
     slt = next(r for r in committed_rows(tmp_path / "out", "grow", "v0002") if r["id"] == "folder/arctic_slt_a0009")
     assert slt["transcript"] == "he turned sharply and faced gregson across the table"
+
+
+def test_duplicate_ids_keep_one_row_and_quarantine_the_rest(tmp_path: Path, sample_corpus: Path) -> None:
+    lines = (sample_corpus / "manifest.jsonl").read_text().splitlines()[:3]
+    recs = [json.loads(line) | {"path": str(sample_corpus / json.loads(line)["path"])} for line in lines]
+    first, dup = recs[1], recs[1] | {"path": recs[0]["path"]}  # same id, another file
+    # Lay the file out so the duplicate's byte offset sorts *before* the first one's as text
+    # (e.g. "1234" < "245"): the first listed occurrence must still win.
+    body = [recs[0], first]
+    while True:
+        offsets = [0]
+        for rec in body:
+            offsets.append(offsets[-1] + len(json.dumps(rec)) + 1)
+        if str(offsets[-1]) < str(offsets[1]) and offsets[-1] > offsets[1]:
+            break
+        body.append(recs[2] | {"id": f"filler{len(body)}"})
+    body.append(dup)
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in body))
+    summary = run_generate(quickstart(tmp_path / "out", f"sources.0.path={tmp_path / 'm.jsonl'}",
+                                      "output.dataset=dups"))
+    n = len(body)
+    assert (summary.clips_in, summary.rows, summary.quarantine_by_reason) == (n, n - 1, {"duplicate_id": 1})
+    rows = committed_rows(tmp_path / "out", "dups", summary.version)
+    kept = next(r for r in rows if r["id"] == f"sample/{first['id']}")
+    assert kept["audio_uri"] == first["path"]
