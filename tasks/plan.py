@@ -50,24 +50,24 @@ def plan_run(config: RunConfig, store: ObjectStore, prefix: str, run_id: str) ->
     existing = load_plan(store, prefix)
     if existing is not None:
         return existing
-    # Ties (duplicate ids) keep source order: manifest offsets compare as numbers, not strings.
-    refs = sorted(iter_refs(config.sources),
-                  key=lambda r: (r.id, r.source, int(r.locator) if r.locator.isdigit() else -1, r.locator))
-    if not refs:
+    # Plain tuples while sorting (~3x lighter than models: ~250 MB per million clips); ties
+    # (duplicate ids) keep source order, manifest offsets compared as numbers, not as text.
+    keys = sorted((r.id, r.source, int(r.locator) if r.locator.isdigit() else -1, r.locator)
+                  for r in iter_refs(config.sources))
+    if not keys:
         raise SourceError("the sources list no clips: " + ", ".join(s.path for s in config.sources)
                           + "; check the paths and that folders hold wav/flac/mp3/ogg files")
-    duplicates = 0
-    for i in range(1, len(refs)):
-        if refs[i].id == refs[i - 1].id:
-            refs[i] = refs[i].model_copy(update={"duplicate": True})
-            duplicates += 1
+    is_dup = [i > 0 and keys[i][0] == keys[i - 1][0] for i in range(len(keys))]
     size = config.output.shard_size
-    count = (len(refs) + size - 1) // size
+    count = (len(keys) + size - 1) // size
     for index in range(count):
-        shard = ShardPlan(index=index, of=count, refs=refs[index * size:(index + 1) * size])
+        start = index * size
+        refs = [ClipRef(id=k[0], source=k[1], locator=k[3], duplicate=is_dup[start + j])
+                for j, k in enumerate(keys[start:start + size])]
+        shard = ShardPlan(index=index, of=count, refs=refs)
         store.put_bytes(shard_plan_key(prefix, index), shard.model_dump_json().encode())
-    plan = RunPlan(run_id=run_id, config_hash=config.config_hash(), clips=len(refs), shards=count,
-                   shard_size=size, duplicates=duplicates)
+    plan = RunPlan(run_id=run_id, config_hash=config.config_hash(), clips=len(keys), shards=count,
+                   shard_size=size, duplicates=sum(is_dup))
     try:
         store.put_bytes(plan_key(prefix), plan.model_dump_json(indent=2).encode(), if_none_match=True)
     except PreconditionFailed:
