@@ -57,3 +57,9 @@ def test_config_hash_ignores_runner_but_not_content() -> None:
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "examples").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_config_is_valid(path: Path) -> None:
+    config = load_config(path, environ={})
+    assert config.sources and config.output.dataset
