@@ -53,28 +53,9 @@ def make_config(manifest: Path, root: Path, dataset: str, shard_size: int):
 
 def plain_loop(config) -> int:
     """Exactly the flow's stage functions, called in order without Prefect."""
-    from flows.generate import combine_stats, run_context
-    from schemas.arrow import ROW_SCHEMA, hf_features, schema_to_b64
-    from storage.objectstore import open_store
-    from storage.versions import commit_version
-    from tasks.llm import make_backend
-    from tasks.pipeline import process_shard
-    from tasks.plan import load_shard_plan, plan_run
+    from flows.generate import run_plain
 
-    store = open_store(config.output.root, config.s3)
-    ctx = run_context(config)
-    plan = plan_run(config, store, ctx.staging, ctx.run_id)
-    backend = make_backend(config.llm)
-    outcomes = [process_shard(load_shard_plan(store, ctx.staging, i), config, store, ctx, backend)
-                for i in range(plan.shards)]
-    stats = combine_stats(plan, outcomes)
-    commit_version(store, dataset=config.output.dataset, staged_shards=[o.shard for o in outcomes if o.shard],
-                   staged_quarantine=[o.quarantine for o in outcomes if o.quarantine],
-                   lineage={"run_id": ctx.run_id, "code_version": ctx.pipeline_version,
-                            "config_hash": ctx.config_hash, "bins_version": ctx.bins_version,
-                            "prompt_pool_hash": "bench"},
-                   stats=stats, arrow_schema_b64=schema_to_b64(ROW_SCHEMA), hf_features=hf_features())
-    return stats.rows
+    return run_plain(config).stats.rows
 
 
 def rss_child(repeat: int, shard_size: int) -> None:

@@ -103,8 +103,9 @@ def shard_task(config: RunConfig, ctx: RunContext, index: int) -> ShardOutcome:
             close()
 
 
-@task(name="commit-version", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def commit_task(config: RunConfig, ctx: RunContext, plan: RunPlan, outcomes: list[ShardOutcome]) -> Manifest:
+def publish(config: RunConfig, ctx: RunContext, plan: RunPlan, outcomes: list[ShardOutcome],
+            flow_run_id: str | None = None) -> Manifest:
+    """Commit the run's staged shards as the next version (or find the one it already published)."""
     store = _store(config)
     stats = combine_stats(plan, outcomes)
     landed = manifest_of_run(store, config.output.dataset, ctx.run_id)
@@ -115,7 +116,7 @@ def commit_task(config: RunConfig, ctx: RunContext, plan: RunPlan, outcomes: lis
     backend = make_backend(config.llm)
     model = backend.model_info()
     lineage = {
-        "flow_run_id": str(flow_run.id) if flow_run.id else None,
+        "flow_run_id": flow_run_id,
         "run_id": ctx.run_id,
         "code_version": ctx.pipeline_version,
         "config_hash": ctx.config_hash,
@@ -138,6 +139,23 @@ def commit_task(config: RunConfig, ctx: RunContext, plan: RunPlan, outcomes: lis
     )
     store.put_bytes(committed_key(ctx), json.dumps({"version": manifest.lineage.version}).encode())
     return manifest
+
+
+def run_plain(config: RunConfig) -> Manifest:
+    """The same stages without Prefect, one shard after another (tests, benchmarks, debugging)."""
+    ctx = run_context(config)
+    store = _store(config)
+    make_backend(config.llm).preflight()
+    plan = plan_run(config, store, ctx.staging, ctx.run_id)
+    backend = make_backend(config.llm)
+    outcomes = [process_shard(load_shard_plan(store, ctx.staging, i), config, store, ctx, backend)
+                for i in range(plan.shards)]
+    return publish(config, ctx, plan, outcomes)
+
+
+@task(name="commit-version", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def commit_task(config: RunConfig, ctx: RunContext, plan: RunPlan, outcomes: list[ShardOutcome]) -> Manifest:
+    return publish(config, ctx, plan, outcomes, str(flow_run.id) if flow_run.id else None)
 
 
 def manifest_of_run(store: ObjectStore, dataset: str, run_id: str) -> Manifest | None:

@@ -275,3 +275,16 @@ def test_duplicate_ids_keep_one_row_and_quarantine_the_rest(tmp_path: Path, samp
     rows = committed_rows(tmp_path / "out", "dups", summary.version)
     kept = next(r for r in rows if r["id"] == f"sample/{first['id']}")
     assert kept["audio_uri"] == first["path"]
+
+
+def test_plain_runner_matches_the_flow(tmp_path: Path) -> None:
+    from tests.datasets_support import make_version
+
+    manifest = make_version(str(tmp_path / "plain"), "same", workdir=tmp_path)
+    summary = run_generate(quickstart(tmp_path / "flow", "output.dataset=same"))
+    plain_rows = committed_rows(tmp_path / "plain", "same", manifest.lineage.version)
+    flow_rows = committed_rows(tmp_path / "flow", "same", summary.version)
+    strip = ("provenance", "audio_uri")
+    key = {r["id"]: {k: v for k, v in r.items() if k not in strip} for r in flow_rows}
+    assert {r["id"]: {k: v for k, v in r.items() if k not in strip} for r in plain_rows} == key
+    assert manifest.stats.rows == summary.rows == 10

@@ -1,0 +1,44 @@
+"""Committed versions for consumer-side tests, built with the real stages (no Prefect needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flows.generate import run_plain
+from schemas.config import RunConfig, parse_config
+from schemas.manifest import Manifest
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "examples" / "sample_corpus"
+
+
+def sample_config(root: str, dataset: str, *, repeat: int = 1, shard_size: int = 4, workdir: Path,
+                  overrides: list[str] | None = None, s3_endpoint: str | None = None,
+                  s3_region: str | None = None) -> RunConfig:
+    """The sample corpus listed `repeat` times (distinct ids, same audio) → a RunConfig."""
+    manifest = workdir / f"sample_x{repeat}.jsonl"
+    with manifest.open("w") as f:
+        for r in range(repeat):
+            for line in (SAMPLE / "manifest.jsonl").read_text().splitlines():
+                rec = json.loads(line)
+                rec["id"] = rec["id"] if repeat == 1 else f"{rec['id']}__r{r:03d}"
+                rec["path"] = str(SAMPLE / rec["path"])
+                f.write(json.dumps(rec) + "\n")
+    extra = list(overrides or [])
+    if s3_endpoint:
+        extra += [f"s3.endpoint_url={s3_endpoint}", "s3.addressing_style=path"]
+    if s3_region:
+        extra.append(f"s3.region={s3_region}")
+    return parse_config({"sources": [{"path": str(manifest), "dataset": "sample", "language": "en"}],
+                         "output": {"root": root, "dataset": dataset, "shard_size": shard_size}},
+                        extra, environ={})
+
+
+def make_version(root: str, dataset: str, *, workdir: Path, repeat: int = 1, shard_size: int = 4,
+                 overrides: list[str] | None = None, s3_endpoint: str | None = None,
+                 s3_region: str | None = None) -> Manifest:
+    """Run the real pipeline on the sample corpus and commit one version under root/dataset."""
+    config = sample_config(root, dataset, repeat=repeat, shard_size=shard_size, workdir=workdir,
+                           overrides=overrides, s3_endpoint=s3_endpoint, s3_region=s3_region)
+    return run_plain(config)
