@@ -112,6 +112,7 @@ class S3Config(_Strict):
     endpoint_url: str | None = None
     region: str | None = None
     addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    max_attempts: int = Field(default=8, ge=1, le=50, description="Attempts per S3 call (throttling, 5xx, outages).")
 
 
 class RunConfig(_Strict):

@@ -377,7 +377,7 @@ class S3Store(ObjectStore):
         botocore_config = Config(
             region_name=self._region,
             s3={"addressing_style": self.config.addressing_style},
-            retries={"mode": "standard", "max_attempts": 8},
+            retries={"mode": "standard", "max_attempts": self.config.max_attempts},
             connect_timeout=10,
             read_timeout=120,
             max_pool_connections=32,

