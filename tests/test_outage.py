@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from flows.generate import run_plain
+from schemas.config import RunConfig
 from storage import objectstore
 from storage.objectstore import NotFound, open_store
 from storage.versions import list_versions, resolve_version
@@ -18,7 +19,7 @@ from tests.seaweedfs import WeedServer
 pytestmark = pytest.mark.s3
 
 
-def _config(server: WeedServer, tmp_path: Path, prefix: str):  # noqa: ANN202 - a RunConfig
+def _config(server: WeedServer, tmp_path: Path, prefix: str) -> RunConfig:
     return sample_config(server.info.root(prefix), "outage", workdir=tmp_path, shard_size=4,
                          s3_endpoint=server.info.endpoint_url, s3_region=server.info.region,
                          overrides=["s3.max_attempts=2"])
@@ -54,7 +55,7 @@ def test_outage_mid_shard_upload(weed_server: WeedServer, tmp_path: Path, monkey
     uploads: list[str] = []
     original = objectstore.S3Store.put_file
     monkeypatch.setattr(objectstore.S3Store, "put_file", _kill_on_call(weed_server, original, 2, uploads))
-    with pytest.raises(Exception):  # noqa: B017,PT011 - whatever the client raises for a dead endpoint
+    with pytest.raises(Exception):  # noqa: B017 - whatever the client raises for a dead endpoint
         run_plain(config)
     assert len(uploads) == 2 and uploads[1].endswith("train-00001.parquet")
     _restart(weed_server)
@@ -77,7 +78,7 @@ def test_outage_mid_commit(weed_server: WeedServer, tmp_path: Path, monkeypatch:
     copies: list[str] = []
     original = objectstore.S3Store.copy
     monkeypatch.setattr(objectstore.S3Store, "copy", _kill_on_call(weed_server, original, 2, copies))
-    with pytest.raises(Exception):  # noqa: B017,PT011
+    with pytest.raises(Exception):  # noqa: B017
         run_plain(config)
     assert len(copies) == 2
     _restart(weed_server)
