@@ -107,11 +107,13 @@ class OutputConfig(_Strict):
 
 
 class S3Config(_Strict):
-    """Endpoint settings; credentials come only from the environment (AWS_* variables)."""
+    """Endpoint settings. Credentials never live in the config: they come from a named Prefect
+    `AwsCredentials` block, or else from boto3's usual chain (AWS_* environment variables first)."""
 
     endpoint_url: str | None = None
     region: str | None = None
     addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    credentials_block: str | None = Field(default=None, description="Name of a Prefect AwsCredentials block.")
     max_attempts: int = Field(default=8, ge=1, le=50, description="Attempts per S3 call (throttling, 5xx, outages).")
 
 

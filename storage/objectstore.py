@@ -366,7 +366,6 @@ class S3Store(ObjectStore):
     """
 
     def __init__(self, root: str, s3: S3Config | None = None, *, multipart_bytes: int = 64 * 1024**2) -> None:
-        import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
 
@@ -382,9 +381,8 @@ class S3Store(ObjectStore):
             read_timeout=120,
             max_pool_connections=32,
         )
-        self.client = boto3.session.Session().client(
-            "s3", endpoint_url=self.config.endpoint_url, config=botocore_config
-        )
+        self._session = _boto3_session(self.config)
+        self.client = self._session.client("s3", endpoint_url=self.config.endpoint_url, config=botocore_config)
         # Files above `multipart_bytes` go up in parts of that size (S3's minimum part is 5 MiB).
         part = max(multipart_bytes, 5 * 1024**2)
         self._transfer = TransferConfig(multipart_threshold=part, multipart_chunksize=part, max_concurrency=4)
@@ -498,8 +496,33 @@ class S3Store(ObjectStore):
             kwargs["scheme"] = scheme
         if self.config.addressing_style == "virtual":
             kwargs["force_virtual_addressing"] = True
+        if self.config.credentials_block:
+            # pyarrow does not see a Prefect block: hand it the block's keys (never logged).
+            creds = self._session.get_credentials()
+            if creds is not None:
+                frozen = creds.get_frozen_credentials()
+                kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key,
+                              session_token=frozen.token)
         base = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
         return pafs.S3FileSystem(**kwargs), base
+
+
+def _boto3_session(config: S3Config) -> Any:
+    """Credentials from a Prefect `AwsCredentials` block when named, else boto3's usual chain (env first)."""
+    import boto3
+
+    if not config.credentials_block:
+        return boto3.session.Session()
+    try:
+        from prefect_aws import AwsCredentials
+    except ImportError as exc:  # pragma: no cover - prefect-aws is a core dependency
+        raise RuntimeError("s3.credentials_block needs the prefect-aws package") from exc
+    try:
+        block = AwsCredentials.load(config.credentials_block)
+    except ValueError as exc:
+        raise ValueError(f"s3.credentials_block: no AwsCredentials block named {config.credentials_block!r} "
+                         "(create it in the Prefect UI or with AwsCredentials(...).save(name))") from exc
+    return block.get_boto3_session()
 
 
 def open_store(root: str, s3: S3Config | None = None) -> ObjectStore:
