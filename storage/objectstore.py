@@ -21,7 +21,7 @@ import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from botocore.exceptions import ClientError
 
@@ -518,7 +518,7 @@ def _boto3_session(config: S3Config) -> Any:
     except ImportError as exc:  # pragma: no cover - prefect-aws is a core dependency
         raise RuntimeError("s3.credentials_block needs the prefect-aws package") from exc
     try:
-        block = AwsCredentials.load(config.credentials_block)
+        block = cast(AwsCredentials, AwsCredentials.load(config.credentials_block))
     except ValueError as exc:
         raise ValueError(f"s3.credentials_block: no AwsCredentials block named {config.credentials_block!r} "
                          "(create it in the Prefect UI or with AwsCredentials(...).save(name))") from exc
