@@ -1,7 +1,10 @@
-"""`speechpairs` command line: run a config, inspect datasets.
+"""`speechpairs` command line: run a config; list, show, verify, pull, tag, diff, export and gc datasets.
 
 Exit codes: 0 ok, 2 unusable config or corpus (message names the key/file and the fix), 1 a run
 that failed after starting (the staging area keeps finished shards for the re-run).
+`datasets …`: 2 for a bad URI, tag name or duration and for a version/ref that does not exist;
+1 for a version that fails verification, a pull or export that hits a corrupt shard (named), or
+a store that cannot be reached.
 """
 
 from __future__ import annotations
@@ -11,7 +14,12 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from schemas.config import S3Config
+    from storage.objectstore import ObjectStore
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -85,19 +93,292 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_datasets_show(args: argparse.Namespace) -> int:
-    from schemas.config import S3Config
-    from storage.objectstore import NotFound
-    from storage.reader import manifest_summary, open_manifest
+# --------------------------------------------------------------------------------------------
+# speechpairs datasets …
+# --------------------------------------------------------------------------------------------
 
-    s3 = S3Config(endpoint_url=args.s3_endpoint_url, region=args.s3_region)
+
+class _Usage(Exception):
+    """A bad URI, duration or tag name, or a version that does not exist: exit 2."""
+
+
+def _s3(args: argparse.Namespace) -> S3Config:
+    from schemas.config import S3Config
+
+    return S3Config(endpoint_url=args.s3_endpoint_url, region=args.s3_region,
+                    addressing_style=args.s3_addressing_style, credentials_block=args.s3_credentials_block)
+
+
+def _open(args: argparse.Namespace, uri: str, *, with_ref: bool = True) -> tuple[ObjectStore, str, str]:
+    """ROOT/DATASET[@REF] → (store, dataset, ref); without `with_ref` an @REF is refused."""
+    from storage.objectstore import open_store
+    from storage.reader import parse_dataset_uri
+
     try:
-        manifest = open_manifest(args.uri, s3)
-    except (NotFound, FileNotFoundError, ValueError) as exc:
-        print(f"speechpairs: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    print(manifest_summary(manifest))
+        root, dataset, ref = parse_dataset_uri(uri)
+        if not with_ref and "@" in uri.rstrip("/").rpartition("/")[2]:
+            raise ValueError(f"{uri!r}: this command takes ROOT/DATASET without @VERSION")
+        return open_store(root, _s3(args)), dataset, ref
+    except ValueError as exc:
+        raise _Usage(str(exc)) from None
+
+
+def _resolve(store: ObjectStore, dataset: str, ref: str) -> str:
+    from storage.versions import resolve_version
+
+    return resolve_version(store, dataset, ref)
+
+
+def _datasets_command(func: Callable[[argparse.Namespace], Any]) -> Callable[[argparse.Namespace], int]:
+    """Shared error handling: usage errors and missing versions exit 2, store failures exit 1."""
+
+    def wrapper(args: argparse.Namespace) -> int:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        from storage.objectstore import NotFound
+
+        try:
+            return int(func(args))
+        except (_Usage, NotFound, ValueError) as exc:
+            print(f"speechpairs: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        except (BotoCoreError, ClientError, OSError) as exc:
+            print(f"speechpairs: storage error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+
+    wrapper.__name__ = func.__name__
+    wrapper.__doc__ = func.__doc__
+    return wrapper
+
+
+def _want_progress(args: argparse.Namespace) -> bool:
+    return bool(args.progress or (not args.no_progress and sys.stderr.isatty()))
+
+
+@_datasets_command
+def cmd_datasets_show(args: argparse.Namespace) -> int:
+    from storage.reader import manifest_summary
+    from storage.versions import read_manifest
+
+    store, dataset, ref = _open(args, args.uri)
+    print(manifest_summary(read_manifest(store, dataset, _resolve(store, dataset, ref))))
     return EXIT_OK
+
+
+def _tags(store: ObjectStore, dataset: str) -> dict[str, list[str]]:
+    """version → names of the refs pointing at it (refs are listed: an admin view)."""
+    from storage.versions import read_ref
+
+    by_version: dict[str, list[str]] = {}
+    prefix = f"{dataset}/refs/"
+    for key in store.list(prefix):
+        name = key[len(prefix):]
+        if "/" in name or not name.endswith(".json"):
+            continue
+        try:
+            found = read_ref(store, dataset, name[: -len(".json")])
+        except ValueError:  # not a valid ref name or not a ref document
+            continue
+        if found is not None:
+            by_version.setdefault(found[0].version, []).append(name[: -len(".json")])
+    return {v: sorted(names, key=lambda n: (n != "latest", n)) for v, names in by_version.items()}
+
+
+@_datasets_command
+def cmd_datasets_list(args: argparse.Namespace) -> int:
+    from storage.versions import list_versions, read_manifest
+
+    store, dataset, _ = _open(args, args.uri, with_ref=False)
+    versions = list_versions(store, dataset)
+    if not versions:
+        raise _Usage(f"no committed versions of {dataset!r} under {store.root}")
+    tags = _tags(store, dataset)
+    rows = []
+    for version in versions:
+        m = read_manifest(store, dataset, version)
+        rows.append((version, m.lineage.created_at.strftime("%Y-%m-%d %H:%M:%SZ"), f"{m.stats.rows:,}",
+                     f"{m.stats.audio_hours:.4f}", ", ".join(tags.get(version, []))))
+    header = ("version", "created (UTC)", "rows", "hours", "tags")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  ".join(c.ljust(w) if i in (0, 1, 4) else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip())
+    dangling = sorted(v for v in tags if v not in versions)
+    for v in dangling:
+        print(f"warning: {', '.join(tags[v])} point(s) at {v}, which is not committed", file=sys.stderr)
+    return EXIT_OK
+
+
+@_datasets_command
+def cmd_datasets_verify(args: argparse.Namespace) -> int:
+    from storage.verify import verify_version
+
+    store, dataset, ref = _open(args, args.uri)
+    version = _resolve(store, dataset, ref)
+    report = verify_version(store, dataset, version, deep=not args.shallow)
+    head = (f"{dataset} {version}: {report.shards_checked} shards, {report.rows:,} rows"
+            + (" (sizes, rows and schemas only)" if args.shallow else ""))
+    if report.ok:
+        print(f"{head}: OK")
+        return EXIT_OK
+    print(f"{head}: {len(report.problems)} problem(s)")
+    for p in report.problems:
+        print(f"  {p.path}: {p.problem}")
+    print(f"speechpairs: {dataset}@{version} failed verification: "
+          + ", ".join(dict.fromkeys(p.path for p in report.problems)), file=sys.stderr)
+    return EXIT_FAILED
+
+
+@_datasets_command
+def cmd_datasets_pull(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from storage.pull import PullError, pull_version
+
+    store, dataset, ref = _open(args, args.uri)
+    version = _resolve(store, dataset, ref)
+    try:
+        report = pull_version(store, dataset, version, Path(args.dest), progress=_want_progress(args))
+    except PullError as exc:
+        print(f"speechpairs: pull failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"pulled {dataset} {version} to {report.dest}: {len(report.downloaded)} downloaded "
+          f"({report.bytes_downloaded:,} bytes), {len(report.skipped)} already present and verified")
+    return EXIT_OK
+
+
+@_datasets_command
+def cmd_datasets_tag(args: argparse.Namespace) -> int:
+    from storage.versions import ref_key, set_ref
+
+    store, dataset, ref = _open(args, args.uri)
+    try:
+        ref_key(dataset, args.tag)
+    except ValueError as exc:
+        raise _Usage(f"{exc} (tags: letters, digits, '.', '_', '-'; not a version name like v0001)") from None
+    version = _resolve(store, dataset, ref)
+    set_ref(store, dataset, version, args.tag, only_forward=False)
+    print(f"{dataset}@{args.tag} → {version}")
+    return EXIT_OK
+
+
+@_datasets_command
+def cmd_datasets_diff(args: argparse.Namespace) -> int:
+    from storage.diff import diff_versions
+    from storage.versions import read_manifest
+
+    store_a, dataset_a, ref_a = _open(args, args.uri_a)
+    if "/" not in args.uri_b:  # "v0002" or "@v0002": same root and dataset as A
+        store_b, dataset_b, ref_b = store_a, dataset_a, args.uri_b.lstrip("@")
+    else:
+        store_b, dataset_b, ref_b = _open(args, args.uri_b)
+    a = read_manifest(store_a, dataset_a, _resolve(store_a, dataset_a, ref_a))
+    b = read_manifest(store_b, dataset_b, _resolve(store_b, dataset_b, ref_b))
+    print(diff_versions(a, b))
+    return EXIT_OK
+
+
+@_datasets_command
+def cmd_datasets_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from storage.export import ExportError, export_desta
+
+    store, dataset, ref = _open(args, args.uri)
+    version = _resolve(store, dataset, ref)
+    try:
+        report = export_desta(store, dataset, version, Path(args.dest))
+    except ExportError as exc:
+        print(f"speechpairs: export failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"exported {dataset} {version} ({args.format}) to {report.dest}: {report.rows:,} rows in "
+          f"{report.jsonl}, {report.audio_files:,} audio files ({report.audio_bytes:,} bytes)"
+          + (f", {report.skipped_no_audio} rows without audio skipped" if report.skipped_no_audio else ""))
+    return EXIT_OK
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '30m', '24h', '7d', '1w' or plain seconds → seconds."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", text.lower())
+    if not m:
+        raise _Usage(f"invalid duration {text!r}: use e.g. 90s, 30m, 24h, 7d")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
+
+
+@_datasets_command
+def cmd_datasets_gc(args: argparse.Namespace) -> int:
+    from storage.gc import collect_garbage
+
+    store, dataset, _ = _open(args, args.uri, with_ref=False)
+    older = parse_duration(args.older_than)
+    report = collect_garbage(store, dataset, older, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for p in report.removed:
+        print(f"{verb} {p.kind} {p.prefix} ({p.objects} objects, {p.bytes:,} bytes, "
+              f"{p.age_s / 3600:.1f} h old)")
+    print(f"{dataset}: {verb} {len(report.removed)} prefixes ({report.objects_removed} objects, "
+          f"{report.bytes_removed:,} bytes); {len(report.kept_young)} younger than {args.older_than} kept; "
+          f"{len(report.committed_versions)} committed versions untouched")
+    return EXIT_OK
+
+
+def _add_s3_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (credentials from AWS_* variables)")
+    parser.add_argument("--s3-region", help="S3 region")
+    parser.add_argument("--s3-addressing-style", choices=["auto", "path", "virtual"], default="auto",
+                        help="S3 bucket addressing (default auto)")
+    parser.add_argument("--s3-credentials-block", metavar="NAME",
+                        help="Prefect AwsCredentials block to take credentials from (else AWS_* / boto3 chain)")
+
+
+def _add_progress_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--progress", action="store_true", help="progress bar even when stderr is not a terminal")
+
+
+_URI_HELP = "ROOT/DATASET[@vN|@tag], e.g. ./data/sample@v0002 or s3://bucket/prefix/sample@stable"
+
+
+def _add_datasets_parsers(sub: argparse._SubParsersAction) -> None:
+    ds = sub.add_parser("datasets", help="inspect, verify, pull, tag, diff, export and clean datasets")
+    ds_sub = ds.add_subparsers(dest="datasets_command", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        p = ds_sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        _add_s3_options(p)
+        return p
+
+    p = add("list", cmd_datasets_list, "list committed versions with created time, rows, hours and tags")
+    p.add_argument("uri", help="ROOT/DATASET, e.g. ./data/sample or s3://bucket/prefix/sample")
+    p = add("show", cmd_datasets_show, "print a version's manifest summary")
+    p.add_argument("uri", help=_URI_HELP)
+    p = add("verify", cmd_datasets_verify, "check every shard against the manifest (exit 1 on a problem)")
+    p.add_argument("uri", help=_URI_HELP)
+    p.add_argument("--shallow", action="store_true", help="sizes, row counts and schemas only (no sha256)")
+    p = add("pull", cmd_datasets_pull, "download a version (resumable, checksum-verified)")
+    p.add_argument("uri", help=_URI_HELP)
+    p.add_argument("dest", help="local directory")
+    _add_progress_options(p)
+    p = add("tag", cmd_datasets_tag, "point a named tag (e.g. stable) at a version")
+    p.add_argument("uri", help=_URI_HELP)
+    p.add_argument("tag", help="tag name, e.g. stable or exp-lr3")
+    p = add("diff", cmd_datasets_diff, "rows, hours, quarantine, attribute and lineage changes between versions")
+    p.add_argument("uri_a", help=_URI_HELP)
+    p.add_argument("uri_b", help=_URI_HELP + "; or just vN / tag for the same dataset")
+    p = add("export", cmd_datasets_export, "export a version for a trainer (desta: DeSTA2.5 JSONL + audio)")
+    p.add_argument("format", choices=["desta"], help="export layout")
+    p.add_argument("uri", help=_URI_HELP)
+    p.add_argument("dest", help="local directory")
+    p = add("gc", cmd_datasets_gc, "remove old staging runs and uncommitted version prefixes")
+    p.add_argument("uri", help="ROOT/DATASET")
+    p.add_argument("--older-than", default="24h", help="minimum age of what is removed (default 24h)")
+    p.add_argument("--dry-run", action="store_true", help="report what would be removed; remove nothing")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,16 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="YAML RunConfig, e.g. examples/quickstart.yaml")
     run.add_argument("--set", action="append", metavar="KEY=VALUE",
                      help="override a setting, e.g. --set output.root=s3://bucket/prefix (repeatable)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    run.add_argument("--progress", action="store_true", help="progress bar even when stderr is not a terminal")
+    _add_progress_options(run)
     run.set_defaults(func=cmd_run)
-    ds = sub.add_parser("datasets", help="inspect committed datasets")
-    ds_sub = ds.add_subparsers(dest="datasets_command", required=True)
-    show = ds_sub.add_parser("show", help="print a version's manifest summary")
-    show.add_argument("uri", help="ROOT/DATASET[@vN|@tag], e.g. ./data/sample or s3://bucket/prefix/sample@v0002")
-    show.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (credentials from AWS_* variables)")
-    show.add_argument("--s3-region", help="S3 region")
-    show.set_defaults(func=cmd_datasets_show)
+    _add_datasets_parsers(sub)
     return parser
 
 

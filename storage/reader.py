@@ -1,15 +1,40 @@
-"""Consumer-side entry points: dataset URIs, manifests and a human summary of a version.
+"""Consumer-side entry points: dataset URIs, manifests, a human summary, and the consumer API.
 
 A dataset URI is `ROOT/DATASET[@REF]`, e.g. `./data/demo@v0001` or `s3://bucket/prefix/demo`;
 REF is a version (v0003) or a ref/tag name and defaults to `latest`.
+
+    ds = open_dataset("s3://bucket/prefix/demo", version="stable")
+    ds.verify().ok                                  # checksums, row counts, schema
+    for batch in ds.iter_batches(columns=["id", "response"]):   # streamed, shard by shard
+        ...
+    datasets.load_dataset("parquet", data_files=ds.hf_data_files())
+    torch.utils.data.DataLoader(ds.torch_dataset(world_size=2, rank=0), batch_size=None, num_workers=2)
+
+Readers go through the manifest only (never list prefixes): a handle sees exactly the shards of
+its committed version, in manifest order.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas.arrow import schema_from_b64
 from schemas.config import S3Config
 from schemas.manifest import Manifest, ShardInfo
-from storage.objectstore import open_store
-from storage.versions import DATASET_RE, REF_RE, VERSION_RE, read_manifest, resolve_version
+from storage.objectstore import ObjectStore, S3Store, open_store
+from storage.versions import DATASET_RE, REF_RE, VERSION_RE, read_manifest, resolve_version, version_prefix
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
+
+    from storage.torch_dataset import SpeechPairsIterableDataset
+    from storage.verify import VerifyReport
 
 
 def parse_dataset_uri(text: str) -> tuple[str, str, str]:
@@ -68,3 +93,230 @@ def manifest_summary(manifest: Manifest) -> str:
     if lin.extractor_versions:
         lines.append("extractors: " + ", ".join(f"{k}={v}" for k, v in sorted(lin.extractor_versions.items())))
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Consumer API
+# --------------------------------------------------------------------------------------------
+
+# Footer and column chunks of a row group are fetched in a few coalesced range requests
+# (pre-buffering) instead of one request per column chunk: on S3 that is most of the cost.
+_READ_OPTIONS: dict[str, Any] = {"pre_buffer": True}
+_HF_KEY = b"huggingface"
+
+
+def open_dataset(uri: str, version: str | None = None, *, s3: S3Config | None = None) -> DatasetHandle:
+    """Open one committed version: `uri` is ROOT/DATASET[@REF]; `version` ("latest", "v0003" or a
+    tag) overrides the @REF; the default is latest. Raises VersionNotFound if it does not resolve.
+
+    S3 endpoint, region and addressing come from `s3` (else the AWS_* environment); credentials
+    always come from the environment / AWS config, never from arguments.
+    """
+    root, dataset, ref = parse_dataset_uri(uri)
+    if version is not None:
+        if not (VERSION_RE.match(version) or REF_RE.match(version)):
+            raise ValueError(f"invalid version or ref {version!r}")
+        ref = version
+    store = open_store(root, s3)
+    resolved = resolve_version(store, dataset, ref)
+    return DatasetHandle(store, dataset, resolved, read_manifest(store, dataset, resolved), s3=s3)
+
+
+class DatasetHandle:
+    """One committed, immutable version: its manifest and ways to read its rows.
+
+    Picklable (the store is reopened from root + S3 config), so it can travel to DataLoader
+    workers started with spawn/forkserver as well as fork.
+    """
+
+    def __init__(self, store: ObjectStore, dataset: str, version: str, manifest: Manifest, *,
+                 s3: S3Config | None = None) -> None:
+        self.store = store
+        self.dataset = dataset
+        self.version = version
+        self.manifest = manifest
+        self._s3 = s3 if s3 is not None else (store.config if isinstance(store, S3Store) else None)
+        self._fs: tuple[pafs.FileSystem, str] | None = None
+        self._schema: pa.Schema | None = None
+
+    # -- identity ------------------------------------------------------------------------
+    @property
+    def uri(self) -> str:
+        return f"{self.store.root.rstrip('/')}/{self.dataset}@{self.version}"
+
+    @property
+    def prefix(self) -> str:
+        return version_prefix(self.dataset, self.version)
+
+    @property
+    def num_rows(self) -> int:
+        return sum(s.rows for s in self.manifest.shards)
+
+    @property
+    def shards(self) -> list[ShardInfo]:
+        return list(self.manifest.shards)
+
+    @property
+    def schema(self) -> pa.Schema:
+        """The version's Arrow schema as committed in the manifest (with huggingface metadata)."""
+        if self._schema is None:
+            self._schema = schema_from_b64(self.manifest.arrow_schema)
+        return self._schema
+
+    def __repr__(self) -> str:
+        return f"DatasetHandle({self.uri!r}, shards={len(self.manifest.shards)}, rows={self.num_rows})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"root": self.store.root, "s3": self._s3, "dataset": self.dataset, "version": self.version,
+                "manifest": self.manifest.model_dump(mode="json")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(open_store(state["root"], state["s3"]), state["dataset"], state["version"],  # type: ignore[misc]
+                      Manifest.model_validate(state["manifest"]), s3=state["s3"])
+
+    # -- checks --------------------------------------------------------------------------
+    def verify(self, *, deep: bool = True) -> VerifyReport:
+        """Checksums, byte sizes, row counts and schemas of every listed object (see storage.verify)."""
+        from storage.verify import verify_manifest
+
+        return verify_manifest(self.store, self.manifest, deep=deep)
+
+    # -- where the files are -------------------------------------------------------------
+    def shard_key(self, i: int) -> str:
+        return f"{self.prefix}/{self.manifest.shards[i].path}"
+
+    def shard_uris(self) -> list[str]:
+        """Absolute paths (local root) or s3:// URIs of the data shards, in manifest order."""
+        return [self.store.uri(self.shard_key(i)) for i in range(len(self.manifest.shards))]
+
+    def hf_data_files(self) -> list[str]:
+        """`data_files` for `datasets.load_dataset("parquet", data_files=..., split="train")`.
+
+        Local roots give absolute paths. S3 roots give s3:// URIs, which `datasets` opens through
+        fsspec: that needs `s3fs` installed and, for a non-AWS endpoint,
+        `storage_options=handle.hf_storage_options()`.
+        """
+        return self.shard_uris()
+
+    def hf_storage_options(self) -> dict[str, Any]:
+        """fsspec/s3fs options for an S3 root (endpoint, region, addressing); {} for a local root.
+        Credentials are not included: s3fs reads them from the environment like boto3 does."""
+        if not isinstance(self.store, S3Store):
+            return {}
+        cfg = self.store.config
+        client: dict[str, Any] = {}
+        if cfg.endpoint_url:
+            client["endpoint_url"] = cfg.endpoint_url
+        if cfg.region:
+            client["region_name"] = cfg.region
+        opts: dict[str, Any] = {"client_kwargs": client} if client else {}
+        if cfg.addressing_style != "auto":
+            opts["config_kwargs"] = {"s3": {"addressing_style": cfg.addressing_style}}
+        return opts
+
+    # -- reading -------------------------------------------------------------------------
+    def _arrow_fs(self) -> tuple[pafs.FileSystem, str]:
+        if self._fs is None:
+            self._fs = self.store.arrow_fs()
+        return self._fs
+
+    def detached(self) -> DatasetHandle:
+        """A copy that opens its own filesystem connection (for forked workers and threads)."""
+        return DatasetHandle(self.store, self.dataset, self.version, self.manifest, s3=self._s3)
+
+    def check_columns(self, columns: list[str] | None) -> list[str] | None:
+        """`columns` as a list, or ValueError naming the unknown ones (None = all columns)."""
+        if columns is None:
+            return None
+        names = self.schema.names
+        unknown = [c for c in columns if c not in names]
+        if unknown:
+            raise ValueError(f"unknown column(s) {unknown} in {self.uri}; columns are {names}")
+        return list(columns)
+
+    def _projected_metadata(self, columns: list[str] | None) -> dict[bytes, bytes] | None:
+        """Schema metadata for a column subset: huggingface features of those columns only."""
+        meta = dict(self.schema.metadata or {})
+        if columns is None or _HF_KEY not in meta:
+            return None
+        info = json.loads(meta[_HF_KEY])
+        feats = info.get("info", {}).get("features")
+        if isinstance(feats, dict):
+            info["info"]["features"] = {k: v for k, v in feats.items() if k in columns}
+            meta[_HF_KEY] = json.dumps(info).encode()
+        return meta
+
+    @contextlib.contextmanager
+    def open_shard(self, i: int) -> Iterator[pq.ParquetFile]:
+        """Random-access Parquet reader over shard `i` (range reads; nothing downloaded up front)."""
+        fs, base = self._arrow_fs()
+        with fs.open_input_file(f"{base}/{self.shard_key(i)}") as fh, pq.ParquetFile(fh, **_READ_OPTIONS) as pf:
+            yield pf
+
+    def iter_shard(self, i: int, columns: list[str] | None = None, batch_size: int = 256, *,
+                   start: int = 0, stop: int | None = None) -> Iterator[pa.RecordBatch]:
+        """Batches of rows [start, stop) of shard `i`; only the row groups that overlap are read."""
+        columns = self.check_columns(columns)
+        with self.open_shard(i) as pf:
+            meta = pf.metadata
+            stop = meta.num_rows if stop is None else min(stop, meta.num_rows)
+            if start >= stop:
+                return
+            groups: list[int] = []
+            first_row = None
+            offset = 0
+            for g in range(meta.num_row_groups):
+                n = meta.row_group(g).num_rows
+                if offset < stop and offset + n > start:
+                    groups.append(g)
+                    if first_row is None:
+                        first_row = offset
+                offset += n
+            if not groups:
+                return
+            assert first_row is not None
+            skip, remaining = start - first_row, stop - start
+            metadata = self._projected_metadata(columns)
+            for batch in pf.iter_batches(batch_size=batch_size, row_groups=groups, columns=columns,
+                                         use_threads=True):
+                if skip >= batch.num_rows:
+                    skip -= batch.num_rows
+                    continue
+                if skip or batch.num_rows - skip > remaining:
+                    batch = batch.slice(skip, min(remaining, batch.num_rows - skip))
+                skip = 0
+                remaining -= batch.num_rows
+                yield batch if metadata is None else batch.replace_schema_metadata(metadata)
+                if remaining <= 0:
+                    return
+
+    def iter_batches(self, columns: list[str] | None = None, batch_size: int = 256) -> Iterator[pa.RecordBatch]:
+        """Stream the version's rows as record batches, shard after shard in manifest order.
+
+        Reads through the store's pyarrow filesystem with range requests: memory holds about one
+        row group, only the requested columns are fetched, and nothing is downloaded up front.
+        """
+        columns = self.check_columns(columns)
+        for i in range(len(self.manifest.shards)):
+            yield from self.iter_shard(i, columns, batch_size)
+
+    def to_arrow(self, columns: list[str] | None = None) -> pa.Table:
+        """The whole version (or some columns) as one in-memory table, shards in manifest order."""
+        columns = self.check_columns(columns)
+        tables = []
+        for i in range(len(self.manifest.shards)):
+            with self.open_shard(i) as pf:
+                tables.append(pf.read(columns=columns, use_threads=True))
+        metadata = self._projected_metadata(columns)
+        if not tables:
+            schema = self.schema
+            return schema.empty_table() if columns is None else pa.schema(
+                [schema.field(c) for c in columns], metadata=metadata).empty_table()
+        table = pa.concat_tables(tables)
+        return table if metadata is None else table.replace_schema_metadata(metadata)
+
+    def torch_dataset(self, **kwargs: Any) -> SpeechPairsIterableDataset:
+        """A torch IterableDataset over this version (needs torch; see storage.torch_dataset)."""
+        from storage.torch_dataset import SpeechPairsIterableDataset
+
+        return SpeechPairsIterableDataset(self, **kwargs)

@@ -4,9 +4,10 @@ Commit protocol (ARCHITECTURE.md, "Storage layout and commit protocol"):
 1. claim `<dataset>/vNNNN/_claim` create-only; on conflict try N+1 (so concurrent commits never
    share a prefix; the claim stays forever, or a later writer could reuse the prefix);
 2. copy the staged shards into the version prefix and re-verify each copy's sha256;
-3. write `manifest.json` LAST and create-only: this is the instant the version exists;
-4. move `refs/latest.json` forward by compare-and-swap.
-A crash before 3 leaves only garbage under an unreferenced prefix (a janitor may remove it);
+3. write the dataset card `README.md` (create-only), so a visible version always has its card;
+4. write `manifest.json` LAST and create-only: this is the instant the version exists;
+5. move `refs/latest.json` forward by compare-and-swap.
+A crash before 4 leaves only garbage under an unreferenced prefix (a janitor may remove it);
 readers never list prefixes, they go through refs and manifests.
 """
 
@@ -21,6 +22,7 @@ from pydantic import ValidationError
 
 from schemas.manifest import Lineage, Manifest, Ref, ShardInfo, Stats
 from schemas.records import utc_now
+from storage.card import render_card
 from storage.objectstore import NotFound, ObjectStore, PreconditionFailed
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,10 @@ def version_prefix(dataset: str, version: str) -> str:
 
 def manifest_key(dataset: str, version: str) -> str:
     return f"{version_prefix(dataset, version)}/manifest.json"
+
+
+def card_key(dataset: str, version: str) -> str:
+    return f"{version_prefix(dataset, version)}/README.md"
 
 
 def ref_key(dataset: str, name: str) -> str:
@@ -181,6 +187,17 @@ def _copy_verified(store: ObjectStore, src: ShardInfo, dst_key: str, rel_path: s
     return ShardInfo(path=rel_path, rows=src.rows, bytes=src.bytes, sha256=src.sha256)
 
 
+def _write_card(store: ObjectStore, dataset: str, version: str, card: bytes) -> None:
+    """The card goes in before the manifest, create-only: a lost answer to our own write is fine,
+    another writer's card under our claimed prefix is a conflict."""
+    key = card_key(dataset, version)
+    try:
+        store.put_bytes(key, card, if_none_match=True)
+    except PreconditionFailed:
+        if store.get_bytes(key) != card:
+            raise CommitError(f"{store.uri(key)} was written by another run") from None
+
+
 def commit_version(store: ObjectStore, *, dataset: str, staged_shards: list[ShardInfo],
                    staged_quarantine: list[ShardInfo], lineage: dict, stats: Stats, arrow_schema_b64: str,
                    hf_features: dict) -> Manifest:
@@ -220,6 +237,7 @@ def commit_version(store: ObjectStore, *, dataset: str, staged_shards: list[Shar
         arrow_schema=arrow_schema_b64,
         hf_features=hf_features,
     )
+    _write_card(store, dataset, version, render_card(manifest).encode())
     body = manifest.model_dump_json(indent=2).encode()
     try:
         store.put_bytes(manifest_key(dataset, version), body, if_none_match=True)

@@ -1,0 +1,78 @@
+"""What changed between two versions, from their manifests alone (no shard is read)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from schemas.manifest import Lineage, Manifest
+
+
+def _num(a: float, b: float, fmt: str = ",") -> str:
+    delta = b - a
+    return f"{a:{fmt}} → {b:{fmt}} ({delta:+{fmt}})"
+
+
+def _share(n: int, rows: int) -> float:
+    return n / rows if rows else 0.0
+
+
+def _lineage_items(lin: Lineage) -> dict[str, Any]:
+    """Flat comparable view of what produced a version (identity fields left out)."""
+    items: dict[str, Any] = {
+        "code_version": lin.code_version,
+        "config_hash": lin.config_hash,
+        "bins_version": lin.bins_version,
+        "prompt_pool_hash": lin.prompt_pool_hash,
+        "run_id": lin.run_id,
+    }
+    for m in lin.models:
+        items[f"models.{m.role}"] = m.name + (f"@{m.revision}" if m.revision else "")
+    for k, v in lin.sampling.items():
+        items[f"sampling.{k}"] = v
+    for k, v in lin.extractor_versions.items():
+        items[f"extractors.{k}"] = v
+    return items
+
+
+def diff_versions(manifest_a: Manifest, manifest_b: Manifest) -> str:
+    """A human-readable report: counts, quarantine reasons, attribute distributions, lineage."""
+    la, lb = manifest_a.lineage, manifest_b.lineage
+    sa, sb = manifest_a.stats, manifest_b.stats
+    lines = [
+        f"{la.dataset}@{la.version} → {lb.dataset}@{lb.version}",
+        f"rows:         {_num(sa.rows, sb.rows)}",
+        f"audio hours:  {_num(sa.audio_hours, sb.audio_hours, '.4f')}",
+        f"clips in:     {_num(sa.clips_in, sb.clips_in)}",
+        f"quarantined:  {_num(sa.quarantined, sb.quarantined)}",
+        f"shards:       {_num(len(manifest_a.shards), len(manifest_b.shards))}",
+        f"bytes:        {_num(sum(s.bytes for s in manifest_a.shards), sum(s.bytes for s in manifest_b.shards))}",
+    ]
+    reasons = sorted(set(sa.quarantine_by_reason) | set(sb.quarantine_by_reason))
+    if reasons:
+        lines.append("quarantined by reason:")
+        lines += [f"  {r}: {_num(sa.quarantine_by_reason.get(r, 0), sb.quarantine_by_reason.get(r, 0))}"
+                  for r in reasons]
+
+    attributes = list(dict.fromkeys([*sa.attribute_counts, *sb.attribute_counts]))
+    if attributes:
+        lines.append("attribute distributions (rows, share of rows; Δ count, Δ share in points):")
+    width = max((len(v) for counts in [*sa.attribute_counts.values(), *sb.attribute_counts.values()]
+                 for v in counts), default=0)
+    for attr in attributes:
+        ca, cb = sa.attribute_counts.get(attr, {}), sb.attribute_counts.get(attr, {})
+        lines.append(f"  {attr}:")
+        values = sorted(set(ca) | set(cb), key=lambda v: (-(cb.get(v, 0) + ca.get(v, 0)), v))
+        for v in values:
+            na, nb = ca.get(v, 0), cb.get(v, 0)
+            pa, pb = _share(na, sa.rows), _share(nb, sb.rows)
+            lines.append(f"    {v:<{width}}  {na:>7,} ({pa:6.1%}) → {nb:>7,} ({pb:6.1%})  "
+                         f"{nb - na:+,}  {100 * (pb - pa):+.1f} pp")
+
+    ia, ib = _lineage_items(la), _lineage_items(lb)
+    changed = [k for k in dict.fromkeys([*ia, *ib]) if ia.get(k) != ib.get(k)]
+    if changed:
+        lines.append("lineage changes:")
+        lines += [f"  {k}: {ia.get(k, '-')} → {ib.get(k, '-')}" for k in changed]
+    else:
+        lines.append("lineage: unchanged")
+    return "\n".join(lines)

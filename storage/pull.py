@@ -1,0 +1,147 @@
+"""Download one committed version to a local directory: resumable and checksum-verified.
+
+Layout of DEST mirrors the version prefix, so it is itself a loadable dataset directory
+(`datasets.load_dataset(DEST)` reads the card's `configs`):
+```
+DEST/README.md  DEST/data/train-…parquet  DEST/quarantine/part-…parquet  DEST/manifest.json
+```
+A file already present with the manifest's size and sha256 is skipped; anything else streams into
+`<file>.part` (hashed on the way) and is renamed into place only if it verifies. A mismatch means
+the store's copy is corrupt: the pull stops with an error naming the shard. `manifest.json` is
+written last, so a DEST with a manifest is a complete pull.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from schemas.manifest import Manifest, ShardInfo
+from storage.card import render_card
+from storage.objectstore import NotFound, ObjectStore
+from storage.shards import sha256_file
+from storage.versions import VersionNotFound, card_key, manifest_key, version_prefix
+
+log = logging.getLogger(__name__)
+
+
+class PullError(RuntimeError):
+    """A stored file does not match its manifest entry (the message names it)."""
+
+
+class PullReport(BaseModel):
+    dataset: str
+    version: str
+    dest: str
+    downloaded: list[str] = Field(default_factory=list)  # paths relative to dest
+    skipped: list[str] = Field(default_factory=list)  # already present and verified
+    bytes_downloaded: int = 0
+    bytes_total: int = 0  # shard + quarantine bytes of the version
+    card_generated: bool = False  # the version predates cards: README.md rendered from the manifest
+
+
+def _local_ok(path: Path, info: ShardInfo) -> bool:
+    try:
+        if path.stat().st_size != info.bytes:
+            return False
+    except FileNotFoundError:
+        return False
+    return sha256_file(path) == info.sha256
+
+
+def _fetch(store: ObjectStore, key: str, target: Path, info: ShardInfo, bar: Any) -> None:
+    part = target.with_name(target.name + ".part")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with open(part, "wb") as fh:
+            for chunk in store.iter_bytes(key):
+                fh.write(chunk)
+                digest.update(chunk)
+                size += len(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+            fh.flush()
+            os.fsync(fh.fileno())
+    except NotFound:
+        part.unlink(missing_ok=True)
+        raise PullError(f"shard {info.path} is listed in the manifest but missing from the store "
+                        f"({store.uri(key)})") from None
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    if size != info.bytes or digest.hexdigest() != info.sha256:
+        part.unlink(missing_ok=True)
+        raise PullError(f"shard {info.path} does not match the manifest (bytes {size:,} vs {info.bytes:,}, "
+                        f"sha256 {digest.hexdigest()[:16]}… vs {info.sha256[:16]}…): the stored copy at "
+                        f"{store.uri(key)} is corrupt")
+    os.replace(part, target)
+
+
+def _write_small(path: Path, data: bytes) -> bool:
+    """Write a small file atomically unless identical content is already there; True if written."""
+    try:
+        if path.read_bytes() == data:
+            return False
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    part.write_bytes(data)
+    os.replace(part, path)
+    return True
+
+
+def pull_version(store: ObjectStore, dataset: str, version: str, dest: Path, progress: bool = False) -> PullReport:
+    """Download a committed version (manifest, card, shards, quarantine parts) into `dest`."""
+    dest = Path(dest)
+    try:
+        manifest_bytes = store.get_bytes(manifest_key(dataset, version))
+    except NotFound:
+        raise VersionNotFound(f"dataset {dataset!r} has no committed version {version!r}") from None
+    manifest = Manifest.model_validate_json(manifest_bytes)
+    prefix = version_prefix(dataset, version)
+    files = [*manifest.shards, *manifest.quarantine]
+    report = PullReport(dataset=dataset, version=version, dest=str(dest), bytes_total=sum(f.bytes for f in files))
+    dest.mkdir(parents=True, exist_ok=True)
+
+    try:
+        card = store.get_bytes(card_key(dataset, version))
+    except NotFound:
+        card = render_card(manifest).encode()
+        report.card_generated = True
+    (report.downloaded if _write_small(dest / "README.md", card) else report.skipped).append("README.md")
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=report.bytes_total, unit="B", unit_scale=True, unit_divisor=1024,
+                   desc=f"{dataset}@{version}", dynamic_ncols=True)
+    try:
+        for info in files:
+            target = dest.joinpath(*info.path.split("/"))
+            if _local_ok(target, info):
+                report.skipped.append(info.path)
+                if bar is not None:
+                    bar.update(info.bytes)
+                continue
+            _fetch(store, f"{prefix}/{info.path}", target, info, bar)
+            report.downloaded.append(info.path)
+            report.bytes_downloaded += info.bytes
+    finally:
+        if bar is not None:
+            bar.close()
+
+    # Last: a local manifest means every file above is present and verified.
+    (report.downloaded if _write_small(dest / "manifest.json", manifest_bytes) else report.skipped).append(
+        "manifest.json")
+    log.info("pulled %s %s to %s: %d downloaded, %d already there", dataset, version, dest,
+             len(report.downloaded), len(report.skipped))
+    return report
