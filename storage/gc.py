@@ -15,15 +15,13 @@ the meantime is left alone.
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from storage.objectstore import LocalStore, ObjectStore, S3Store
+from storage.objectstore import ObjectInfo, ObjectStore
 from storage.versions import VERSION_RE, _check_dataset
 
 log = logging.getLogger(__name__)
@@ -58,35 +56,6 @@ class GcReport(BaseModel):
         return sum(p.bytes for p in self.removed)
 
 
-class _Obj(BaseModel):
-    key: str
-    size: int
-    mtime: float
-
-
-def list_with_mtime(store: ObjectStore, prefix: str) -> Iterator[_Obj]:
-    """Every object under `prefix` with its size and modification time (epoch seconds).
-
-    ObjectStore has no such method yet; the two stores are handled here by type.
-    """
-    if isinstance(store, LocalStore):
-        for key in store.list(prefix):
-            try:
-                st = os.stat(store.uri(key))
-            except FileNotFoundError:  # removed since it was listed
-                continue
-            yield _Obj(key=key, size=st.st_size, mtime=st.st_mtime)
-    elif isinstance(store, S3Store):
-        full = f"{store.prefix}/{prefix}" if store.prefix else prefix
-        strip = len(store.prefix) + 1 if store.prefix else 0
-        paginator = store.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=store.bucket, Prefix=full):
-            for obj in page.get("Contents", []):
-                yield _Obj(key=obj["Key"][strip:], size=int(obj["Size"]), mtime=obj["LastModified"].timestamp())
-    else:
-        raise TypeError(f"garbage collection does not know how to read object ages from {type(store).__name__}")
-
-
 def _group(dataset: str, key: str) -> tuple[str, Literal["staging", "version"]] | None:
     """The collectable prefix a key belongs to, or None (refs, anything unknown)."""
     rest = key[len(dataset) + 1:]
@@ -108,8 +77,8 @@ def collect_garbage(store: ObjectStore, dataset: str, older_than_s: float, *, dr
     clock = time.time() if now is None else now
     report = GcReport(dataset=dataset, older_than_s=older_than_s, dry_run=dry_run)
 
-    groups: dict[str, tuple[Literal["staging", "version"], list[_Obj]]] = {}
-    for obj in list_with_mtime(store, f"{dataset}/"):
+    groups: dict[str, tuple[Literal["staging", "version"], list[ObjectInfo]]] = {}
+    for obj in store.list_info(f"{dataset}/"):
         found = _group(dataset, obj.key)
         if found is not None:
             groups.setdefault(found[0], (found[1], []))[1].append(obj)
@@ -140,7 +109,7 @@ def collect_garbage(store: ObjectStore, dataset: str, older_than_s: float, *, dr
 
 def _remove(store: ObjectStore, prefix: str, kind: str, older_than_s: float, clock: float) -> bool:
     """Delete one prefix after re-checking it is still old and still uncommitted; False if not."""
-    objs = list(list_with_mtime(store, prefix))
+    objs = list(store.list_info(prefix))
     if not objs or clock - max(o.mtime for o in objs) <= older_than_s:
         return False
     if kind == "version" and any(o.key == prefix + MANIFEST for o in objs):

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -56,6 +57,13 @@ def check_key(key: str) -> str:
     return key
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    mtime: float  # epoch seconds (file mtime, S3 LastModified)
+
+
 class ObjectStore(ABC):
     """A flat key → bytes namespace under `root` with the conditional writes versioning needs."""
 
@@ -87,8 +95,12 @@ class ObjectStore(ABC):
     def exists(self, key: str) -> bool: ...
 
     @abstractmethod
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Objects whose key starts with `prefix` (plain string prefix, as S3), sorted by key."""
+
     def list(self, prefix: str) -> Iterator[str]:
-        """Keys starting with `prefix` (plain string prefix, as S3), sorted."""
+        """Keys starting with `prefix`, sorted."""
+        return (info.key for info in self.list_info(prefix))
 
     @abstractmethod
     def delete(self, key: str) -> None:
@@ -296,13 +308,13 @@ class LocalStore(ObjectStore):
             raise NotFound(key) from None
         return _chunks(fh, chunk_size)
 
-    def list(self, prefix: str) -> Iterator[str]:
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
         # Walk only the deepest directory the prefix names, then filter by the string prefix.
         head, _, _ = prefix.rpartition("/")
         start = self.base.joinpath(*head.split("/")) if head else self.base
         if not start.is_dir():
             return iter(())
-        keys: list[str] = []
+        found: list[ObjectInfo] = []
         for dirpath, dirnames, filenames in os.walk(start):
             dirnames[:] = [d for d in dirnames if not d.startswith(_INTERNAL)]
             rel = Path(dirpath).relative_to(self.base).as_posix()
@@ -311,8 +323,12 @@ class LocalStore(ObjectStore):
                     continue
                 key = name if rel == "." else f"{rel}/{name}"
                 if key.startswith(prefix):
-                    keys.append(key)
-        return iter(sorted(keys))
+                    try:
+                        st = os.stat(os.path.join(dirpath, name))
+                    except FileNotFoundError:  # removed since it was listed
+                        continue
+                    found.append(ObjectInfo(key=key, size=st.st_size, mtime=st.st_mtime))
+        return iter(sorted(found, key=lambda info: info.key))
 
     def download_file(self, key: str, local_path: str | Path) -> None:
         src = self._path(key)
@@ -449,14 +465,15 @@ class S3Store(ObjectStore):
             raise self._translate(exc, key) from None
         return _chunks(body, chunk_size)
 
-    def list(self, prefix: str) -> Iterator[str]:
+    def list_info(self, prefix: str) -> Iterator[ObjectInfo]:
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
         strip = len(self.prefix) + 1 if self.prefix else 0
-        keys: list[str] = []
+        found: list[ObjectInfo] = []
         paginator = self.client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
-            keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
-        return iter(sorted(keys))
+            found.extend(ObjectInfo(key=obj["Key"][strip:], size=int(obj["Size"]),
+                                    mtime=obj["LastModified"].timestamp()) for obj in page.get("Contents", []))
+        return iter(sorted(found, key=lambda info: info.key))
 
     def delete(self, key: str) -> None:
         try:
