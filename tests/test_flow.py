@@ -288,3 +288,23 @@ def test_plain_runner_matches_the_flow(tmp_path: Path) -> None:
     key = {r["id"]: {k: v for k, v in r.items() if k not in strip} for r in flow_rows}
     assert {r["id"]: {k: v for k, v in r.items() if k not in strip} for r in plain_rows} == key
     assert manifest.stats.rows == summary.rows == 10
+
+
+def test_gc_flow_removes_an_abandoned_run_but_not_the_committed_version(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from flows.maintenance import gc_datasets
+    from storage.versions import list_versions
+
+    summary = run_generate(quickstart(tmp_path, "output.dataset=janitor"))
+    store = open_store(str(tmp_path))
+    store.put_bytes("janitor/_staging/run-abandoned/plan.json", b"{}")
+    old = time.time() - 3 * 24 * 3600
+    for p in (tmp_path / "janitor").rglob("*"):
+        os.utime(p, (old, old))
+    reports = gc_datasets(str(tmp_path), ["janitor"], older_than_hours=24)
+    removed = sorted(p.prefix for p in reports[0].removed)
+    assert "janitor/_staging/run-abandoned/" in removed
+    assert list_versions(store, "janitor") == [summary.version]
+    assert resolve_version(store, "janitor", "latest") == summary.version
