@@ -35,6 +35,7 @@ test: setup
 bench: setup
 	$(PY) bench/features.py
 	$(PY) bench/pipeline.py
+	$(PY) bench/read.py
 
 lint: setup
 	$(VENV)/bin/ruff check flows tasks schemas storage tests bench
