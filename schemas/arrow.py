@@ -28,6 +28,7 @@ _FEATURE_TYPES: dict[str, pa.DataType] = {
 FEATURES_TYPE = pa.struct([pa.field(name, t, nullable=True) for name, t in _FEATURE_TYPES.items()])
 AUDIO_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", _STR)])
 MESSAGE_TYPE = pa.struct([pa.field("role", _STR), pa.field("content", _STR)])
+SEGMENT_TYPE = pa.struct([pa.field("start_s", _F32), pa.field("end_s", _F32), pa.field("text", _STR)])
 # String→string dicts (labels, attributes, versions) are Arrow `json` (Parquet JSON logical type):
 # `datasets` cannot read Arrow maps, but decodes `json` to dicts; DuckDB reads it as JSON.
 STR_MAP = pa.json_()
@@ -92,6 +93,7 @@ _ROW_FIELDS: list[pa.Field] = [
     pa.field("transcript", _STR),
     pa.field("transcript_source", _STR),
     pa.field("language", _STR),
+    pa.field("segments", pa.list_(SEGMENT_TYPE)),
     pa.field("labels", STR_MAP),
     pa.field("features", FEATURES_TYPE),
     pa.field("attributes", STR_MAP),

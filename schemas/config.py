@@ -51,10 +51,54 @@ class AudioConfig(_Strict):
         return self
 
 
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class ASRConfig(_Strict):
+    """Whisper transcripts for clips that have none (openai-whisper, `models` extra)."""
+
+    enabled: bool = False
+    model: str = Field(default="auto", description="Whisper name (small, large-v3, …) or a local checkpoint "
+                                                   "path; auto = large-v3 on GPU, small on CPU.")
+    download_root: str | None = Field(default=None, description="Whisper's model cache directory.")
+    device: Device = "auto"
+    batch_size: int = Field(default=16, ge=1, le=512)
+    language: str | None = Field(default=None, description="Force a language; None = detect per clip.")
+    no_speech_threshold: float = Field(default=0.6, ge=0, le=1)
+    logprob_threshold: float = Field(default=-1.0, le=0)
+    compression_ratio_threshold: float = Field(default=2.4, gt=0)
+    on_hallucination: Literal["quarantine", "flag"] = Field(
+        default="quarantine", description="quarantine the clip, or keep it without a transcript (flag).")
+
+
+class ClassifierConfig(_Strict):
+    """One transformers audio-classification model for one attribute."""
+
+    attribute: Literal["gender", "emotion", "age", "accent"]
+    model: str = Field(description="Hugging Face model id or local directory.")
+    revision: str | None = None
+    device: Device = "auto"
+    batch_size: int = Field(default=16, ge=1, le=1024)
+    label_map: dict[str, str] = Field(default_factory=dict, description="Model label → canonical word.")
+    min_score: float = Field(default=0.5, ge=0, le=1, description="Below this the attribute is left out of the seed.")
+
+
 class FeaturesConfig(_Strict):
     pitch_fmin_hz: float = Field(default=60.0, gt=0)
     pitch_fmax_hz: float = Field(default=500.0, gt=0)
     gender_from_pitch: bool = Field(default=True, description="Fallback gender from pitch when no corpus label.")
+    phoneme_rate: bool = Field(default=True, description="Phonemes/s from the transcript (phonemizer + espeak-ng).")
+    asr: ASRConfig = Field(default_factory=ASRConfig)
+    classifiers: list[ClassifierConfig] = Field(default_factory=list)
+
+    @field_validator("classifiers")
+    @classmethod
+    def _one_per_attribute(cls, value: list[ClassifierConfig]) -> list[ClassifierConfig]:
+        seen = [c.attribute for c in value]
+        dup = sorted({a for a in seen if seen.count(a) > 1})
+        if dup:
+            raise ValueError(f"one classifier per attribute; repeated: {dup}")
+        return value
 
 
 class DescribeConfig(_Strict):
@@ -63,6 +107,7 @@ class DescribeConfig(_Strict):
     bins: str | None = Field(default=None, description="Path of a bins JSON; default: the shipped bins.")
     instruction: str = DEFAULT_INSTRUCTION
     instruction_pool: str | None = Field(default=None, description="Text file, one instruction a line.")
+    segment_timestamps: bool = Field(default=False, description="One [start-end] span per Whisper segment.")
     seed: int = 0
 
     @field_validator("attributes")

@@ -23,6 +23,8 @@ class Stage(str, Enum):
     ingest = "ingest"
     audio = "audio"
     features = "features"
+    asr = "asr"
+    classify = "classify"
     describe = "describe"
     llm = "llm"
     write = "write"
@@ -42,6 +44,9 @@ class ReasonCode(str, Enum):
     duplicate_id = "duplicate_id"
     feature_error = "feature_error"
     describe_error = "describe_error"
+    asr_error = "asr_error"
+    asr_hallucination = "asr_hallucination"
+    classifier_error = "classifier_error"
     llm_error = "llm_error"
     llm_empty = "llm_empty"
 
@@ -57,6 +62,8 @@ class Clip(BaseModel):
     transcript: str | None = None
     language: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
+    # Embedded audio (e.g. a Hugging Face Parquet `audio` column); None = read `audio_uri`.
+    audio_bytes: bytes | None = Field(default=None, repr=False)
     # Set when ingest already knows the row is unusable (e.g. a manifest row without a path):
     # the clip then goes straight to quarantine with this reason and message.
     ingest_error: tuple[ReasonCode, str] | None = None
@@ -84,10 +91,24 @@ class Features(BaseModel):
     gender_source: str | None = None
     emotion: str | None = None
     emotion_score: float | None = None
+    emotion_source: str | None = None
     age: str | None = None
     age_score: float | None = None
+    age_source: str | None = None
     accent: str | None = None
     accent_score: float | None = None
+    accent_source: str | None = None
+    asr_no_speech_prob: float | None = None
+    asr_avg_logprob: float | None = None
+    asr_compression_ratio: float | None = None
+
+
+class Segment(BaseModel):
+    """A timed piece of the transcript (Whisper segments), for timestamped seed descriptions."""
+
+    start_s: float
+    end_s: float
+    text: str
 
 
 class AudioRef(BaseModel):
@@ -141,6 +162,7 @@ class Row(BaseModel):
     transcript: str | None
     transcript_source: str | None
     language: str | None
+    segments: list[Segment] = Field(default_factory=list)
     labels: dict[str, str]
     features: Features
     attributes: dict[str, str]

@@ -51,7 +51,7 @@ def read_source_bytes(uri: str) -> bytes:
 
 def load_audio(clip: Clip, config: AudioConfig) -> DecodedAudio:
     """Decode, check and resample; raises QuarantineError(Stage.audio, reason) for a bad clip."""
-    data = read_source_bytes(clip.audio_uri)
+    data = clip.audio_bytes if clip.audio_bytes is not None else read_source_bytes(clip.audio_uri)
     return decode_bytes(data, clip.audio_uri, config)
 
 

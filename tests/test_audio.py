@@ -82,3 +82,10 @@ def test_sha256_is_of_source_bytes_and_encode_round_trips(tmp_path: Path, sample
     back, sr = sf.read(io.BytesIO(flac), dtype="float32")
     assert sr == 16000 and back.shape == audio.samples.shape
     assert np.max(np.abs(back - audio.samples)) < 1e-3
+
+
+def test_embedded_audio_bytes_are_decoded_without_reading_the_uri(sample_corpus: Path) -> None:
+    data = (sample_corpus / "audio" / "arctic_slt_a0009.wav").read_bytes()
+    clip = Clip(id="t/x", dataset="t", audio_uri="hf://corpus/train-0.parquet#row=3", audio_bytes=data)
+    audio = load_audio(clip, CFG)
+    assert abs(audio.duration_s - 3.095) < 0.01
