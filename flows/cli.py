@@ -52,6 +52,7 @@ def _progress_bar(enabled: bool):
 def cmd_run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     from schemas.config import ConfigError, load_config
+    from tasks.features.models import ModelLoadError, load_models
     from tasks.ingest import SourceError, iter_refs
     from tasks.llm import make_backend
     from tasks.llm.openai_compat import LLMUnavailable
@@ -62,7 +63,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if next(iter_refs(config.sources), None) is None:
             raise SourceError("the sources list no clips: " + ", ".join(s.path for s in config.sources))
         make_backend(config.llm).preflight()
-    except (ConfigError, SourceError, LLMUnavailable) as exc:
+        load_models(config.features)  # a missing Whisper/classifier model fails here, naming the setting
+    except (ConfigError, SourceError, LLMUnavailable, ModelLoadError) as exc:
         print(f"speechpairs: {exc}", file=sys.stderr)
         return EXIT_USAGE
     _quiet_prefect()

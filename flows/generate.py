@@ -31,6 +31,8 @@ from storage.versions import commit_version, read_manifest, resolve_version, sta
 from tasks.audio import AUDIO_VERSION
 from tasks.describe import DESCRIBE_VERSION, instruction_pool, load_bins, pool_hash
 from tasks.features import EXTRACTOR_VERSIONS
+from tasks.features.models import load_models
+from tasks.features.phonemes import PHONEME_VERSION
 from tasks.ingest import source_fingerprint
 from tasks.llm import make_backend
 from tasks.pipeline import RunContext, ShardOutcome, process_shard, report_total
@@ -77,7 +79,9 @@ def run_context(config: RunConfig) -> RunContext:
         config_hash=config_hash,
         pipeline_version=code_version(),
         bins_version=load_bins(config.describe.bins).full_version,
-        extractor_versions={**EXTRACTOR_VERSIONS, "audio": AUDIO_VERSION, "describe": DESCRIBE_VERSION},
+        extractor_versions={**EXTRACTOR_VERSIONS, "audio": AUDIO_VERSION, "describe": DESCRIBE_VERSION,
+                            **({"phonemes": PHONEME_VERSION} if config.features.phoneme_rate else {}),
+                            **load_models(config.features).versions()},
     )
 
 
@@ -121,7 +125,8 @@ def publish(config: RunConfig, ctx: RunContext, plan: RunPlan, outcomes: list[Sh
         "code_version": ctx.pipeline_version,
         "config_hash": ctx.config_hash,
         "bins_version": ctx.bins_version,
-        "models": [{"role": "llm", "name": model.get("name") or backend.name, "revision": model.get("revision")}],
+        "models": [{"role": "llm", "name": model.get("name") or backend.name, "revision": model.get("revision")},
+                   *load_models(config.features).infos()],
         "sampling": {"backend": backend.name, "temperature": config.llm.temperature, "top_p": config.llm.top_p,
                      "max_tokens": config.llm.max_tokens, "seed": config.llm.seed},
         "prompt_pool_hash": pool_hash(instruction_pool(config.describe)),
@@ -143,9 +148,9 @@ def publish(config: RunConfig, ctx: RunContext, plan: RunPlan, outcomes: list[Sh
 
 def run_plain(config: RunConfig) -> Manifest:
     """The same stages without Prefect, one shard after another (tests, benchmarks, debugging)."""
+    make_backend(config.llm).preflight()
     ctx = run_context(config)
     store = _store(config)
-    make_backend(config.llm).preflight()
     plan = plan_run(config, store, ctx.staging, ctx.run_id)
     backend = make_backend(config.llm)
     outcomes = [process_shard(load_shard_plan(store, ctx.staging, i), config, store, ctx, backend)
@@ -249,9 +254,9 @@ def generate_dataset(config: RunConfig) -> RunSummary:
     """Corpus → committed dataset version. Re-running the same config resumes, never duplicates."""
     started = time.perf_counter()
     logger = get_run_logger()
-    ctx = run_context(config)
-    store = _store(config)
     make_backend(config.llm).preflight()  # an unreachable endpoint fails the run, not every clip
+    ctx = run_context(config)  # loads Whisper/classifiers: a missing model fails here, before any clip
+    store = _store(config)
     plan = plan_task(config, ctx)
     logger.info("run %s: %d clips in %d shards of ≤%d", ctx.run_id, plan.clips, plan.shards, plan.shard_size)
     report_total(plan.clips)

@@ -30,7 +30,8 @@ class _Strict(BaseModel):
 class SourceConfig(_Strict):
     """One corpus to read. `kind: auto` picks manifest for a file and folder for a directory."""
 
-    kind: Literal["auto", "manifest", "folder"] = "auto"
+    kind: Literal["auto", "manifest", "folder", "lhotse", "hf_parquet", "librispeech", "libritts", "vctk",
+                  "commonvoice", "cremad", "esd"] = "auto"
     path: str = Field(description="Local path or s3:// URI of a manifest file or an audio folder.")
     dataset: str | None = Field(default=None, description="Corpus name written to rows; default: file/folder stem.")
     language: str | None = None

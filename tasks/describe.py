@@ -19,7 +19,7 @@ from pydantic import BaseModel, model_validator
 
 from schemas.attributes import ATTRIBUTE_LABELS
 from schemas.config import DEFAULT_INSTRUCTION, DescribeConfig
-from schemas.records import Features
+from schemas.records import Features, Segment
 
 DESCRIBE_VERSION = "describe/1"
 
@@ -83,30 +83,22 @@ def _title(value: str) -> str:
     return value[:1].upper() + value[1:] if value else value
 
 
-def _label(labels: Mapping[str, str], key: str) -> str | None:
-    for k, v in labels.items():
-        if k.lower() == key and v.strip():
-            return v.strip()
-    return None
-
-
-def attribute_words(features: Features, labels: Mapping[str, str], bins: Bins,
-                    order: Sequence[str]) -> dict[str, str]:
+def attribute_words(features: Features, bins: Bins, order: Sequence[str]) -> dict[str, str]:
     """Seed attributes in config order, display label → word; unknown attributes are left out."""
     out: dict[str, str] = {}
     for key in order:
-        word = _attribute_word(key, features, labels, bins)
+        word = _attribute_word(key, features, bins)
         if word:
             out[ATTRIBUTE_LABELS[key]] = word
     return out
 
 
-def _attribute_word(key: str, f: Features, labels: Mapping[str, str], bins: Bins) -> str | None:
+def _attribute_word(key: str, f: Features, bins: Bins) -> str | None:
     if key == "gender":
         return _title(f.gender) if f.gender else None
     if key in ("emotion", "age", "accent"):
-        # Corpus labels win; a classifier (later) fills the Features field.
-        value = _label(labels, key) or getattr(f, key)
+        # Already resolved (corpus label > classifier) and normalised by features.labels.
+        value = getattr(f, key)
         return _title(value) if value else None
     if key == "pitch":
         if f.pitch_mean_hz is None:
@@ -132,16 +124,26 @@ def format_timestamp(seconds: float, fmt: str) -> str:
     return f"{total // 60:02d}:{total % 60:02d}"
 
 
+def _span(start_s: float, end_s: float, fmt: str) -> str:
+    start, end = format_timestamp(start_s, fmt), format_timestamp(end_s, fmt)
+    return f"[{start} - {end}]" if fmt == "desta2" else f"[{start}-{end}]"
+
+
 def seed_description(transcript: str | None, duration_s: float, attributes: Mapping[str, str],
-                     fmt: str = "desta25") -> str:
-    """`[00:00-00:05] text (Gender: Female, ...)`; without a transcript, labels only in parentheses."""
-    end = format_timestamp(max(duration_s, 1.0), fmt)
-    start = format_timestamp(0, fmt)
-    span = f"[{start} - {end}]" if fmt == "desta2" else f"[{start}-{end}]"
-    parts = [span]
-    text = " ".join(transcript.split()) if transcript else ""
-    if text:
-        parts.append(text)
+                     fmt: str = "desta25", segments: Sequence[Segment] | None = None) -> str:
+    """`[00:00-00:05] text (Gender: Female, ...)`; without a transcript, labels only in parentheses.
+
+    With `segments` (Whisper's), each gets its own span: `[00:00-00:02] one [00:02-00:05] two (...)`.
+    """
+    texts = [(seg, " ".join(seg.text.split())) for seg in segments or ()]
+    texts = [(seg, t) for seg, t in texts if t]
+    if texts:
+        parts = [f"{_span(seg.start_s, max(seg.end_s, seg.start_s + 1.0), fmt)} {t}" for seg, t in texts]
+    else:
+        parts = [_span(0, max(duration_s, 1.0), fmt)]
+        text = " ".join(transcript.split()) if transcript else ""
+        if text:
+            parts.append(text)
     if attributes:
         parts.append("(" + ", ".join(f"{k}: {v}" for k, v in attributes.items()) + ")")
     return " ".join(parts)

@@ -27,6 +27,7 @@ from schemas.records import (
     QuarantineRow,
     ReasonCode,
     Row,
+    Segment,
     Stage,
 )
 from storage.objectstore import ObjectStore
@@ -42,6 +43,10 @@ from tasks.describe import (
     stable_int,
 )
 from tasks.features import extract_features
+from tasks.features.labels import resolve_attributes
+from tasks.features.models import LoadedModels, load_models
+from tasks.features.phonemes import phoneme_counts, phoneme_rate
+from tasks.features.rate import speaking_rates
 from tasks.ingest import load_clip
 from tasks.llm import LLMBackend, LLMRequest, LLMResult, build_messages
 from tasks.plan import ShardPlan
@@ -95,8 +100,7 @@ class ShardOutcome(BaseModel):
 
 @dataclass
 class _Prepared:
-    clip: Clip
-    audio: DecodedAudio
+    measured: _Measured
     features: Features
     attributes: dict[str, str]
     seed: str
@@ -136,11 +140,12 @@ def process_shard(plan: ShardPlan, config: RunConfig, store: ObjectStore, ctx: R
         _progress(done.clips)
         return done.model_copy(update={"skipped": True})
     bins = load_bins(config.describe.bins)
+    models = load_models(config.features)
     acc = _Acc()
     key = f"{ctx.staging}/shards/train-{plan.index:05d}.parquet"
     with ParquetShardWriter(store, key, ROW_SCHEMA, compression=config.output.compression) as writer:
         for batch in _batches((load_clip(ref, config.sources) for ref in plan.refs), batch_size):
-            prepared = [p for p in (_prepare(clip, config, bins, acc) for clip in batch) if p is not None]
+            prepared = _prepare_batch(batch, config, bins, acc, models)
             t0 = time.perf_counter()
             results = backend.generate([p.request for p in prepared]) if prepared else []
             acc.stage_seconds["llm"] += time.perf_counter() - t0
@@ -173,8 +178,31 @@ def _quarantine(acc: _Acc, clip: Clip, stage: Stage, reason: ReasonCode, message
                                         stage=stage, reason_code=reason, message=message))
 
 
-def _prepare(clip: Clip, config: RunConfig, bins: Bins, acc: _Acc) -> _Prepared | None:
-    """Decode → features → describe → request, or quarantine the clip at the stage that failed."""
+@dataclass
+class _Measured:
+    """A clip after decode + DSP, on its way through the batched model stages."""
+
+    clip: Clip
+    audio: DecodedAudio
+    features: Features
+    transcript: str | None
+    transcript_source: str | None
+    language: str | None
+    segments: list[Segment] = field(default_factory=list)
+    predictions: dict[str, tuple[str, float]] = field(default_factory=dict)
+
+
+def _prepare_batch(batch: list[Clip], config: RunConfig, bins: Bins, acc: _Acc,
+                   models: LoadedModels) -> list[_Prepared]:
+    """Decode + DSP per clip, then Whisper and classifiers per batch, then describe per clip."""
+    measured = [m for m in (_measure(clip, config, acc) for clip in batch) if m is not None]
+    measured = _transcribe(measured, models, config, acc)
+    _add_rates(measured, config, acc)
+    measured = _classify(measured, models, acc)
+    return [p for p in (_describe(m, config, bins, acc) for m in measured) if p is not None]
+
+
+def _measure(clip: Clip, config: RunConfig, acc: _Acc) -> _Measured | None:
     if clip.ingest_error is not None:
         reason, message = clip.ingest_error
         _quarantine(acc, clip, Stage.ingest, reason, message)
@@ -187,50 +215,129 @@ def _prepare(clip: Clip, config: RunConfig, bins: Bins, acc: _Acc) -> _Prepared 
         stage = Stage.features
         features = extract_features(audio.samples, audio.sampling_rate, clip.transcript, clip.labels, config.features)
         features = features.model_copy(update={"clipping_ratio": audio.clipping_ratio})
-        t2 = time.perf_counter()
-        stage = Stage.describe
-        attributes = attribute_words(features, clip.labels, bins, config.describe.attributes)
-        seed = seed_description(clip.transcript, audio.duration_s, attributes, config.describe.format)
-        instruction = pick_instruction(instruction_pool(config.describe), config.describe.seed, clip.id)
-        messages = build_messages(seed, instruction, config.llm.system_prompt)
-        t3 = time.perf_counter()
     except QuarantineError as exc:
         _quarantine(acc, clip, exc.stage, exc.reason, exc.message)
         return None
     except Exception as exc:  # noqa: BLE001 - one clip's bug must not take the shard down
-        reason = {Stage.features: ReasonCode.feature_error, Stage.describe: ReasonCode.describe_error}.get(
-            stage, ReasonCode.unreadable)
+        reason = ReasonCode.feature_error if stage is Stage.features else ReasonCode.unreadable
         _quarantine(acc, clip, stage, reason, f"{clip.audio_uri}: {exc.__class__.__name__}: {exc}")
         return None
     acc.stage_seconds["audio"] += t1 - t0
-    acc.stage_seconds["features"] += t2 - t1
-    acc.stage_seconds["describe"] += t3 - t2
+    acc.stage_seconds["features"] += time.perf_counter() - t1
+    return _Measured(clip=clip, audio=audio, features=features, transcript=clip.transcript,
+                     transcript_source="corpus" if clip.transcript else None, language=clip.language)
+
+
+def _transcribe(measured: list[_Measured], models: LoadedModels, config: RunConfig, acc: _Acc) -> list[_Measured]:
+    """Whisper for the clips without a corpus transcript; a failed or hallucinated one is quarantined."""
+    todo = [m for m in measured if not m.transcript]
+    if models.transcriber is None or not todo:
+        return measured
+    t0 = time.perf_counter()
+    with models.lock("asr"):
+        results = models.transcriber.transcribe([m.audio.samples for m in todo])
+    acc.stage_seconds["asr"] += time.perf_counter() - t0
+    dropped: set[int] = set()
+    for m, result in zip(todo, results, strict=True):
+        if isinstance(result, QuarantineError):
+            _quarantine(acc, m.clip, result.stage, result.reason, f"{m.clip.audio_uri}: {result.message}")
+            dropped.add(id(m))
+            continue
+        m.features = m.features.model_copy(update={
+            "asr_no_speech_prob": result.no_speech_prob, "asr_avg_logprob": result.avg_logprob,
+            "asr_compression_ratio": result.compression_ratio})
+        if result.text:
+            m.transcript = result.text
+            m.transcript_source = models.transcriber.model_name
+            m.segments = list(result.segments)
+        m.language = m.language or result.language
+    return [m for m in measured if id(m) not in dropped]
+
+
+def _add_rates(measured: list[_Measured], config: RunConfig, acc: _Acc) -> None:
+    """Words/syllables per second for Whisper transcripts, phonemes per second for every transcript."""
+    t0 = time.perf_counter()
+    for m in measured:
+        if m.transcript_source not in (None, "corpus"):
+            wps, sps = speaking_rates(m.transcript, m.features.speech_duration_s)
+            m.features = m.features.model_copy(update={"speaking_rate_wps": wps, "speaking_rate_sps": sps})
+    if config.features.phoneme_rate:
+        by_language: dict[str | None, list[_Measured]] = {}
+        for m in measured:
+            if m.transcript:
+                by_language.setdefault(m.language, []).append(m)
+        for language, group in by_language.items():
+            counts = phoneme_counts([m.transcript for m in group], language or "en")
+            for m, count in zip(group, counts, strict=True):
+                pps = phoneme_rate(count, m.features.speech_duration_s)
+                m.features = m.features.model_copy(update={"speaking_rate_pps": pps})
+    acc.stage_seconds["phonemes"] += time.perf_counter() - t0
+
+
+def _classify(measured: list[_Measured], models: LoadedModels, acc: _Acc) -> list[_Measured]:
+    """Each configured classifier over the batch; a clip one of them fails on is quarantined."""
+    for classifier in models.classifiers:
+        if not measured:
+            break
+        t0 = time.perf_counter()
+        with models.lock(f"classifier.{classifier.attribute}"):
+            results = classifier.classify([m.audio.samples for m in measured])
+        acc.stage_seconds["classify"] += time.perf_counter() - t0
+        kept: list[_Measured] = []
+        for m, result in zip(measured, results, strict=True):
+            if isinstance(result, QuarantineError):
+                _quarantine(acc, m.clip, result.stage, result.reason, f"{m.clip.audio_uri}: {result.message}")
+            else:
+                m.predictions[classifier.attribute] = result
+                kept.append(m)
+        measured = kept
+    return measured
+
+
+def _describe(m: _Measured, config: RunConfig, bins: Bins, acc: _Acc) -> _Prepared | None:
+    t0 = time.perf_counter()
+    clip = m.clip
+    try:
+        min_scores = {c.attribute: c.min_score for c in config.features.classifiers}
+        features = resolve_attributes(m.features, clip.labels, m.predictions, min_scores)
+        attributes = attribute_words(features, bins, config.describe.attributes)
+        segments = m.segments if config.describe.segment_timestamps else None
+        seed = seed_description(m.transcript, m.audio.duration_s, attributes, config.describe.format, segments)
+        instruction = pick_instruction(instruction_pool(config.describe), config.describe.seed, clip.id)
+        messages = build_messages(seed, instruction, config.llm.system_prompt)
+    except Exception as exc:  # noqa: BLE001 - one clip's bug must not take the shard down
+        _quarantine(acc, clip, Stage.describe, ReasonCode.describe_error,
+                    f"{clip.audio_uri}: {exc.__class__.__name__}: {exc}")
+        return None
+    acc.stage_seconds["describe"] += time.perf_counter() - t0
     request = LLMRequest(id=clip.id, messages=messages, seed=stable_int(config.llm.seed, clip.id) % (2**31),
-                         attributes=attributes, transcript=clip.transcript, duration_s=audio.duration_s)
-    return _Prepared(clip=clip, audio=audio, features=features, attributes=attributes, seed=seed,
-                     instruction=instruction, request=request)
+                         attributes=attributes, transcript=m.transcript, duration_s=m.audio.duration_s)
+    return _Prepared(measured=m, features=features, attributes=attributes, seed=seed, instruction=instruction,
+                     request=request)
 
 
 def _finish(p: _Prepared, result: LLMResult | QuarantineError, config: RunConfig, ctx: RunContext,
             acc: _Acc) -> Row | None:
     if isinstance(result, QuarantineError):
-        _quarantine(acc, p.clip, result.stage, result.reason, result.message)
+        _quarantine(acc, p.measured.clip, result.stage, result.reason, result.message)
         return None
     t0 = time.perf_counter()
     fmt = config.output.audio_format
-    local = p.clip.id.split("/", 1)[-1]
+    m = p.measured
+    local = m.clip.id.split("/", 1)[-1]
     row = Row(
-        id=p.clip.id,
-        dataset=p.clip.dataset,
-        audio=AudioRef(bytes=encode_audio(p.audio.samples, p.audio.sampling_rate, fmt), path=f"{local}.{fmt}"),
-        audio_uri=p.clip.audio_uri,
-        audio_sha256=p.audio.sha256,
-        sampling_rate=p.audio.sampling_rate,
-        duration_s=p.audio.duration_s,
-        transcript=p.clip.transcript,
-        transcript_source="corpus" if p.clip.transcript else None,
-        language=p.clip.language,
-        labels=p.clip.labels,
+        id=m.clip.id,
+        dataset=m.clip.dataset,
+        audio=AudioRef(bytes=encode_audio(m.audio.samples, m.audio.sampling_rate, fmt), path=f"{local}.{fmt}"),
+        audio_uri=m.clip.audio_uri,
+        audio_sha256=m.audio.sha256,
+        sampling_rate=m.audio.sampling_rate,
+        duration_s=m.audio.duration_s,
+        transcript=m.transcript,
+        transcript_source=m.transcript_source,
+        language=m.language,
+        segments=m.segments,
+        labels=m.clip.labels,
         features=p.features,
         attributes=p.attributes,
         seed_description=p.seed,
@@ -242,7 +349,7 @@ def _finish(p: _Prepared, result: LLMResult | QuarantineError, config: RunConfig
                               bins_version=ctx.bins_version, extractor_versions=ctx.extractor_versions,
                               run_id=ctx.run_id),
     )
-    acc.audio_seconds += p.audio.duration_s
+    acc.audio_seconds += m.audio.duration_s
     for key, word in p.attributes.items():
         acc.attribute_counts.setdefault(key, Counter())[word] += 1
     acc.stage_seconds["encode"] += time.perf_counter() - t0

@@ -42,9 +42,9 @@ def test_timestamps(sec: float, fmt: str, text: str) -> None:
 
 def test_pitch_bins_are_gender_aware() -> None:
     f = Features(pitch_mean_hz=170.0, gender="male")
-    assert attribute_words(f, {}, BINS, ["pitch"]) == {"Pitch": "Very high"}
-    assert attribute_words(f.model_copy(update={"gender": "female"}), {}, BINS, ["pitch"]) == {"Pitch": "Low"}
-    assert attribute_words(f.model_copy(update={"gender": None}), {}, BINS, ["pitch"]) == {"Pitch": "Normal"}
+    assert attribute_words(f, BINS, ["pitch"]) == {"Pitch": "Very high"}
+    assert attribute_words(f.model_copy(update={"gender": "female"}), BINS, ["pitch"]) == {"Pitch": "Low"}
+    assert attribute_words(f.model_copy(update={"gender": None}), BINS, ["pitch"]) == {"Pitch": "Normal"}
 
 
 def test_bins_edges_and_words() -> None:
@@ -56,13 +56,22 @@ def test_bins_edges_and_words() -> None:
     assert BINS.full_version.startswith("speechpairs-bins/1+")
 
 
-def test_attribute_order_labels_win_and_missing_are_omitted() -> None:
+def test_attribute_order_and_missing_are_omitted() -> None:
     f = Features(gender="female", pitch_mean_hz=240.0, speaking_rate_sps=6.5, loudness_lufs=-20.0, snr_db=None,
-                 emotion="neutral")
-    labels = {"Emotion": "happy", "accent": "scottish english"}
-    got = attribute_words(f, labels, BINS, ["speed", "gender", "emotion", "accent", "noise", "pitch", "age"])
+                 emotion="happy", accent="scottish english")
+    got = attribute_words(f, BINS, ["speed", "gender", "emotion", "accent", "noise", "pitch", "age"])
     assert list(got.items()) == [("Speaking speed", "Very fast"), ("Gender", "Female"), ("Emotion", "Happy"),
                                  ("Accent", "Scottish english"), ("Pitch", "High")]
+
+
+def test_seed_with_whisper_segments_gets_one_span_each() -> None:
+    from schemas.records import Segment
+
+    segs = [Segment(start_s=0.0, end_s=2.4, text=" Hello there."), Segment(start_s=2.4, end_s=5.1, text="Bye. ")]
+    assert seed_description("Hello there. Bye.", 5.1, {"Gender": "Male"}, "desta25", segs) == (
+        "[00:00-00:02] Hello there. [00:02-00:05] Bye. (Gender: Male)")
+    assert seed_description("Hello there. Bye.", 5.1, {}, "desta2", segs[:1]) == "[00:00:00 - 00:00:02] Hello there."
+    assert seed_description("Hi", 3.0, {}, "desta25", []) == "[00:00-00:03] Hi"
 
 
 def test_custom_bins_file_validated_and_versioned(tmp_path: Path) -> None:

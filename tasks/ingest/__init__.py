@@ -1,29 +1,57 @@
 """Ingest: corpus sources → clip references (for planning) → Clip records (for processing).
 
-One module per source layout; this package only dispatches on `SourceConfig.kind`.
+One module per source layout; this package only dispatches on `SourceConfig.kind`:
+`manifest` and `folder` (and `auto`, which picks between them and also recognises a gzipped lhotse
+manifest), `lhotse`, `hf_parquet`, and the named corpora `librispeech`, `libritts` (LibriTTS and
+LibriTTS-R), `vctk`, `commonvoice`, `cremad`, `esd`. Each adapter yields light `ClipRef`s in a sorted
+walk and re-loads one clip from its locator.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from schemas.config import SourceConfig
 from schemas.records import Clip, ReasonCode
-from tasks.ingest.common import ClipRef
+from tasks.ingest import commonvoice, emotion, hf_parquet, lhotse, librispeech, vctk
+from tasks.ingest.common import ClipRef, SourceError, iter_files
 from tasks.ingest.folder import folder_clip, iter_audio_files, iter_folder_refs
 from tasks.ingest.manifest import MANIFEST_SUFFIXES, iter_manifest_refs, read_record_at, record_to_clip
 
 
-class SourceError(ValueError):
-    """A source that cannot be read at all (missing path, unknown layout): fails the run up front."""
+@dataclass(frozen=True)
+class Adapter:
+    """One source layout: its refs (planning), its clip loader (shards) and what its path must be."""
+
+    iter_refs: Callable[[Path, int, str], Iterator[ClipRef]]
+    load: Callable[..., Clip]  # (root, locator, *, clip_id, dataset, language, extra_labels) -> Clip
+    needs: str  # "dir", "file" or "any"
+    files: Callable[[Path], list[Path]] | None = None  # what the fingerprint stats; None: every file below
+
+
+ADAPTERS: dict[str, Adapter] = {
+    "lhotse": Adapter(lhotse.iter_lhotse_refs, lhotse.load_lhotse_clip, "any", lhotse.manifest_files),
+    "hf_parquet": Adapter(hf_parquet.iter_hf_parquet_refs, hf_parquet.load_hf_parquet_clip, "any"),
+    "librispeech": Adapter(librispeech.iter_librispeech_refs, librispeech.load_librispeech_clip, "dir"),
+    "libritts": Adapter(librispeech.iter_libritts_refs, librispeech.load_libritts_clip, "dir"),
+    "vctk": Adapter(vctk.iter_vctk_refs, vctk.load_vctk_clip, "dir"),
+    "commonvoice": Adapter(commonvoice.iter_commonvoice_refs, commonvoice.load_commonvoice_clip, "any"),
+    "cremad": Adapter(emotion.iter_cremad_refs, emotion.load_cremad_clip, "dir"),
+    "esd": Adapter(emotion.iter_esd_refs, emotion.load_esd_clip, "dir"),
+}
 
 
 def source_kind(source: SourceConfig) -> str:
     path = Path(source.path)
     if "://" in source.path:
-        raise SourceError(f"source {source.path}: only local paths are supported as corpus sources for now")
+        if source.kind == "hf_parquet" and source.path.startswith("s3://"):
+            return source.kind
+        raise SourceError(f"source {source.path}: only local paths are supported as corpus sources for now "
+                          "(and s3:// for kind hf_parquet)")
     if not path.exists():
         raise SourceError(f"source {source.path}: no such file or directory; fix sources[].path in the config")
     if source.kind != "auto":
@@ -31,18 +59,26 @@ def source_kind(source: SourceConfig) -> str:
             raise SourceError(f"source {source.path}: kind 'folder' needs a directory")
         if source.kind == "manifest" and not path.is_file():
             raise SourceError(f"source {source.path}: kind 'manifest' needs a file")
+        adapter = ADAPTERS.get(source.kind)
+        if adapter is not None and adapter.needs == "dir" and not path.is_dir():
+            raise SourceError(f"source {source.path}: kind {source.kind!r} needs the corpus folder, not a file")
         return source.kind
     if path.is_dir():
         return "folder"
     if path.suffix.lower() in MANIFEST_SUFFIXES:
         return "manifest"
-    raise SourceError(f"source {source.path}: not a folder and not a manifest ({sorted(MANIFEST_SUFFIXES)})")
+    if lhotse.is_lhotse_manifest(path):
+        return "lhotse"
+    raise SourceError(f"source {source.path}: not a folder and not a manifest ({sorted(MANIFEST_SUFFIXES)}); "
+                      f"set sources[].kind for corpus layouts ({', '.join(ADAPTERS)})")
 
 
 def dataset_name(source: SourceConfig) -> str:
     if source.dataset:
         return source.dataset
     path = Path(source.path)
+    if lhotse.manifest_kind(path.name) and path.name.lower().endswith(".gz"):
+        return lhotse.manifest_stem(path.name)  # cuts_train.jsonl.gz → cuts_train
     is_manifest = path.suffix.lower() in MANIFEST_SUFFIXES and not path.is_dir()
     # A manifest is usually named manifest.jsonl inside the corpus folder: name it after the folder.
     if is_manifest and path.stem.lower() in {"manifest", "metadata", "index", "train", "data"}:
@@ -57,12 +93,19 @@ def iter_refs(sources: list[SourceConfig]) -> Iterator[ClipRef]:
         name = dataset_name(source)
         if kind == "folder":
             yield from iter_folder_refs(Path(source.path), index, name)
-        else:
+        elif kind == "manifest":
             yield from iter_manifest_refs(Path(source.path), index, name)
+        else:
+            yield from ADAPTERS[kind].iter_refs(_root(source), index, name)
+
+
+def _root(source: SourceConfig) -> Path:
+    """The adapter's root. An s3:// URI (hf_parquet only) stays a string: Path would fold its `//`."""
+    return Path(source.path) if "://" not in source.path else cast(Path, source.path)
 
 
 def source_fingerprint(sources: list[SourceConfig]) -> str:
-    """A digest of what the sources hold now: manifest bytes; folder names, sizes and mtimes.
+    """A digest of what the sources hold now: manifest bytes; folder (and corpus) names, sizes and mtimes.
 
     Part of the run id, so re-running an unchanged corpus resumes its run, while a corpus that
     gained, lost or changed files is a new run (and a new version) instead of "already committed".
@@ -71,15 +114,34 @@ def source_fingerprint(sources: list[SourceConfig]) -> str:
     for index, source in enumerate(sources):
         digest.update(f"\x1e{index}:{source.path}\x1f".encode())
         path = Path(source.path)
-        if source_kind(source) == "folder":
+        kind = source_kind(source)
+        if kind == "folder":
             for rel in iter_audio_files(path):
                 st = (path / rel).stat()
                 digest.update(f"{rel}\x1f{st.st_size}\x1f{st.st_mtime_ns}\n".encode())
-        else:
+        elif kind == "manifest":
             with path.open("rb") as f:
                 while chunk := f.read(1 << 20):
                     digest.update(chunk)
+        elif kind == "hf_parquet":
+            for ref in hf_parquet.parquet_files(source.path):
+                digest.update(f"{ref.rel}\x1f{ref.size}\x1f{ref.mtime_ns}\n".encode())
+        else:
+            _stat_digest(digest, path, ADAPTERS[kind])
     return digest.hexdigest()[:16]
+
+
+def _stat_digest(digest: hashlib._Hash, path: Path, adapter: Adapter) -> None:
+    """Names, sizes and mtimes of every file a corpus source reads (audio and metadata alike)."""
+    if adapter.files is not None:
+        files = [(p.name, p) for p in adapter.files(path)]
+    elif path.is_dir():
+        files = [(rel, path / rel) for rel in iter_files(path, lambda _: True)]
+    else:
+        files = [(path.name, path)]
+    for rel, file in files:
+        st = file.stat()
+        digest.update(f"{rel}\x1f{st.st_size}\x1f{st.st_mtime_ns}\n".encode())
 
 
 def load_clip(ref: ClipRef, sources: list[SourceConfig]) -> Clip:
@@ -87,9 +149,13 @@ def load_clip(ref: ClipRef, sources: list[SourceConfig]) -> Clip:
     source = sources[ref.source]
     name = dataset_name(source)
     path = Path(source.path)
-    if source_kind(source) == "folder":
+    kind = source_kind(source)
+    if kind == "folder":
         clip = folder_clip(path, ref.locator, clip_id=ref.id, dataset=name, language=source.language,
                            extra_labels=source.labels)
+    elif kind in ADAPTERS:
+        clip = ADAPTERS[kind].load(_root(source), ref.locator, clip_id=ref.id, dataset=name,
+                                   language=source.language, extra_labels=source.labels)
     else:
         offset = int(ref.locator)
         record = read_record_at(path, offset)
@@ -101,4 +167,5 @@ def load_clip(ref: ClipRef, sources: list[SourceConfig]) -> Clip:
     return clip
 
 
-__all__ = ["ClipRef", "SourceError", "dataset_name", "iter_refs", "load_clip", "source_fingerprint", "source_kind"]
+__all__ = ["ADAPTERS", "Adapter", "ClipRef", "SourceError", "dataset_name", "iter_refs", "load_clip",
+           "source_fingerprint", "source_kind"]

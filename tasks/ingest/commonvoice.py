@@ -1,0 +1,113 @@
+"""Mozilla Common Voice (`prepare_commonvoice`): one locale folder of a `cv-corpus-*` release.
+
+Layout: `<locale>/clips/*.mp3` and tab-separated `validated.tsv`, `train.tsv`, `dev.tsv`, `test.tsv`
+(columns client_id, path, sentence, up_votes, down_votes, age, gender, accent or accents, locale,
+segment, and in newer releases sentence_id, sentence_domain, variant). The source path is the
+locale folder (reads `validated.tsv`, else train+dev+test) or one of its .tsv files. The TSVs are
+unquoted (QUOTE_NONE), one row a line, so a row is located again by its byte offset.
+
+Labels, verbatim: speaker (client_id), gender, age, accent, and every other non-empty column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+
+from schemas.records import Clip, ReasonCode
+from tasks.ingest.common import ClipRef, FileKey, SourceError, label_dict, metadata_key, one_line, prepare
+
+DEFAULT_TSVS = ("validated.tsv",)
+FALLBACK_TSVS = ("train.tsv", "dev.tsv", "test.tsv")
+RENAMED = {"client_id": "speaker", "accents": "accent"}
+NOT_LABELS = {"path", "sentence"}
+TSV_FIX = ("point sources[].path at a Common Voice locale folder (cv-corpus-*/<locale>/) holding clips/ and "
+           "validated.tsv, or at one of its .tsv files")
+
+
+def tsv_files(path: Path) -> tuple[Path, list[str]]:
+    """(locale folder, TSV names in it) for a folder or a single TSV source."""
+    if path.is_file():
+        return path.parent, [path.name]
+    for names in (DEFAULT_TSVS, FALLBACK_TSVS):
+        found = [n for n in names if (path / n).is_file()]
+        if found:
+            return path, found
+    raise SourceError(f"{path / 'validated.tsv'}: missing Common Voice index (nor train.tsv/dev.tsv/test.tsv); "
+                      + TSV_FIX)
+
+
+@lru_cache(maxsize=8)
+def _header(key: FileKey) -> tuple[list[str], int]:
+    """(column names, byte offset of the first row)."""
+    with open(key[0], "rb") as f:
+        line = f.readline()
+        columns = [c.strip() for c in line.decode("utf-8-sig").rstrip("\r\n").split("\t")]
+        return columns, f.tell()
+
+
+def _columns(tsv: Path) -> tuple[FileKey, list[str], int]:
+    key = metadata_key(tsv, "Common Voice index", TSV_FIX)
+    columns, start = _header(key)
+    if "path" not in columns:
+        raise SourceError(f"{tsv}: no `path` column (columns: {columns}); {TSV_FIX}")
+    return key, columns, start
+
+
+def _fields(line: bytes) -> list[str]:
+    return line.decode("utf-8", errors="replace").rstrip("\r\n").split("\t")
+
+
+def _local_id(path_value: str) -> str:
+    name = path_value.strip().replace("\\", "/").rsplit("/", 1)[-1]
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def iter_commonvoice_refs(root: Path, source_index: int, dataset: str) -> Iterator[ClipRef]:
+    base, names = tsv_files(root)
+    if not (base / "clips").is_dir():
+        raise SourceError(f"{base / 'clips'}: missing Common Voice audio folder; " + TSV_FIX)
+    for name in names:
+        _, columns, start = _columns(base / name)
+        i_path = columns.index("path")
+        with open(base / name, "rb") as f:
+            f.seek(start)
+            offset = start
+            for line in iter(f.readline, b""):
+                if line.strip():
+                    fields = _fields(line)
+                    local = _local_id(fields[i_path]) if len(fields) > i_path and fields[i_path].strip() else None
+                    yield ClipRef(id=f"{dataset}/{local or f'{name}@{offset}'}", source=source_index,
+                                  locator=f"{name}:{offset}")
+                offset += len(line)
+
+
+def load_commonvoice_clip(root: Path, locator: str, *, clip_id: str, dataset: str, language: str | None,
+                          extra_labels: dict[str, str]) -> Clip:
+    base = root.parent if root.is_file() else root
+    name, _, off = locator.rpartition(":")
+    tsv = base / name
+    _, columns, _ = _columns(tsv)
+    offset = int(off)
+    where = f"{tsv} at byte {offset}"
+    with open(tsv, "rb") as f:
+        f.seek(offset)
+        fields = _fields(f.readline())
+    if len(fields) != len(columns):
+        msg = f"{where}: row has {len(fields)} fields, header has {len(columns)}; fix or remove the row"
+        return Clip(id=clip_id, dataset=dataset, audio_uri=where, ingest_error=(ReasonCode.bad_row, msg))
+    row = dict(zip(columns, fields, strict=True))
+    audio = row["path"].strip()
+    if not audio:
+        msg = f"{where}: empty `path`; every row needs the clip's file name in clips/"
+        return Clip(id=clip_id, dataset=dataset, audio_uri=where, ingest_error=(ReasonCode.bad_row, msg))
+    labels = label_dict(extra_labels, [(RENAMED.get(k, k), v) for k, v in row.items() if k not in NOT_LABELS])
+    return Clip(id=clip_id, dataset=dataset, audio_uri=str((base / "clips" / audio).resolve()),
+                transcript=one_line(row.get("sentence")), language=(row.get("locale") or "").strip() or language,
+                labels=labels)
+
+
+def prepare_commonvoice(path: str | Path, dataset: str = "commonvoice") -> Iterator[Clip]:
+    """Every clip of the corpus at `path`, lazily (what a run ingests, without planning or shards)."""
+    return prepare(iter_commonvoice_refs, load_commonvoice_clip, Path(path), dataset)

@@ -1,0 +1,377 @@
+"""Lhotse manifests read directly (no lhotse install): cuts, or recordings with supervisions.
+
+A source is one manifest file (`.jsonl` or `.jsonl.gz`) or a folder of them:
+- a cuts manifest (`*cuts*`): one clip per cut (MonoCut / MultiCut with its recording inline);
+- a recordings manifest (`*recordings*`): one clip per supervision of the sibling supervisions
+  manifest (same name with `supervisions`), or one clip per recording when there is none;
+- a supervisions manifest: paired with its sibling recordings manifest (which must exist);
+- a folder: every cuts manifest in it, or, when it has none, every recordings manifest as above.
+
+Clip ids are the cut / supervision / recording ids. A clip that covers part of a recording (offset,
+duration shorter than the file, or one channel of several) is cut out when the clip is loaded and
+carried as embedded FLAC (`Clip.audio_bytes`); a whole-file clip just points at the file. Labels:
+speaker, gender, recording_id and every scalar in `custom`, verbatim; `language` as written.
+
+Random access: each row is found again by its byte offset in the uncompressed stream. A `.jsonl.gz`
+is decompressed once per machine into a cache file (`$TMPDIR/speechpairs-lhotse/`, keyed by path,
+mtime and size) the first time a shard loads from it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+
+from schemas.records import Clip, ReasonCode
+from tasks.ingest.common import ClipRef, FileKey, SourceError, clean_label_value, file_key, one_line, prepare
+
+MANIFEST_ENDINGS = (".jsonl.gz", ".jsonl")
+KINDS = ("cuts", "supervisions", "recordings")
+WHOLE_FILE_TOLERANCE_S = 0.025  # lhotse's own duration-mismatch tolerance
+
+
+def manifest_kind(name: str) -> str | None:
+    """'cuts' / 'supervisions' / 'recordings' for a lhotse manifest file name, else None."""
+    low = name.lower()
+    if not low.endswith(MANIFEST_ENDINGS):
+        return None
+    return next((kind for kind in KINDS if kind in low), None)
+
+
+def is_lhotse_manifest(path: Path) -> bool:
+    """Unambiguous for `auto`: a gzipped JSONL whose name says cuts, supervisions or recordings."""
+    return path.is_file() and path.name.lower().endswith(".jsonl.gz") and manifest_kind(path.name) is not None
+
+
+def manifest_stem(name: str) -> str:
+    for ending in MANIFEST_ENDINGS:
+        if name.lower().endswith(ending):
+            return name[: -len(ending)]
+    return name
+
+
+def _sibling(path: Path, src: str, dst: str) -> Path:
+    return path.with_name(path.name.replace(src, dst).replace(src.capitalize(), dst.capitalize()))
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One thing to read: a cuts file, or a recordings file with its supervisions file (or None)."""
+
+    kind: str  # "cuts" | "recordings"
+    main: Path
+    supervisions: Path | None = None
+
+
+def manifest_units(path: Path) -> list[Unit]:
+    """The manifests a source stands for, in sorted order; raises SourceError naming what is missing."""
+    if path.is_dir():
+        names = sorted(n for n in os.listdir(path) if not n.startswith(".") and manifest_kind(n))
+        cuts = [Unit("cuts", path / n) for n in names if manifest_kind(n) == "cuts"]
+        if cuts:
+            return cuts
+        recs = [path / n for n in names if manifest_kind(n) == "recordings"]
+        if not recs:
+            raise SourceError(f"{path}: no lhotse manifests (*cuts*.jsonl[.gz] or *recordings*.jsonl[.gz]); "
+                              "point sources[].path at a manifest file or the folder lhotse wrote them to")
+        return [_recordings_unit(r) for r in recs]
+    kind = manifest_kind(path.name)
+    if kind == "cuts":
+        return [Unit("cuts", path)]
+    if kind == "recordings":
+        return [_recordings_unit(path)]
+    if kind == "supervisions":
+        rec = _sibling(path, "supervisions", "recordings")
+        if not rec.is_file():
+            raise SourceError(f"{rec}: missing lhotse recordings manifest for {path.name}; supervisions alone "
+                              "do not say where the audio is: put the recordings manifest next to it, or "
+                              "point sources[].path at a cuts manifest")
+        return [Unit("recordings", rec, path)]
+    raise SourceError(f"{path}: not a lhotse manifest name (it must end in .jsonl or .jsonl.gz and contain "
+                      f"one of {list(KINDS)})")
+
+
+def _recordings_unit(rec: Path) -> Unit:
+    sup = _sibling(rec, "recordings", "supervisions")
+    return Unit("recordings", rec, sup if sup.is_file() else None)
+
+
+def manifest_files(path: Path) -> list[Path]:
+    """Every file the source reads (for the run's source fingerprint)."""
+    out: list[Path] = []
+    for unit in manifest_units(path):
+        out.append(unit.main)
+        if unit.supervisions is not None:
+            out.append(unit.supervisions)
+    return out
+
+
+def _open(path: Path) -> io.BufferedIOBase:
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rb")  # type: ignore[return-value]
+    return path.open("rb")
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(uncompressed byte offset, line) for every non-blank line."""
+    offset = 0
+    with _open(path) as f:
+        for line in f:
+            if line.strip():
+                yield offset, line
+            offset += len(line)
+
+
+def _parse(line: bytes, where: str) -> dict[str, Any] | str:
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return f"{where}: not valid JSON ({exc.__class__.__name__}: {exc})"
+    if not isinstance(record, dict):
+        return f"{where}: each line must be a JSON object, got {type(record).__name__}"
+    return record
+
+
+def _rel(path: Path, root: Path) -> str:
+    base = root if root.is_dir() else root.parent
+    return path.relative_to(base).as_posix()
+
+
+def iter_lhotse_refs(root: Path, source_index: int, dataset: str) -> Iterator[ClipRef]:
+    """Locators: `<offset>@<file>` (cuts, recordings), `<sup offset>@<file>|<rec offset>@<file>`."""
+    for unit in manifest_units(root):
+        main = _rel(unit.main, root)
+        if unit.kind == "cuts" or unit.supervisions is None:
+            for offset, line in iter_lines(unit.main):
+                yield ClipRef(id=f"{dataset}/{_record_id(_parse(line, ''), f'{main}@{offset}')}",
+                              source=source_index, locator=f"{offset}@{main}")
+            continue
+        # Supervisions point at recordings by id: remember each recording's offset (ids only, not records).
+        rec_offsets: dict[str, int] = {}
+        for offset, line in iter_lines(unit.main):
+            rec_offsets.setdefault(_record_id(_parse(line, ""), ""), offset)
+        sup = _rel(unit.supervisions, root)
+        for offset, line in iter_lines(unit.supervisions):
+            record = _parse(line, "")
+            rec_id = str(record.get("recording_id", "")) if isinstance(record, dict) else ""
+            rec_off = rec_offsets.get(rec_id, -1)
+            yield ClipRef(id=f"{dataset}/{_record_id(record, f'{sup}@{offset}')}", source=source_index,
+                          locator=f"{offset}@{sup}|{rec_off}@{main}")
+
+
+def _record_id(record: dict[str, Any] | str, fallback: str) -> str:
+    if isinstance(record, dict) and record.get("id") not in (None, ""):
+        return str(record["id"])
+    return f"row@{fallback}"
+
+
+# ---------------------------------------------------------------- random access
+
+
+@lru_cache(maxsize=16)
+def _plain_copy(key: FileKey) -> str:
+    """An uncompressed copy of a .jsonl.gz (made once, atomically), so rows can be found by offset."""
+    cache = Path(tempfile.gettempdir()) / "speechpairs-lhotse"
+    cache.mkdir(parents=True, exist_ok=True)
+    name = hashlib.sha256(repr(key).encode()).hexdigest()[:24] + ".jsonl"
+    target = cache / name
+    if not target.is_file():
+        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out, gzip.open(key[0], "rb") as src:
+                while chunk := src.read(1 << 20):
+                    out.write(chunk)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return str(target)
+
+
+def read_line_at(path: Path, offset: int) -> bytes:
+    try:
+        key = file_key(path)
+    except FileNotFoundError:
+        raise SourceError(f"{path}: lhotse manifest disappeared after planning; restore it or re-run") from None
+    plain = _plain_copy(key) if path.name.lower().endswith(".gz") else str(path)
+    with open(plain, "rb") as f:
+        f.seek(offset)
+        return f.readline()
+
+
+# ---------------------------------------------------------------- records → clips
+
+
+def load_lhotse_clip(root: Path, locator: str, *, clip_id: str, dataset: str, language: str | None,
+                     extra_labels: dict[str, str]) -> Clip:
+    base = root if root.is_dir() else root.parent
+    first, _, second = locator.partition("|")
+    off, _, name = first.partition("@")
+    path = base / name
+    where = f"{path} at byte {off}"
+    record = _parse(read_line_at(path, int(off)), where)
+
+    def bad(message: str) -> Clip:
+        return Clip(id=clip_id, dataset=dataset, audio_uri=where, ingest_error=(ReasonCode.bad_row, message))
+
+    if isinstance(record, str):
+        return bad(record)
+    kind = manifest_kind(name)
+    if kind == "cuts":
+        return _cut_clip(record, base, where, clip_id, dataset, language, extra_labels, bad)
+    if not second:  # a recording without supervisions: the whole recording
+        return _make_clip(record, [], 0.0, None, None, {}, base, where, clip_id, dataset, language, extra_labels,
+                          bad)
+    rec_off, _, rec_name = second.partition("@")
+    if int(rec_off) < 0:
+        return bad(f"{where}: supervision {record.get('id')!r} refers to recording {record.get('recording_id')!r}, "
+                   f"which is not in {base / rec_name}")
+    rec_where = f"{base / rec_name} at byte {rec_off}"
+    recording = _parse(read_line_at(base / rec_name, int(rec_off)), rec_where)
+    if isinstance(recording, str):
+        return bad(recording)
+    start = float(record.get("start") or 0.0)
+    duration = _float(record.get("duration"))
+    sup = dict(record, start=0.0)  # relative to the clip, like a cut's supervisions
+    return _make_clip(recording, [sup], start, duration, record.get("channel"), {}, base, where, clip_id,
+                      dataset, language, extra_labels, bad)
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _cut_clip(cut: dict[str, Any], base: Path, where: str, clip_id: str, dataset: str, language: str | None,
+              extra_labels: dict[str, str], bad: Callable[[str], Clip]) -> Clip:
+    cut_type = cut.get("type") or ("MixedCut" if "tracks" in cut else "MonoCut")
+    recording = cut.get("recording")
+    if cut_type not in ("MonoCut", "MultiCut") or not isinstance(recording, dict):
+        return bad(f"{where}: {cut_type} {cut.get('id')!r} has no single recording (mixed or padding cuts are not "
+                   "read); export the cuts before mixing/padding, or use a recordings+supervisions manifest")
+    sups = [s for s in cut.get("supervisions") or [] if isinstance(s, dict)]
+    custom = cut.get("custom") if isinstance(cut.get("custom"), dict) else {}
+    return _make_clip(recording, sups, float(cut.get("start") or 0.0), _float(cut.get("duration")),
+                      cut.get("channel"), custom or {}, base, where, clip_id, dataset, language, extra_labels, bad)
+
+
+def _joined(values: list[Any]) -> str | None:
+    seen: list[str] = []
+    for v in values:
+        text = clean_label_value(v) if v is not None else ""
+        if text and text not in seen:
+            seen.append(text)
+    return ",".join(seen) or None
+
+
+def _make_clip(recording: dict[str, Any], sups: list[dict[str, Any]], start: float, duration: float | None,
+               channel: Any, custom: dict[str, Any], base: Path, where: str, clip_id: str, dataset: str,
+               language: str | None, extra_labels: dict[str, str], bad: Callable[[str], Clip]) -> Clip:
+    sups = sorted(sups, key=lambda s: float(s.get("start") or 0.0))
+    texts = [one_line(str(s["text"])) for s in sups if s.get("text")]
+    labels = dict(extra_labels)
+    for key, value in (("recording_id", recording.get("id")),
+                       ("speaker", _joined([s.get("speaker") for s in sups])),
+                       ("gender", _joined([s.get("gender") for s in sups]))):
+        if value:
+            labels[key] = str(value)
+    for extra in [*(s.get("custom") for s in sups), custom]:
+        if isinstance(extra, dict):
+            for key, value in extra.items():
+                if isinstance(value, (str, int, float, bool)) and clean_label_value(value):
+                    labels[str(key)] = clean_label_value(value)
+    lang = _joined([s.get("language") for s in sups]) or language
+    audio = _audio(recording, start, duration, channel, base, where)
+    if isinstance(audio, str):
+        return bad(audio)
+    uri, data = audio
+    return Clip(id=clip_id, dataset=dataset, audio_uri=uri, audio_bytes=data,
+                transcript=" ".join(t for t in texts if t) or None, language=lang, labels=labels)
+
+
+def _resolve(source: str, base: Path) -> Path:
+    """Relative paths are relative to where lhotse ran: try the manifest folder, its parents, the cwd."""
+    p = Path(source).expanduser()
+    if p.is_absolute():
+        return p
+    for folder in (base, *list(base.parents)[:3], Path.cwd()):
+        if (folder / p).exists():
+            return (folder / p).resolve()
+    return (base / p).resolve()
+
+
+def _audio(recording: dict[str, Any], start: float, duration: float | None, channel: Any, base: Path,
+           where: str) -> tuple[str, bytes | None] | str:
+    """(audio uri, embedded bytes or None for the whole file), or an error message."""
+    rec_id = recording.get("id")
+    transforms = [t for t in recording.get("transforms") or []
+                  if not (isinstance(t, dict) and t.get("name") == "Resample")]
+    if transforms:
+        names = [t.get("name") if isinstance(t, dict) else str(t) for t in transforms]
+        return (f"{where}: recording {rec_id!r} has audio transforms {names} (e.g. speed perturbation) that are "
+                "not applied here; use the manifest without perturbation")
+    sources = [s for s in recording.get("sources") or [] if isinstance(s, dict)]
+    all_channels = sorted({int(c) for s in sources for c in s.get("channels") or [0]})
+    wanted = sorted({int(c) for c in (channel if isinstance(channel, list) else [channel])}) \
+        if channel is not None else all_channels
+    picked = [s for s in sources if set(wanted) & {int(c) for c in s.get("channels") or [0]}]
+    if len(picked) != 1:
+        return f"{where}: recording {rec_id!r} has no single audio source for channel(s) {wanted}"
+    src = picked[0]
+    src_type, value = src.get("type"), src.get("source")
+    if src_type not in ("file", "url") or not isinstance(value, str):
+        return (f"{where}: recording {rec_id!r} has a {src_type!r} audio source, which is not read here; "
+                "only 'file' (and whole-recording 'url') sources are supported")
+    rec_duration = _float(recording.get("duration"))
+    end = start + duration if duration is not None else None
+    whole = (start <= WHOLE_FILE_TOLERANCE_S and set(wanted) >= set(all_channels)
+             and (end is None or rec_duration is None or end >= rec_duration - WHOLE_FILE_TOLERANCE_S))
+    if src_type == "url":
+        if whole:
+            return value, None
+        return f"{where}: recording {rec_id!r}: segments of 'url' sources are not supported; copy the audio locally"
+    path = _resolve(value, base)
+    if whole or not path.is_file():  # a missing file is reported by the audio stage as missing_file
+        return str(path), None
+    src_channels = [int(c) for c in src.get("channels") or [0]]
+    return _segment(path, start, duration, [src_channels.index(c) for c in wanted if c in src_channels], where)
+
+
+def _segment(path: Path, start: float, duration: float | None, channels: list[int],
+             where: str) -> tuple[str, bytes] | str:
+    """Cut [start, start+duration) (and the wanted channels) out of a file as FLAC bytes."""
+    try:
+        with sf.SoundFile(str(path)) as f:
+            sr = f.samplerate
+            first = max(0, round(start * sr))
+            frames = f.frames - first if duration is None else round(duration * sr)
+            if first > 0:
+                f.seek(first)
+            samples = f.read(frames, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, ValueError, OSError) as exc:
+        return f"{where}: cannot read the segment from {path} ({exc})"
+    if channels and samples.shape[1] > 1:
+        samples = samples[:, [c for c in channels if c < samples.shape[1]] or [0]]
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(samples, -1.0, 1.0), sr, format="FLAC", subtype="PCM_24")
+    end = start + samples.shape[0] / sr
+    return f"{path}#t={start:.3f},{end:.3f}", buf.getvalue()
+
+
+def prepare_lhotse(path: str | Path, dataset: str = "lhotse") -> Iterator[Clip]:
+    """Every clip of the corpus at `path`, lazily (what a run ingests, without planning or shards)."""
+    return prepare(iter_lhotse_refs, load_lhotse_clip, Path(path), dataset)
