@@ -19,6 +19,13 @@ def test_phoneme_counts_are_plausible_and_batch_safe() -> None:
     assert phoneme_counts(["he turned sharply"]) == [counts[0]]  # batching does not change counts
 
 
+def test_language_names_and_regional_codes_map_to_voices() -> None:
+    pytest.importorskip("phonemizer")
+    [en] = phoneme_counts(["good morning"], language="en")
+    assert phoneme_counts(["good morning"], language="English") == [en]
+    assert phoneme_counts(["good morning"], language="en_US") == [en]
+
+
 def test_unknown_language_leaves_the_rate_empty() -> None:
     pytest.importorskip("phonemizer")
     assert phoneme_counts(["some text"], language="zz-not-a-language") == [None]

@@ -21,6 +21,10 @@ _WARNED: set[str] = set()
 
 # espeak voices for the language codes corpora and Whisper use most (else the code itself is tried).
 _ESPEAK_LANG = {"en": "en-us", "fr": "fr-fr", "pt": "pt", "zh": "cmn", "es": "es", "de": "de", "it": "it"}
+# Language names some manifests carry instead of codes (lhotse writes "English").
+_LANG_NAMES = {"english": "en", "french": "fr", "portuguese": "pt", "chinese": "zh", "mandarin": "zh",
+               "spanish": "es", "german": "de", "italian": "it", "japanese": "ja", "korean": "ko",
+               "russian": "ru", "dutch": "nl", "polish": "pl", "arabic": "ar", "hindi": "hi"}
 
 
 @lru_cache(maxsize=16)
@@ -43,7 +47,8 @@ def phoneme_counts(texts: Sequence[str | None], language: str | None = "en") -> 
     out: list[int | None] = [None] * len(texts)
     if not wanted:
         return out
-    lang = (language or "en").split("-")[0].lower()
+    lang = (language or "en").split("-")[0].split("_")[0].strip().lower()
+    lang = _LANG_NAMES.get(lang, lang)
     try:
         from phonemizer.separator import Separator
 

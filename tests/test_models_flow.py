@@ -1,0 +1,108 @@
+"""Whisper and classifiers inside the real pipeline: tiny random-weight models built here, loaded by path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from flows.generate import run_plain
+from schemas.records import QuarantineError, ReasonCode, Stage
+from storage.objectstore import open_store
+from storage.versions import read_manifest
+from tests.datasets_support import sample_config
+
+pytest.importorskip("whisper")
+pytest.importorskip("transformers")
+
+EMOTIONS = ["ang", "hap", "neu", "sad"]
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from tests.tiny_models import build_micro_whisper, build_tiny_audio_classifier
+
+    root = tmp_path_factory.mktemp("models")
+    return {"whisper": build_micro_whisper(root / "micro-whisper.pt"),
+            "emotion": build_tiny_audio_classifier(root / "emotion", EMOTIONS)}
+
+
+def _overrides(models: dict[str, Path]) -> list[str]:
+    return ["features.asr.enabled=true", f"features.asr.model={models['whisper']}", "features.asr.device=cpu",
+            "features.asr.no_speech_threshold=1.0", "features.asr.logprob_threshold=-1000",
+            "features.asr.compression_ratio_threshold=1000",
+            (f'features.classifiers=[{{attribute: emotion, model: "{models["emotion"]}", device: cpu, '
+             'min_score: 0.0, label_map: {ang: angry, hap: happy, neu: neutral, sad: sad}}]')]
+
+
+def _rows(root: Path, dataset: str, version: str) -> dict[str, dict[str, Any]]:
+    store = open_store(str(root))
+    manifest = read_manifest(store, dataset, version)
+    out: dict[str, dict[str, Any]] = {}
+    for shard in manifest.shards:
+        for row in pq.read_table(root / dataset / version / shard.path).to_pylist():
+            out[row["id"].split("/", 1)[1]] = row
+    return out
+
+
+def test_whisper_and_classifier_fill_the_seed(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    config = sample_config(str(tmp_path / "out"), "models", workdir=tmp_path, overrides=_overrides(tiny_models))
+    manifest = run_plain(config)
+    assert manifest.stats.rows == 10
+    roles = {m.role: m.name for m in manifest.lineage.models}
+    assert roles["asr"].startswith("whisper:") and str(tiny_models["whisper"]) in roles["asr"]
+    assert roles["emotion"] == str(tiny_models["emotion"])
+    rows = _rows(tmp_path / "out", "models", manifest.lineage.version)
+    awb = rows["arctic_awb_a0007"]  # the one clip without a corpus transcript
+    assert awb["features"]["asr_avg_logprob"] is not None and awb["language"]
+    assert awb["transcript_source"] in (None, roles["asr"])
+    assert all(r["features"]["asr_avg_logprob"] is None for k, r in rows.items() if k != "arctic_awb_a0007")
+    assert all(r["transcript_source"] == "corpus" for k, r in rows.items() if k != "arctic_awb_a0007")
+    for row in rows.values():
+        f = row["features"]
+        assert f["emotion"] in {"angry", "happy", "neutral", "sad"}
+        assert f["emotion_source"] == f"classifier:{tiny_models['emotion']}" and 0 <= f["emotion_score"] <= 1
+        assert json.loads(row["attributes"])["Emotion"] == f["emotion"].capitalize()
+        assert f"Emotion: {f['emotion'].capitalize()}" in row["seed_description"]
+        assert json.loads(row["provenance"]["extractor_versions"])["classifier.emotion"] == str(tiny_models["emotion"])
+    slt = rows["arctic_slt_a0009"]["features"]
+    assert (slt["gender"], slt["gender_source"], slt["accent_source"]) == ("female", "corpus", "corpus")
+    assert rows["librivox_ss01_0870"]["features"]["gender_source"] == "pitch_heuristic"
+    assert rows["librivox_ss01_0870"]["features"]["speaking_rate_pps"] > 0
+
+
+def test_a_failing_clip_is_quarantined_and_the_shard_goes_on(tiny_models: dict[str, Path], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.features.classifiers import AttributeClassifier
+
+    original = AttributeClassifier.classify
+
+    def fail_long_clips(self: AttributeClassifier, audios: Any) -> list[Any]:
+        results = original(self, audios)
+        return [QuarantineError(Stage.classify, ReasonCode.classifier_error, "emotion classifier: injected")
+                if len(a) > 16000 * 6 else r for a, r in zip(audios, results, strict=True)]
+
+    monkeypatch.setattr(AttributeClassifier, "classify", fail_long_clips)
+    config = sample_config(str(tmp_path / "out"), "fail", workdir=tmp_path,
+                           overrides=[*_overrides(tiny_models), "output.shard_size=10"])
+    manifest = run_plain(config)
+    assert (manifest.stats.rows, manifest.stats.quarantined) == (8, 2)  # 0870 (7.1 s) and 0920 (6.05 s)
+    assert manifest.stats.quarantine_by_reason == {"classifier_error": 2}
+    version = tmp_path / "out" / "fail" / manifest.lineage.version
+    q = pq.read_table(version / "quarantine").to_pylist()
+    assert sorted(r["id"] for r in q) == ["sample/librivox_ss01_0870", "sample/librivox_ss01_0920"]
+    assert all(r["stage"] == "classify" and "injected" in r["message"] for r in q)
+
+
+def test_missing_model_fails_the_run_up_front(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.cli import main
+
+    repo = Path(__file__).resolve().parent.parent
+    code = main(["run", str(repo / "examples" / "quickstart.yaml"), "--set", f"output.root={tmp_path}",
+                 "--set", "features.classifiers=[{attribute: emotion, model: /nonexistent/emotion-model}]"])
+    assert code == 2
+    assert "features.classifiers[0].model" in capsys.readouterr().err
+    assert not (tmp_path / "sample").exists()
