@@ -36,6 +36,7 @@ bench: setup
 	$(PY) bench/features.py
 	$(PY) bench/pipeline.py
 	$(PY) bench/read.py
+	$(PY) bench/models.py
 
 lint: setup
 	$(VENV)/bin/ruff check flows tasks schemas storage tests bench

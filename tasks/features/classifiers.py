@@ -247,6 +247,9 @@ def _load_one(index: int, config: ClassifierConfig) -> AttributeClassifier:
     except ImportError as exc:
         raise ValueError(f"{setting}.model: classifiers need the `models` extra "
                          f"(pip install 'speechpairs[models]'): {exc}") from None
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bars in the run's output and logs
     device = resolve_device(config.device, f"{setting}.device")
     source = str(local) if local.is_dir() else name
     try:
