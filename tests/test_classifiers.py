@@ -300,3 +300,15 @@ def test_predictions_carry_the_model_into_provenance(classifier: AttributeClassi
     above = prediction[1] + 1e-6
     out = resolve_attributes(Features(), {}, {"emotion": prediction}, {"emotion": above})
     assert (out.emotion, out.emotion_source) == (None, f"classifier_below_threshold:{model_dir}")
+
+
+@pytest.mark.gpu
+def test_classifier_on_cuda_matches_cpu(tmp_path: Path) -> None:
+    """The GPU path: same model, batched on cuda, same top labels as on the CPU."""
+    model = build_tiny_audio_classifier(tmp_path / "m", ["ang", "hap", "neu", "sad"])
+    clips = [np.sin(np.linspace(0, 400 * (i + 1), 16000 * (i + 1))).astype(np.float32) * 0.3 for i in range(4)]
+    [cpu] = load_classifiers([ClassifierConfig(attribute="emotion", model=str(model), device="cpu", batch_size=4)])
+    [gpu] = load_classifiers([ClassifierConfig(attribute="emotion", model=str(model), device="cuda", batch_size=4)])
+    got_cpu, got_gpu = cpu.classify(clips), gpu.classify(clips)
+    assert [r[0] for r in got_cpu] == [r[0] for r in got_gpu]  # type: ignore[index]
+    assert all(abs(a[1] - b[1]) < 1e-3 for a, b in zip(got_cpu, got_gpu, strict=True))  # type: ignore[index]
