@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -122,10 +122,27 @@ class DescribeConfig(_Strict):
         return value
 
 
+QCRule = Literal["empty", "refusal", "truncated", "too_short", "too_long", "leaks_seed", "contradicts_seed",
+                 "wrong_language", "format", "injection"]
+
+
+class QCConfig(_Strict):
+    """Response quality control: named rules; a failed response is regenerated, then quarantined."""
+
+    enabled: bool = True
+    rules: list[QCRule] = Field(default_factory=lambda: list(get_args(QCRule)))
+    min_words: int = Field(default=3, ge=0)
+    max_words: int = Field(default=400, ge=1)
+    language: str | None = Field(default="en", description="Expected response language; None = any.")
+    max_regenerations: int = Field(default=2, ge=0, le=20, description="New-seed retries before quarantine.")
+
+
 class LLMConfig(_Strict):
-    backend: Literal["template", "openai"] = "template"
+    backend: Literal["template", "openai", "transformers", "vllm"] = "template"
     base_url: str | None = Field(default=None, description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    base_urls: list[str] = Field(default_factory=list, description="Data-parallel replicas (load is spread).")
     model: str | None = None
+    revision: str | None = None
     api_key_env: str = Field(default="SPEECHPAIRS_LLM_API_KEY", description="Env var holding the API key.")
     system_prompt: str | None = None
     temperature: float = Field(default=0.05, ge=0, le=2)
@@ -133,15 +150,35 @@ class LLMConfig(_Strict):
     max_tokens: int = Field(default=256, gt=0)
     seed: int = 0
     concurrency: int = Field(default=32, ge=1, le=4096)
+    endpoint_limit: int | None = Field(default=None, ge=1, description="Prefect global concurrency limit per "
+                                       "endpoint across all workers (requests in flight).")
     timeout_s: float = Field(default=120.0, gt=0)
     max_retries: int = Field(default=5, ge=0)
     backoff_s: float = Field(default=1.0, ge=0)
+    prompt_format: Literal["chat", "completion"] = Field(
+        default="chat", description="completion: render the backbone's chat template locally and send text.")
+    tokenizer: str | None = Field(default=None, description="Local tokenizer path for prompt_format=completion.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_model_len: int | None = Field(default=None, ge=256)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    data_parallel_size: int = Field(default=1, ge=1)
+    cache: bool = Field(default=True, description="Reuse finished generations from the run's staging area.")
+    qc: QCConfig = Field(default_factory=QCConfig)
 
     @model_validator(mode="after")
     def _endpoint(self) -> LLMConfig:
-        if self.backend == "openai" and not (self.base_url and self.model):
-            raise ValueError("llm.backend 'openai' needs llm.base_url and llm.model")
+        if self.backend == "openai" and not ((self.base_url or self.base_urls) and self.model):
+            raise ValueError("llm.backend 'openai' needs llm.base_url (or llm.base_urls) and llm.model")
+        if self.backend in ("transformers", "vllm") and not self.model:
+            raise ValueError(f"llm.backend {self.backend!r} needs llm.model (a model id or local path)")
+        if self.prompt_format == "completion" and not (self.tokenizer or self.backend in ("transformers", "vllm")):
+            raise ValueError("llm.prompt_format 'completion' needs llm.tokenizer (a local tokenizer path)")
         return self
+
+    @property
+    def endpoints(self) -> list[str]:
+        """Every base URL to spread requests over."""
+        return list(dict.fromkeys([*([self.base_url] if self.base_url else []), *self.base_urls]))
 
 
 class OutputConfig(_Strict):
