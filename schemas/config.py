@@ -145,6 +145,8 @@ class LLMConfig(_Strict):
     revision: str | None = None
     api_key_env: str = Field(default="SPEECHPAIRS_LLM_API_KEY", description="Env var holding the API key.")
     system_prompt: str | None = None
+    default_system_prompt: bool = Field(default=False, description="Send the shipped system prompt (transcript "
+                                        "is data, not instructions) when system_prompt is unset.")
     temperature: float = Field(default=0.05, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
     max_tokens: int = Field(default=256, gt=0)

@@ -49,6 +49,8 @@ class Stats(BaseModel):
     quarantined: int
     quarantine_by_reason: dict[str, int] = Field(default_factory=dict)
     audio_hours: float = 0.0
+    # Every QC failure by rule, regenerated ones included (how often the LLM needed a second try).
+    qc_failures: dict[str, int] = Field(default_factory=dict)
     attribute_counts: dict[str, dict[str, int]] = Field(default_factory=dict)
 
 

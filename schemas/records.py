@@ -49,6 +49,17 @@ class ReasonCode(str, Enum):
     classifier_error = "classifier_error"
     llm_error = "llm_error"
     llm_empty = "llm_empty"
+    # Response QC (a response that still fails after the allowed regenerations): one per rule.
+    qc_empty = "qc_empty"
+    qc_refusal = "qc_refusal"
+    qc_truncated = "qc_truncated"
+    qc_too_short = "qc_too_short"
+    qc_too_long = "qc_too_long"
+    qc_leaks_seed = "qc_leaks_seed"
+    qc_contradicts_seed = "qc_contradicts_seed"
+    qc_wrong_language = "qc_wrong_language"
+    qc_format = "qc_format"
+    qc_injection = "qc_injection"
 
 
 class Clip(BaseModel):
