@@ -31,8 +31,12 @@ _LANG_NAMES = {"english": "en", "french": "fr", "portuguese": "pt", "chinese": "
 def _backend(language: str) -> Any:
     from phonemizer.backend import EspeakBackend
 
+    # phonemizer warns on every batch whose word count shifts (numbers, contractions): we count
+    # phones, not words, so its chatter stays out of the run's logs.
+    quiet = logging.getLogger("speechpairs.phonemizer")
+    quiet.setLevel(logging.ERROR)
     return EspeakBackend(_ESPEAK_LANG.get(language, language), preserve_punctuation=False, with_stress=False,
-                         language_switch="remove-flags")
+                         language_switch="remove-flags", logger=quiet)
 
 
 def _warn_once(key: str, message: str) -> None:
