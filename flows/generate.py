@@ -35,7 +35,7 @@ from tasks.features.models import load_models
 from tasks.features.phonemes import PHONEME_VERSION
 from tasks.ingest import source_fingerprint
 from tasks.llm import make_backend
-from tasks.pipeline import RunContext, ShardOutcome, process_shard, report_total
+from tasks.pipeline import RunContext, ShardOutcome, process_shard, report_total, run_backend
 from tasks.plan import RunPlan, load_shard_plan, plan_run
 
 
@@ -98,7 +98,7 @@ def plan_task(config: RunConfig, ctx: RunContext) -> RunPlan:
       cache_policy=NO_CACHE)
 def shard_task(config: RunConfig, ctx: RunContext, index: int) -> ShardOutcome:
     store = _store(config)
-    backend = make_backend(config.llm)
+    backend = run_backend(config, store, ctx)
     try:
         return process_shard(load_shard_plan(store, ctx.staging, index), config, store, ctx, backend)
     finally:
@@ -152,7 +152,7 @@ def run_plain(config: RunConfig) -> Manifest:
     ctx = run_context(config)
     store = _store(config)
     plan = plan_run(config, store, ctx.staging, ctx.run_id)
-    backend = make_backend(config.llm)
+    backend = run_backend(config, store, ctx)
     outcomes = [process_shard(load_shard_plan(store, ctx.staging, i), config, store, ctx, backend)
                 for i in range(plan.shards)]
     return publish(config, ctx, plan, outcomes)
@@ -178,9 +178,11 @@ def committed_key(ctx: RunContext) -> str:
 
 def combine_stats(plan: RunPlan, outcomes: list[ShardOutcome]) -> Stats:
     by_reason: Counter[str] = Counter()
+    qc: Counter[str] = Counter()
     attrs: dict[str, Counter[str]] = {}
     for o in outcomes:
         by_reason.update(o.by_reason)
+        qc.update(o.qc_failures)
         for key, counts in o.attribute_counts.items():
             attrs.setdefault(key, Counter()).update(counts)
     stats = Stats(
@@ -189,6 +191,7 @@ def combine_stats(plan: RunPlan, outcomes: list[ShardOutcome]) -> Stats:
         quarantined=sum(o.quarantined for o in outcomes),
         quarantine_by_reason=dict(sorted(by_reason.items())),
         audio_hours=round(sum(o.audio_seconds for o in outcomes) / 3600, 6),
+        qc_failures=dict(sorted(qc.items())),
         attribute_counts={k: dict(v.most_common()) for k, v in attrs.items()},
     )
     if stats.rows + stats.quarantined != stats.clips_in:
@@ -226,13 +229,14 @@ def summarize(config: RunConfig, ctx: RunContext, plan: RunPlan, outcomes: list[
     )
 
 
-def publish_artifacts(summary: RunSummary, attribute_counts: dict[str, dict[str, int]]) -> None:
+def publish_artifacts(summary: RunSummary, stats: Stats) -> None:
     """A human summary in the Prefect UI: counts table and attribute distributions."""
     table: list[dict[str, Any]] = [
         {"metric": "clips in", "value": summary.clips_in},
         {"metric": "rows out", "value": summary.rows},
         {"metric": "quarantined", "value": summary.quarantined},
         *({"metric": f"quarantined: {k}", "value": v} for k, v in summary.quarantine_by_reason.items()),
+        *({"metric": f"QC failures: {k}", "value": v} for k, v in stats.qc_failures.items()),
         {"metric": "audio hours", "value": summary.audio_hours},
         {"metric": "shards (skipped)", "value": f"{summary.shards} ({summary.shards_skipped})"},
         {"metric": "seconds", "value": summary.seconds},
@@ -240,7 +244,7 @@ def publish_artifacts(summary: RunSummary, attribute_counts: dict[str, dict[str,
     create_table_artifact(key="run-summary", table=table,
                           description=f"{summary.dataset} {summary.version} at {summary.location}")
     lines = [f"# Attribute distributions: {summary.dataset} {summary.version}", ""]
-    for attr, counts in sorted(attribute_counts.items()):
+    for attr, counts in sorted(stats.attribute_counts.items()):
         total = sum(counts.values()) or 1
         lines += [f"## {attr}", "", "| value | rows | share |", "|---|---:|---|"]
         for word, n in counts.items():
@@ -269,7 +273,7 @@ def generate_dataset(config: RunConfig) -> RunSummary:
         version = commit_task(config, ctx, plan, outcomes).lineage.version
         already = False
     summary = summarize(config, ctx, plan, outcomes, version, started, already)
-    publish_artifacts(summary, combine_stats(plan, outcomes).attribute_counts)
+    publish_artifacts(summary, combine_stats(plan, outcomes))
     logger.info("committed %s %s: %d rows, %d quarantined %s", summary.dataset, version, summary.rows,
                 summary.quarantined, summary.quarantine_by_reason)
     return summary

@@ -137,6 +137,12 @@ def render_card(manifest: Manifest) -> str:
                 for reason, n in sorted(st.quarantine_by_reason.items(), key=lambda kv: (-kv[1], kv[0]))]
     else:
         out.append("No clip was quarantined.")
+    if st.qc_failures:
+        note = ("Every response that failed a QC rule, regenerated ones included (a failure after the last "
+                "regeneration is a `qc_<rule>` quarantine above).")
+        out += ["", "## Response QC", "", note, "", "| rule | failed responses |", "|---|---:|"]
+        ranked = sorted(st.qc_failures.items(), key=lambda kv: (-kv[1], kv[0]))
+        out += [f"| {_md(rule)} | {n:,} |" for rule, n in ranked]
     out += ["", "## Attribute distributions", ""]
     if st.attribute_counts:
         out.append("Share = rows with this value ÷ all rows of the version.")

@@ -164,7 +164,13 @@ def load_instruction_pool(path: str | None) -> tuple[str, ...]:
     return pool
 
 
+BUILTIN_POOL = "instructions_v1.txt"
+
+
 def instruction_pool(config: DescribeConfig) -> tuple[str, ...]:
+    """The configured pool: a file, `builtin` (the shipped, versioned pool), or the single instruction."""
+    if config.instruction_pool == "builtin":
+        return load_instruction_pool(str(resources.files("tasks.resources").joinpath(BUILTIN_POOL)))
     return load_instruction_pool(config.instruction_pool) if config.instruction_pool else (config.instruction,)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, Field
 
 from schemas.arrow import QUARANTINE_SCHEMA, ROW_SCHEMA, quarantine_to_table, rows_to_table
-from schemas.config import RunConfig
+from schemas.config import QCConfig, RunConfig
 from schemas.manifest import ShardInfo
 from schemas.records import (
     AudioRef,
@@ -48,7 +48,10 @@ from tasks.features.models import LoadedModels, load_models
 from tasks.features.phonemes import phoneme_counts, phoneme_rate
 from tasks.features.rate import speaking_rates
 from tasks.ingest import load_clip
-from tasks.llm import LLMBackend, LLMRequest, LLMResult, build_messages
+from tasks.llm import LLMBackend, LLMRequest, LLMResult, build_messages, make_backend
+from tasks.llm.cache import CachedBackend
+from tasks.llm.messages import DEFAULT_SYSTEM_PROMPT, sanitize_transcript
+from tasks.llm.qc import Instruction, QCVerdict, check_response, parse_instruction
 from tasks.plan import ShardPlan
 
 # Set by the CLI to drive a progress bar: called with ("total", n) once planned, then ("done", n).
@@ -92,6 +95,7 @@ class ShardOutcome(BaseModel):
     audio_seconds: float = 0.0
     attribute_counts: dict[str, dict[str, int]] = Field(default_factory=dict)
     stage_seconds: dict[str, float] = Field(default_factory=dict)
+    qc_failures: dict[str, int] = Field(default_factory=dict)
     shard: ShardInfo | None = None
     quarantine: ShardInfo | None = None
     config_hash: str
@@ -104,7 +108,7 @@ class _Prepared:
     features: Features
     attributes: dict[str, str]
     seed: str
-    instruction: str
+    instruction: Instruction
     request: LLMRequest
 
 
@@ -115,6 +119,14 @@ class _Acc:
     audio_seconds: float = 0.0
     n_rows: int = 0
     stage_seconds: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
+    qc_failures: Counter[str] = field(default_factory=Counter)
+
+
+def run_backend(config: RunConfig, store: ObjectStore, ctx: RunContext) -> LLMBackend:
+    """The run's LLM backend; with `llm.cache` finished requests live in the run's staging area, so
+    a retried shard or a resumed run never asks the model twice for the same request."""
+    backend = make_backend(config.llm)
+    return CachedBackend(backend, store, ctx.staging, config=config.llm) if config.llm.cache else backend
 
 
 def marker_key(ctx: RunContext, index: int) -> str:
@@ -147,7 +159,7 @@ def process_shard(plan: ShardPlan, config: RunConfig, store: ObjectStore, ctx: R
         for batch in _batches((load_clip(ref, config.sources) for ref in plan.refs), batch_size):
             prepared = _prepare_batch(batch, config, bins, acc, models)
             t0 = time.perf_counter()
-            results = backend.generate([p.request for p in prepared]) if prepared else []
+            results = generate_with_qc(prepared, backend, config, acc.qc_failures) if prepared else []
             acc.stage_seconds["llm"] += time.perf_counter() - t0
             rows = [row for p, r in zip(prepared, results, strict=True)
                     if (row := _finish(p, r, config, ctx, acc)) is not None]
@@ -160,6 +172,55 @@ def process_shard(plan: ShardPlan, config: RunConfig, store: ObjectStore, ctx: R
         shard = writer.close()
         acc.stage_seconds["write"] += time.perf_counter() - t0
     return _write_outcome(plan, store, ctx, config, acc, shard)
+
+
+def qc_rules(config: RunConfig) -> QCConfig:
+    """The QC config in force: the template backend ignores instructions, so `format` is moot there."""
+    qc = config.llm.qc
+    if config.llm.backend == "template" and "format" in qc.rules:
+        return qc.model_copy(update={"rules": [r for r in qc.rules if r != "format"]})
+    return qc
+
+
+def generate_with_qc(prepared: list[_Prepared], backend: LLMBackend, config: RunConfig,
+                     failures: Counter[str]) -> list[LLMResult | QuarantineError]:
+    """Generate, check every response, regenerate the failed ones with a new seed, then quarantine.
+
+    `failures` counts every QC failure by rule, regenerated ones included.
+    """
+    qc = qc_rules(config)
+    final: list[LLMResult | QuarantineError | None] = [None] * len(prepared)
+    verdicts: dict[int, QCVerdict] = {}
+    pending = list(range(len(prepared)))
+    for attempt in range(qc.max_regenerations + 1 if qc.enabled else 1):
+        requests = [prepared[i].request if attempt == 0 else prepared[i].request.model_copy(
+            update={"seed": stable_int(prepared[i].request.seed, "regenerate", attempt) % (2**31)})
+            for i in pending]
+        still: list[int] = []
+        for i, result in zip(pending, backend.generate(requests), strict=True):
+            if isinstance(result, QuarantineError) or not qc.enabled:
+                final[i] = result
+                continue
+            p = prepared[i]
+            verdict = check_response(result.text, seed_description=p.seed, attributes=p.attributes,
+                                     transcript=p.measured.transcript, instruction=p.instruction,
+                                     finish_reason=result.generation.finish_reason, config=qc)
+            if verdict.ok:
+                gen = result.generation.model_copy(update={"attempts": result.generation.attempts + attempt})
+                final[i] = result.model_copy(update={"generation": gen})
+            else:
+                failures[verdict.reason or "unknown"] += 1
+                verdicts[i] = verdict
+                still.append(i)
+        pending = still
+        if not pending:
+            break
+    for i in pending:
+        v = verdicts[i]
+        final[i] = QuarantineError(Stage.llm, ReasonCode(f"qc_{v.reason}"),
+                                   f"{prepared[i].measured.clip.id}: response failed QC ({v.reason}: {v.detail}) "
+                                   f"after {qc.max_regenerations + 1} generations")
+    return [r for r in final if r is not None]
 
 
 def _batches(items: Iterable[Clip], size: int) -> Iterator[list[Clip]]:
@@ -301,10 +362,15 @@ def _describe(m: _Measured, config: RunConfig, bins: Bins, acc: _Acc) -> _Prepar
         min_scores = {c.attribute: c.min_score for c in config.features.classifiers}
         features = resolve_attributes(m.features, clip.labels, m.predictions, min_scores)
         attributes = attribute_words(features, bins, config.describe.attributes)
-        segments = m.segments if config.describe.segment_timestamps else None
-        seed = seed_description(m.transcript, m.audio.duration_s, attributes, config.describe.format, segments)
-        instruction = pick_instruction(instruction_pool(config.describe), config.describe.seed, clip.id)
-        messages = build_messages(seed, instruction, config.llm.system_prompt)
+        # The transcript is data: sanitised so it cannot forge a timestamp span, a label list or a role.
+        segments = ([seg.model_copy(update={"text": sanitize_transcript(seg.text)}) for seg in m.segments]
+                    if config.describe.segment_timestamps else None)
+        transcript = sanitize_transcript(m.transcript) if m.transcript else None
+        seed = seed_description(transcript, m.audio.duration_s, attributes, config.describe.format, segments)
+        instruction = parse_instruction(
+            pick_instruction(instruction_pool(config.describe), config.describe.seed, clip.id))
+        system = config.llm.system_prompt or (DEFAULT_SYSTEM_PROMPT if config.llm.default_system_prompt else None)
+        messages = build_messages(seed, instruction.text, system)
     except Exception as exc:  # noqa: BLE001 - one clip's bug must not take the shard down
         _quarantine(acc, clip, Stage.describe, ReasonCode.describe_error,
                     f"{clip.audio_uri}: {exc.__class__.__name__}: {exc}")
@@ -341,7 +407,7 @@ def _finish(p: _Prepared, result: LLMResult | QuarantineError, config: RunConfig
         features=p.features,
         attributes=p.attributes,
         seed_description=p.seed,
-        prompt=p.instruction,
+        prompt=p.instruction.text,
         messages=p.request.messages,
         response=result.text,
         generation=result.generation,
@@ -376,6 +442,7 @@ def _write_outcome(plan: ShardPlan, store: ObjectStore, ctx: RunContext, config:
         audio_seconds=acc.audio_seconds,
         attribute_counts={k: dict(v) for k, v in acc.attribute_counts.items()},
         stage_seconds={k: round(v, 4) for k, v in acc.stage_seconds.items()},
+        qc_failures=dict(acc.qc_failures),
         shard=shard,
         quarantine=quarantine,
         config_hash=ctx.config_hash,

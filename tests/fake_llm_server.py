@@ -11,6 +11,13 @@ actions answered in turn (the last one repeats); ids without a script get "ok". 
   nochoices   200 with JSON lacking "choices"
   empty       200 with empty content
   drop        close the connection without answering
+
+Counters for load-spreading and limit tests: `seen` (every answered request, so `len(seen)` is the
+replica's request count), `in_flight` / `max_in_flight` (requests being processed; a request
+leaves before its answer is written, so a client that sends the next one right after reading an
+answer is never counted twice). `fail_after=N` makes the replica die after N requests: every
+later request is counted in `refused` and its connection dropped unanswered (a replica crashing
+mid-run); `stop()` makes it refuse connections outright.
 """
 
 from __future__ import annotations
@@ -35,6 +42,19 @@ class Seen:
     at: float
 
 
+class _Server(ThreadingHTTPServer):
+    # The default listen backlog (5) drops connections beyond it when many requests open at once,
+    # and the client's SYN retry then adds a whole second: keep room for hundreds in flight.
+    request_queue_size = 1024
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        import sys
+
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            return  # a client that timed out and closed its connection is not a server error
+        super().handle_error(request, client_address)
+
+
 @dataclass
 class FakeLLMServer:
     scripts: dict[str, list[str]] = field(default_factory=dict)
@@ -44,6 +64,8 @@ class FakeLLMServer:
     seen: list[Seen] = field(default_factory=list)
     in_flight: int = 0
     max_in_flight: int = 0
+    fail_after: int | None = None
+    refused: int = 0
     _counts: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -63,7 +85,7 @@ class FakeLLMServer:
             def do_POST(self) -> None:
                 server._handle(self)
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = _Server(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)
@@ -100,13 +122,25 @@ class FakeLLMServer:
         with self._lock:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        h._fake_in_flight = True  # type: ignore[attr-defined]
         try:
             self._respond(h)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (timeout) before we answered
         finally:
+            self._leave(h)
+
+    def _leave(self, h: BaseHTTPRequestHandler) -> None:
+        """Stop counting a request as in flight (once), just before its answer goes out."""
+        if getattr(h, "_fake_in_flight", False):
+            h._fake_in_flight = False  # type: ignore[attr-defined]
             with self._lock:
                 self.in_flight -= 1
+
+    def _drop(self, h: BaseHTTPRequestHandler) -> None:
+        self._leave(h)
+        h.close_connection = True
+        h.connection.shutdown(2)
 
     def _respond(self, h: BaseHTTPRequestHandler) -> None:
         length = int(h.headers.get("Content-Length") or 0)
@@ -120,6 +154,13 @@ class FakeLLMServer:
         clip = m.group(1) if m else None
         if h.path != "/v1/chat/completions":
             self._send(h, 404, b'{"error": "not found"}')
+            return
+        with self._lock:
+            dead = self.fail_after is not None and len(self.seen) >= self.fail_after
+            if dead:
+                self.refused += 1
+        if dead:
+            self._drop(h)
             return
         action = self._next_action(clip)
         with self._lock:
@@ -144,8 +185,7 @@ class FakeLLMServer:
         elif action == "empty":
             self._send(h, 200, self._completion(clip, body, ""))
         elif action == "drop":
-            h.close_connection = True
-            h.connection.shutdown(2)
+            self._drop(h)
         else:
             raise AssertionError(f"unknown action {action!r}")
 
@@ -161,8 +201,9 @@ class FakeLLMServer:
                       "total_tokens": prompt_words + len(content.split())},
         }).encode()
 
-    @staticmethod
-    def _send(h: BaseHTTPRequestHandler, status: int, payload: bytes, headers: dict[str, str] | None = None) -> None:
+    def _send(self, h: BaseHTTPRequestHandler, status: int, payload: bytes,
+              headers: dict[str, str] | None = None) -> None:
+        self._leave(h)
         h.send_response(status)
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", str(len(payload)))

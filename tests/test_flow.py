@@ -308,3 +308,31 @@ def test_gc_flow_removes_an_abandoned_run_but_not_the_committed_version(tmp_path
     assert "janitor/_staging/run-abandoned/" in removed
     assert list_versions(store, "janitor") == [summary.version]
     assert resolve_version(store, "janitor", "latest") == summary.version
+
+
+def test_resumed_run_never_regenerates_a_finished_request(tmp_path: Path, sample_corpus: Path) -> None:
+    """A run that died after its LLM calls but before its shards were marked done: the re-run
+    finds every response in the request cache, so the server sees no second request."""
+    from tests.fake_llm_server import FakeLLMServer
+
+    server = FakeLLMServer().start()
+    try:
+        config = quickstart(tmp_path, "output.dataset=cached", "llm.backend=openai",
+                            f"llm.base_url={server.base_url}", "llm.model=fake-served-model", "llm.qc.min_words=1")
+        first = run_generate(config)
+        assert first.rows == 10 and len(server.seen) == 10
+        store = open_store(str(tmp_path))
+        ctx = run_context(config)
+        for key in [*store.list(f"{ctx.staging}/markers/"), *store.list(f"{ctx.staging}/shards/"),
+                    f"{ctx.staging}/committed.json"]:
+            store.delete(key)  # as if the process died before any shard was recorded as finished
+        for key in store.list("cached/"):
+            if not key.startswith("cached/_staging/"):
+                store.delete(key)  # and before the version was committed
+        again = run_generate(config)
+        assert again.rows == 10 and again.shards_skipped == 0
+        assert len(server.seen) == 10  # every response came from the cache
+        changed = run_generate(config.model_copy(update={"llm": config.llm.model_copy(update={"temperature": 0.7})}))
+        assert changed.rows == 10 and len(server.seen) == 20  # a changed setting is a new request
+    finally:
+        server.stop()

@@ -81,3 +81,69 @@ def build_tiny_audio_classifier(path: Path, labels: list[str], seed: int = 0,
     Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True,
                              return_attention_mask=True).save_pretrained(path)
     return path
+
+
+# Chat template of the tiny causal LM: BOS, then `<|role|>` + newline + content + end-of-turn per message.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}"
+    "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+_TINY_LM_TEXT = [
+    "From the audio clip, I can hear a female speaker say the food is really good in a happy tone.",
+    "A male speaker with a low-pitched voice talks slowly; the background is very noisy.",
+    "What can you hear from the audio? Describe the speaker, the emotion and the content.",
+    "The quick brown fox jumps over the lazy dog, said an old man with an English accent.",
+]
+
+
+def build_tiny_causal_lm(path: Path, seed: int = 0, chat_template: str | None = TINY_CHAT_TEMPLATE,
+                         weight_std: float = 0.5, hidden_size: int = 32, num_heads: int = 4) -> Path:
+    """A 2-layer, 32-wide Llama with random weights and a tiny byte-level BPE tokenizer, saved together.
+
+    `hidden_size` / `num_heads` widen it where kernels need a real head size (vLLM: 256 / 4 gives 64).
+
+    The tokenizer (~330 tokens: 256 bytes, a few merges learnt from four sentences, and the
+    specials `<|pad|>`, `<|bos|>`, `<|end|>` = EOS / end of turn, `<|system|>`, `<|user|>`,
+    `<|assistant|>`) encodes any text and decodes back to it. `chat_template` (default
+    TINY_CHAT_TEMPLATE; None = none, a base model) is saved with it. Matrices are redrawn with std
+    `weight_std` so the next-token distribution is far from uniform (greedy output depends on the
+    prompt; samples depend on the seed). Loads with `AutoModelForCausalLM` / `AutoTokenizer`
+    `.from_pretrained(path)`. About 0.2 MB on disk.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=330, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(_TINY_LM_TEXT, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|bos|>", eos_token="<|end|>",
+                                        pad_token="<|pad|>")
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+    ids = {t: bpe.token_to_id(t) for t in ("<|pad|>", "<|bos|>", "<|end|>")}
+
+    config = LlamaConfig(vocab_size=bpe.get_vocab_size(), hidden_size=hidden_size,
+                         intermediate_size=2 * hidden_size, num_hidden_layers=2,
+                         num_attention_heads=num_heads, num_key_value_heads=max(1, num_heads // 2),
+                         max_position_embeddings=512, pad_token_id=ids["<|pad|>"],
+                         bos_token_id=ids["<|bos|>"], eos_token_id=ids["<|end|>"], tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.dim() > 1:
+                    parameter.normal_(0.0, weight_std)
+    model.generation_config = GenerationConfig(bos_token_id=ids["<|bos|>"], eos_token_id=ids["<|end|>"],
+                                               pad_token_id=ids["<|pad|>"])
+    model.eval()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

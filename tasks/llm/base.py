@@ -60,4 +60,13 @@ def make_backend(config: LLMConfig) -> LLMBackend:
         from tasks.llm.openai_compat import OpenAICompatBackend
 
         return OpenAICompatBackend(config)
-    raise ValueError(f"unknown llm.backend {config.backend!r}; allowed: 'template', 'openai'")
+    if config.backend == "transformers":
+        from tasks.llm.transformers_backend import TransformersBackend
+
+        return TransformersBackend(config)
+    if config.backend == "vllm":
+        from tasks.llm.vllm_engine import VLLMEngineBackend
+
+        return VLLMEngineBackend(config)
+    raise ValueError(f"unknown llm.backend {config.backend!r}; "
+                     "allowed: 'template', 'openai', 'transformers', 'vllm'")
