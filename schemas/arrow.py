@@ -100,6 +100,7 @@ _ROW_FIELDS: list[pa.Field] = [
     pa.field("seed_description", _STR),
     pa.field("prompt", _STR),
     pa.field("messages", pa.list_(MESSAGE_TYPE)),
+    pa.field("rendered_prompt", _STR),
     pa.field("response", _STR),
     pa.field("generation", GENERATION_TYPE),
     pa.field("provenance", PROVENANCE_TYPE),

@@ -180,6 +180,9 @@ class Row(BaseModel):
     seed_description: str
     prompt: str
     messages: list[Message]
+    # The exact text the model saw when the chat template was rendered on our side (completion
+    # prompts, in-process backends); None when the server applied its own template to `messages`.
+    rendered_prompt: str | None = None
     response: str
     generation: Generation
     provenance: Provenance

@@ -162,7 +162,7 @@ def process_shard(plan: ShardPlan, config: RunConfig, store: ObjectStore, ctx: R
             results = generate_with_qc(prepared, backend, config, acc.qc_failures) if prepared else []
             acc.stage_seconds["llm"] += time.perf_counter() - t0
             rows = [row for p, r in zip(prepared, results, strict=True)
-                    if (row := _finish(p, r, config, ctx, acc)) is not None]
+                    if (row := _finish(p, r, config, ctx, acc, backend)) is not None]
             t0 = time.perf_counter()
             writer.write(rows_to_table(rows))  # streamed: the shard is never held in memory
             acc.n_rows += len(rows)
@@ -382,8 +382,21 @@ def _describe(m: _Measured, config: RunConfig, bins: Bins, acc: _Acc) -> _Prepar
                      request=request)
 
 
+def rendered_prompt(backend: LLMBackend, config: RunConfig, request: LLMRequest) -> str | None:
+    """The prompt text exactly as the model got it, where we render the chat template ourselves."""
+    inner = getattr(backend, "inner", backend)  # through the request cache
+    render = getattr(inner, "render", None)
+    if config.llm.backend in ("transformers", "vllm") and callable(render):
+        return str(render(request))
+    if config.llm.prompt_format == "completion" and config.llm.tokenizer:
+        from tasks.llm.chat_template import render_prompt
+
+        return render_prompt(request.messages, config.llm.tokenizer)
+    return None
+
+
 def _finish(p: _Prepared, result: LLMResult | QuarantineError, config: RunConfig, ctx: RunContext,
-            acc: _Acc) -> Row | None:
+            acc: _Acc, backend: LLMBackend) -> Row | None:
     if isinstance(result, QuarantineError):
         _quarantine(acc, p.measured.clip, result.stage, result.reason, result.message)
         return None
@@ -409,6 +422,7 @@ def _finish(p: _Prepared, result: LLMResult | QuarantineError, config: RunConfig
         seed_description=p.seed,
         prompt=p.instruction.text,
         messages=p.request.messages,
+        rendered_prompt=rendered_prompt(backend, config, p.request),
         response=result.text,
         generation=result.generation,
         provenance=Provenance(pipeline_version=ctx.pipeline_version, config_hash=ctx.config_hash,

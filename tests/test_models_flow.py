@@ -106,3 +106,25 @@ def test_missing_model_fails_the_run_up_front(tmp_path: Path, capsys: pytest.Cap
     assert code == 2
     assert "features.classifiers[0].model" in capsys.readouterr().err
     assert not (tmp_path / "sample").exists()
+
+
+def test_transformers_backend_end_to_end_stores_the_rendered_prompt(tmp_path: Path) -> None:
+    """Real (tiny, random) generation on CPU through the whole pipeline; the row keeps the exact
+    text the model saw, rendered with the backbone's own chat template."""
+    from schemas.records import Message
+    from tasks.llm.chat_template import render_prompt
+    from tests.tiny_models import build_tiny_causal_lm
+
+    model = build_tiny_causal_lm(tmp_path / "tiny-lm")
+    config = sample_config(str(tmp_path / "out"), "lm", workdir=tmp_path, overrides=[
+        "llm.backend=transformers", f"llm.model={model}", "llm.device=cpu", "llm.max_tokens=12",
+        "llm.temperature=1.0", "llm.qc.enabled=false"])
+    manifest = run_plain(config)
+    rows = _rows(tmp_path / "out", "lm", manifest.lineage.version)
+    assert manifest.stats.rows + manifest.stats.quarantined == 10 and manifest.stats.rows >= 8
+    assert {m.role: m.name for m in manifest.lineage.models}["llm"] == str(model)
+    for row in rows.values():
+        assert row["generation"]["backend"] == "transformers" and row["generation"]["completion_tokens"] > 0
+        expected = render_prompt([Message(role=m["role"], content=m["content"]) for m in row["messages"]],
+                                 str(model))
+        assert row["rendered_prompt"] == expected and row["seed_description"] in expected
