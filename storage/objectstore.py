@@ -75,9 +75,11 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False,
-                  if_match: str | None = None) -> str:
+                  if_match: str | None = None, durable: bool = True) -> str:
         """Write atomically and return the new etag. `if_none_match` = create-only;
-        `if_match` = replace only if the current etag equals it. Losing raises PreconditionFailed."""
+        `if_match` = replace only if the current etag equals it. Losing raises PreconditionFailed.
+        `durable=False` skips the flush to disk where a backend has one (caches: a lost entry is
+        only redone, and fsync per small object would dominate their cost)."""
 
     @abstractmethod
     def put_file(self, key: str, local_path: str | Path) -> None:
@@ -177,13 +179,14 @@ class LocalStore(ObjectStore):
         os.close(fd)
         return Path(name)
 
-    def _write_temp(self, path: Path, data: bytes) -> Path:
+    def _write_temp(self, path: Path, data: bytes, durable: bool = True) -> Path:
         tmp = self._temp_for(path)
         try:
             with open(tmp, "wb") as fh:
                 fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
+                if durable:
+                    fh.flush()
+                    os.fsync(fh.fileno())
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -204,11 +207,11 @@ class LocalStore(ObjectStore):
 
     # -- writes --------------------------------------------------------------------------
     def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False,
-                  if_match: str | None = None) -> str:
+                  if_match: str | None = None, durable: bool = True) -> str:
         if if_none_match and if_match is not None:
             raise ValueError("if_none_match and if_match are exclusive")
         path = self._path(key)
-        tmp = self._write_temp(path, data)
+        tmp = self._write_temp(path, data, durable)
         try:
             if if_none_match:
                 self._link_exclusive(tmp, path, key)
@@ -225,7 +228,8 @@ class LocalStore(ObjectStore):
                 os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        if durable:
+            _fsync_dir(path.parent)
         return _sha256(data)
 
     def _link_exclusive(self, tmp: Path, path: Path, key: str) -> None:
@@ -421,7 +425,7 @@ class S3Store(ObjectStore):
         return exc
 
     def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False,
-                  if_match: str | None = None) -> str:
+                  if_match: str | None = None, durable: bool = True) -> str:
         if if_none_match and if_match is not None:
             raise ValueError("if_none_match and if_match are exclusive")
         extra: dict[str, str] = {}

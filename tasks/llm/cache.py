@@ -164,10 +164,10 @@ class CachedBackend:
         try:
             if getattr(self.inner, "supports_on_result", False):
                 results = self.inner.generate(requests, on_result=on_result)  # type: ignore[call-arg]
-            else:
+            else:  # results arrive together: one background task stores them all (no thread per write)
                 results = self.inner.generate(requests)
-                for i, res in enumerate(results):
-                    on_result(i, res)
+                done = [(keys[i], r) for i, r in enumerate(results) if isinstance(r, LLMResult)]
+                writes.append(self._pool.submit(self._save_all, done))
         finally:  # also when the batch fails: keep what finished
             concurrent.futures.wait(writes)
         return results
@@ -189,10 +189,14 @@ class CachedBackend:
                 self._stats["unreadable"] += 1
             return None
 
+    def _save_all(self, items: list[tuple[str, LLMResult]]) -> None:
+        for key, res in items:
+            self._save(key, res)
+
     def _save(self, key: str, res: LLMResult) -> None:
         doc = {"v": CACHE_VERSION, "key": key, "result": res.model_dump(mode="json")}
         try:
-            self.store.put_bytes(cache_key_path(self.prefix, key), canonical_json(doc))
+            self.store.put_bytes(cache_key_path(self.prefix, key), canonical_json(doc), durable=False)
         except Exception as exc:  # noqa: BLE001 — a lost cache write costs a regeneration, never the row
             log.warning("llm cache: could not store %s for %s: %s: %s", key, res.id, type(exc).__name__, exc)
             with self._lock:
