@@ -37,6 +37,7 @@ bench: setup
 	$(PY) bench/pipeline.py
 	$(PY) bench/read.py
 	$(PY) bench/models.py
+	$(PY) bench/llm.py
 
 lint: setup
 	$(VENV)/bin/ruff check flows tasks schemas storage tests bench
