@@ -96,3 +96,12 @@ def test_instruction_pool_sampling_is_deterministic_and_spread(tmp_path: Path) -
     assert picks != [pick_instruction(pool, 1, f"c/{i}") for i in range(300)]
     assert pool_hash(pool) != pool_hash(pool[:2])
     assert load_instruction_pool(None) == ("What can you hear from the audio?",)
+
+
+def test_builtin_pool_alias_loads_the_shipped_versioned_pool() -> None:
+    from schemas.config import DescribeConfig
+    from tasks.describe import instruction_pool
+
+    pool = instruction_pool(DescribeConfig(instruction_pool="builtin"))
+    assert len(pool) >= 200 and "What can you hear from the audio?" in pool
+    assert pool_hash(pool) == pool_hash(instruction_pool(DescribeConfig(instruction_pool="builtin")))
