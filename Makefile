@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: setup demo test bench lint clean system-deps
+.PHONY: setup demo test bench lint clean system-deps serve
 
 # Debian packages: espeak-ng + sox (synthetic test speech), ffmpeg (torchcodec decoding), libsndfile.
 system-deps:
@@ -38,6 +38,13 @@ bench: setup
 	$(PY) bench/read.py
 	$(PY) bench/models.py
 	$(PY) bench/llm.py
+
+# A local Prefect server (SQLite under .prefect), the work pool, the deployments and a worker.
+serve: setup
+	$(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200 & \
+	until curl -sf http://127.0.0.1:4200/api/health >/dev/null; do sleep 1; done; \
+	PREFECT_API_URL=http://127.0.0.1:4200/api $(VENV)/bin/speechpairs deploy && \
+	PREFECT_API_URL=http://127.0.0.1:4200/api $(VENV)/bin/prefect worker start --pool speechpairs-process
 
 lint: setup
 	$(VENV)/bin/ruff check flows tasks schemas storage tests bench

@@ -347,6 +347,11 @@ _URI_HELP = "ROOT/DATASET[@vN|@tag], e.g. ./data/sample@v0002 or s3://bucket/pre
 
 
 def _add_datasets_parsers(sub: argparse._SubParsersAction) -> None:
+    dep = sub.add_parser("deploy", help="create the work pool and register prefect.yaml's deployments")
+    dep.add_argument("--api-url", help="Prefect API URL (default: PREFECT_API_URL)")
+    dep.add_argument("--pool", default="speechpairs-process", help="process work pool (created if missing)")
+    dep.add_argument("--name", action="append", help="deploy only this deployment (repeatable)")
+    dep.set_defaults(func=cmd_deploy)
     ds = sub.add_parser("datasets", help="inspect, verify, pull, tag, diff, export and clean datasets")
     ds_sub = ds.add_subparsers(dest="datasets_command", required=True)
 
@@ -381,6 +386,19 @@ def _add_datasets_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("uri", help="ROOT/DATASET")
     p.add_argument("--older-than", default="24h", help="minimum age of what is removed (default 24h)")
     p.add_argument("--dry-run", action="store_true", help="report what would be removed; remove nothing")
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from flows.deploy import DeployError, deploy
+
+    try:
+        names = deploy(api_url=args.api_url, pool=args.pool, names=args.name or None)
+    except DeployError as exc:
+        print(f"speechpairs: deploy failed: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for name in names:
+        print(f"deployed {name}")
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:

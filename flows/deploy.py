@@ -1,0 +1,114 @@
+"""Register the deployments in `prefect.yaml` with a Prefect server (what `speechpairs deploy` runs).
+
+`deploy()` creates the process work pool if it is missing, then runs Prefect's own
+`prefect --no-prompt deploy` on the project's `prefect.yaml`, so the file stays the single source
+of truth (entrypoints, typed parameters, cron schedules, tags, pull step) and the CLI, `make serve`
+and the tests register exactly the same deployments.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+PREFECT_YAML = PROJECT_DIR / "prefect.yaml"
+DEFAULT_POOL = "speechpairs-process"
+
+
+class DeployError(RuntimeError):
+    """The server could not be reached or `prefect deploy` failed (message carries its output)."""
+
+
+def deployment_names(path: Path = PREFECT_YAML) -> list[str]:
+    """Deployment names declared in prefect.yaml, in file order."""
+    data = yaml.safe_load(path.read_text()) or {}
+    return [str(d["name"]) for d in data.get("deployments") or []]
+
+
+def _flow_names(path: Path = PREFECT_YAML) -> dict[str, str]:
+    """deployment name → '<flow name>/<deployment name>' (flow names come from the @flow decorators)."""
+    flows = {"flows/generate.py:generate_dataset": "generate-dataset",
+             "flows/maintenance.py:gc_datasets": "gc-datasets"}
+    data = yaml.safe_load(path.read_text()) or {}
+    return {str(d["name"]): f"{flows.get(str(d['entrypoint']), str(d['entrypoint']).rsplit(':', 1)[-1])}/{d['name']}"
+            for d in data.get("deployments") or []}
+
+
+def ensure_work_pool(api_url: str | None, pool: str = DEFAULT_POOL) -> bool:
+    """Create a `process` work pool named `pool` unless it exists. True when it was created."""
+    from prefect.client.orchestration import SyncPrefectClient, get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    client = SyncPrefectClient(api_url) if api_url else get_client(sync_client=True)
+    with client:
+        try:
+            client.read_work_pool(pool)
+            return False
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+            return True
+
+
+def _env(api_url: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    env["PWD"] = str(PROJECT_DIR)  # prefect.yaml's pull step is `{{ $PWD }}`
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    return env
+
+
+def deploy(api_url: str | None = None, pool: str = DEFAULT_POOL, names: list[str] | None = None,
+           timeout: float = 300) -> list[str]:
+    """Create the work pool if missing and register prefect.yaml's deployments (all, or `names`).
+
+    `api_url` defaults to the active Prefect profile's PREFECT_API_URL. Returns the registered
+    deployments as '<flow name>/<deployment name>'. Raises DeployError when `prefect deploy` fails.
+    """
+    declared = _flow_names()
+    wanted = list(declared) if names is None else names
+    unknown = [n for n in wanted if n not in declared]
+    if unknown:
+        raise DeployError(f"no deployment named {', '.join(unknown)} in {PREFECT_YAML} "
+                          f"(declared: {', '.join(declared)})")
+    ensure_work_pool(api_url, pool)
+    cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy"]
+    cmd += ["--all"] if names is None else [arg for n in wanted for arg in ("--name", n)]
+    if pool != DEFAULT_POOL:
+        cmd += ["--pool", pool]
+    try:
+        proc = subprocess.run(cmd, cwd=PROJECT_DIR, env=_env(api_url), capture_output=True, text=True,
+                              timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise DeployError(f"`prefect deploy` did not finish in {timeout:.0f} s") from exc
+    if proc.returncode != 0:
+        raise DeployError(f"`prefect deploy` failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return [declared[n] for n in wanted]
+
+
+def serve_command() -> str:
+    """How `make serve` brings up a local service (SQLite). Production: set
+    PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://user:pass@host:5432/prefect on the server.
+
+    The Makefile target can be:
+
+        serve: setup
+        \t$(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200 & \\
+        \tuntil curl -sf http://127.0.0.1:4200/api/health >/dev/null; do sleep 1; done; \\
+        \tPREFECT_API_URL=http://127.0.0.1:4200/api $(VENV)/bin/speechpairs deploy && \\
+        \tPREFECT_API_URL=http://127.0.0.1:4200/api $(VENV)/bin/prefect worker start --pool speechpairs-process
+
+    (SQLite lives under $PREFECT_HOME, which the Makefile sets to ./.prefect.)
+    """
+    return (
+        "prefect server start --host 127.0.0.1 --port 4200 & "
+        "until curl -sf http://127.0.0.1:4200/api/health >/dev/null; do sleep 1; done; "
+        "export PREFECT_API_URL=http://127.0.0.1:4200/api; "
+        "speechpairs deploy && prefect worker start --pool " + DEFAULT_POOL
+    )
