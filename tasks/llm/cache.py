@@ -52,6 +52,12 @@ CACHE_DIR = "llm-cache"
 UNCACHED_BACKENDS = frozenset({"template"})
 
 
+# Finished responses go to the writer threads in groups (fewer hand-offs from the event loop), and
+# never later than WRITE_DELAY_S after they finish: a killed run loses at most that much work.
+WRITE_CHUNK = 16
+WRITE_DELAY_S = 0.05
+
+
 def canonical_json(obj: Any) -> bytes:
     """Sorted keys, no whitespace, UTF-8, no NaN: the same value always gives the same bytes."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
@@ -157,9 +163,30 @@ class CachedBackend:
     def _generate_and_store(self, requests: list[LLMRequest], keys: list[str]) -> list[LLMResult | QuarantineError]:
         writes: list[concurrent.futures.Future[None]] = []
 
+        pending: list[tuple[str, LLMResult]] = []
+        guard = threading.Lock()
+        timer: list[threading.Timer] = []
+
+        def flush() -> None:
+            with guard:
+                if timer:
+                    timer.pop().cancel()
+                if pending:
+                    writes.append(self._pool.submit(self._save_all, list(pending)))
+                    pending.clear()
+
         def on_result(index: int, res: LLMResult | QuarantineError) -> None:
-            if isinstance(res, LLMResult):  # never a QuarantineError: failures are retried next run
-                writes.append(self._pool.submit(self._save, keys[index], res))
+            if not isinstance(res, LLMResult):  # never a QuarantineError: failures are retried next run
+                return
+            with guard:
+                pending.append((keys[index], res))
+                full = len(pending) >= WRITE_CHUNK
+                if not full and not timer:  # stored within WRITE_DELAY_S of finishing, whatever follows
+                    timer.append(threading.Timer(WRITE_DELAY_S, flush))
+                    timer[0].daemon = True
+                    timer[0].start()
+            if full:
+                flush()
 
         try:
             if getattr(self.inner, "supports_on_result", False):
@@ -169,6 +196,7 @@ class CachedBackend:
                 done = [(keys[i], r) for i, r in enumerate(results) if isinstance(r, LLMResult)]
                 writes.append(self._pool.submit(self._save_all, done))
         finally:  # also when the batch fails: keep what finished
+            flush()
             concurrent.futures.wait(writes)
         return results
 
