@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -114,3 +115,14 @@ def prepare(iter_refs: Callable[[Any, int, str], Iterator[ClipRef]], load: Calla
     """lhotse-style `prepare_<corpus>(path)`: every clip of one corpus, lazily, outside a run."""
     for ref in iter_refs(root, 0, dataset):
         yield load(root, ref.locator, clip_id=ref.id, dataset=dataset, language=None, extra_labels={})
+
+
+def parse_json_object(line: bytes | str, where: str, fix: str = "") -> dict[str, Any] | str:
+    """One JSONL line → its object, or an error text naming `where` (then `fix`, if given)."""
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return f"{where}: not valid JSON ({exc.__class__.__name__}: {exc}){fix}"
+    if not isinstance(record, dict):
+        return f"{where}: each line must be a JSON object, got {type(record).__name__}"
+    return record

@@ -22,7 +22,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -35,7 +34,16 @@ import numpy as np
 import soundfile as sf
 
 from schemas.records import Clip, ReasonCode
-from tasks.ingest.common import ClipRef, FileKey, SourceError, clean_label_value, file_key, one_line, prepare
+from tasks.ingest.common import (
+    ClipRef,
+    FileKey,
+    SourceError,
+    clean_label_value,
+    file_key,
+    one_line,
+    parse_json_object,
+    prepare,
+)
 
 MANIFEST_ENDINGS = (".jsonl.gz", ".jsonl")
 KINDS = ("cuts", "supervisions", "recordings")
@@ -134,16 +142,6 @@ def iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
             offset += len(line)
 
 
-def _parse(line: bytes, where: str) -> dict[str, Any] | str:
-    try:
-        record = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return f"{where}: not valid JSON ({exc.__class__.__name__}: {exc})"
-    if not isinstance(record, dict):
-        return f"{where}: each line must be a JSON object, got {type(record).__name__}"
-    return record
-
-
 def _rel(path: Path, root: Path) -> str:
     base = root if root.is_dir() else root.parent
     return path.relative_to(base).as_posix()
@@ -155,16 +153,16 @@ def iter_lhotse_refs(root: Path, source_index: int, dataset: str) -> Iterator[Cl
         main = _rel(unit.main, root)
         if unit.kind == "cuts" or unit.supervisions is None:
             for offset, line in iter_lines(unit.main):
-                yield ClipRef(id=f"{dataset}/{_record_id(_parse(line, ''), f'{main}@{offset}')}",
+                yield ClipRef(id=f"{dataset}/{_record_id(parse_json_object(line, ''), f'{main}@{offset}')}",
                               source=source_index, locator=f"{offset}@{main}")
             continue
         # Supervisions point at recordings by id: remember each recording's offset (ids only, not records).
         rec_offsets: dict[str, int] = {}
         for offset, line in iter_lines(unit.main):
-            rec_offsets.setdefault(_record_id(_parse(line, ""), ""), offset)
+            rec_offsets.setdefault(_record_id(parse_json_object(line, ""), ""), offset)
         sup = _rel(unit.supervisions, root)
         for offset, line in iter_lines(unit.supervisions):
-            record = _parse(line, "")
+            record = parse_json_object(line, "")
             rec_id = str(record.get("recording_id", "")) if isinstance(record, dict) else ""
             rec_off = rec_offsets.get(rec_id, -1)
             yield ClipRef(id=f"{dataset}/{_record_id(record, f'{sup}@{offset}')}", source=source_index,
@@ -221,7 +219,7 @@ def load_lhotse_clip(root: Path, locator: str, *, clip_id: str, dataset: str, la
     off, _, name = first.partition("@")
     path = base / name
     where = f"{path} at byte {off}"
-    record = _parse(read_line_at(path, int(off)), where)
+    record = parse_json_object(read_line_at(path, int(off)), where)
 
     def bad(message: str) -> Clip:
         return Clip(id=clip_id, dataset=dataset, audio_uri=where, ingest_error=(ReasonCode.bad_row, message))
@@ -239,7 +237,7 @@ def load_lhotse_clip(root: Path, locator: str, *, clip_id: str, dataset: str, la
         return bad(f"{where}: supervision {record.get('id')!r} refers to recording {record.get('recording_id')!r}, "
                    f"which is not in {base / rec_name}")
     rec_where = f"{base / rec_name} at byte {rec_off}"
-    recording = _parse(read_line_at(base / rec_name, int(rec_off)), rec_where)
+    recording = parse_json_object(read_line_at(base / rec_name, int(rec_off)), rec_where)
     if isinstance(recording, str):
         return bad(recording)
     start = float(record.get("start") or 0.0)

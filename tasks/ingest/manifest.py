@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import posixpath
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from schemas.records import Clip, ReasonCode
-from tasks.ingest.common import ClipRef, clean_label_value, resolve_audio_uri
+from tasks.ingest.common import ClipRef, clean_label_value, parse_json_object, resolve_audio_uri
 
 PATH_COLUMNS = ("path", "audio", "audio_filepath")
 TRANSCRIPT_COLUMNS = ("transcript", "text")
@@ -75,13 +74,7 @@ def iter_manifest_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | st
 
 
 def _parse_json_line(line: bytes, path: Path, offset: int) -> dict[str, Any] | str:
-    try:
-        record = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return f"{path} at byte {offset}: not valid JSON ({exc.__class__.__name__}: {exc}); fix or remove the line"
-    if not isinstance(record, dict):
-        return f"{path} at byte {offset}: each line must be a JSON object, got {type(record).__name__}"
-    return record
+    return parse_json_object(line, f"{path} at byte {offset}", "; fix or remove the line")
 
 
 def _zip_row(header: list[str], values: list[str], path: Path, offset: int) -> dict[str, Any] | str:
