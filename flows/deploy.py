@@ -31,11 +31,13 @@ def deployment_names(path: Path = PREFECT_YAML) -> list[str]:
 
 
 def _flow_names(path: Path = PREFECT_YAML) -> dict[str, str]:
-    """deployment name → '<flow name>/<deployment name>' (flow names come from the @flow decorators)."""
-    flows = {"flows/generate.py:generate_dataset": "generate-dataset",
-             "flows/maintenance.py:gc_datasets": "gc-datasets"}
+    """deployment name → '<flow name>/<deployment name>'.
+
+    Every speechpairs flow is named after its function with hyphens (`calibrate_bins` →
+    `calibrate-bins`, Prefect's own default), so the entrypoint gives the name without an import.
+    """
     data = yaml.safe_load(path.read_text()) or {}
-    return {str(d["name"]): f"{flows.get(str(d['entrypoint']), str(d['entrypoint']).rsplit(':', 1)[-1])}/{d['name']}"
+    return {str(d["name"]): f"{str(d['entrypoint']).rsplit(':', 1)[-1].replace('_', '-')}/{d['name']}"
             for d in data.get("deployments") or []}
 
 

@@ -8,21 +8,33 @@ completion markers and a committed run is not committed twice.
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import time
 from collections import Counter
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
+from uuid import UUID
 
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.futures import PrefectFuture, as_completed
+from prefect.logging.handlers import APILogHandler
 from prefect.runtime import flow_run
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.settings import PREFECT_UI_URL
 from pydantic import BaseModel, Field
 
+from flows.runners import ensure_gpu_limit, flow_options, stage_gate, task_options
 from schemas.arrow import ROW_SCHEMA, hf_features, schema_to_b64
 from schemas.config import RunConfig
 from schemas.manifest import Manifest, Stats
@@ -33,6 +45,7 @@ from tasks.describe import DESCRIBE_VERSION, instruction_pool, load_bins, pool_h
 from tasks.features import EXTRACTOR_VERSIONS
 from tasks.features.models import load_models
 from tasks.features.phonemes import PHONEME_VERSION
+from tasks.gpu import gpu_stages
 from tasks.ingest import source_fingerprint
 from tasks.llm import make_backend
 from tasks.pipeline import RunContext, ShardOutcome, process_shard, report_total, run_backend
@@ -54,6 +67,8 @@ class RunSummary(BaseModel):
     shards_skipped: int
     seconds: float
     stage_seconds: dict[str, float] = Field(default_factory=dict)
+    tokens_prompt: int = 0  # summed over the rows (0 where the LLM backend reports no usage)
+    tokens_completion: int = 0
     already_committed: bool = False
 
 
@@ -100,7 +115,8 @@ def shard_task(config: RunConfig, ctx: RunContext, index: int) -> ShardOutcome:
     store = _store(config)
     backend = run_backend(config, store, ctx)
     try:
-        return process_shard(load_shard_plan(store, ctx.staging, index), config, store, ctx, backend)
+        return process_shard(load_shard_plan(store, ctx.staging, index), config, store, ctx, backend,
+                             gate=stage_gate(config))
     finally:
         close = getattr(backend, "close", None)
         if callable(close):
@@ -200,6 +216,69 @@ def combine_stats(plan: RunPlan, outcomes: list[ShardOutcome]) -> Stats:
     return stats
 
 
+class _RunLogHandler(APILogHandler):
+    """Prefect's API log handler, but silent outside a flow or task run (plain runs, unit tests)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if FlowRunContext.get() is None and TaskRunContext.get() is None:
+            return
+        super().emit(record)
+
+
+def forward_pipeline_logs(name: str = "speechpairs") -> None:
+    """Send the plain-Python pipeline's records (quarantined clips, by shard and clip id) to the run's
+    logs in the Prefect UI. Runs on import, so shard tasks in worker processes (process, Dask, Ray
+    runners) forward theirs too; a no-op if PREFECT_LOGGING_EXTRA_LOGGERS already names the logger."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(h, APILogHandler) for h in logger.handlers):
+        logger.addHandler(_RunLogHandler())
+
+
+forward_pipeline_logs()
+
+
+def gather_shards(futures: list[PrefectFuture[ShardOutcome]], progress: UUID) -> list[ShardOutcome]:
+    """Wait for the shards as they finish, moving the progress artifact and logging one line per
+    shard (skipped ones count as done); the outcomes come back in shard order."""
+    logger = get_run_logger()
+    index = {future: i for i, future in enumerate(futures)}
+    done: dict[int, ShardOutcome] = {}
+    if not futures:
+        update_progress_artifact(progress, progress=100.0)
+    for future in as_completed(futures):
+        i = index[future]
+        try:
+            outcome = future.result()
+        except Exception as exc:
+            logger.error("shard %05d failed (task run shard-%05d): %s: %s", i, i, type(exc).__name__, exc)
+            raise
+        done[i] = outcome
+        logger.info("shard %05d done: %d rows, %d quarantined (%d/%d shards)%s", outcome.index, outcome.rows,
+                    outcome.quarantined, len(done), len(futures),
+                    " [finished by an earlier attempt]" if outcome.skipped else "")
+        update_progress_artifact(progress, progress=round(100.0 * len(done) / len(futures), 2))
+    return [done[i] for i in range(len(futures))]
+
+
+def name_flow_run(name: str) -> None:
+    """Rename the current flow run (ops find runs by dataset and version); a failure only warns."""
+    run_id = flow_run.id
+    if not run_id:
+        return
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(UUID(str(run_id)), name=name)
+    except Exception as exc:  # noqa: BLE001 - a cosmetic rename must never fail a committed run
+        get_run_logger().warning("could not rename flow run %s to %r: %s: %s", run_id, name,
+                                 type(exc).__name__, exc)
+
+
+def artifact_link(key: str, artifact_id: UUID) -> str:
+    """Markdown naming an artifact by key, linked to its UI page when PREFECT_UI_URL is known."""
+    ui = PREFECT_UI_URL.value()
+    return f"[`{key}`]({str(ui).rstrip('/')}/artifacts/artifact/{artifact_id})" if ui else f"`{key}`"
+
+
 def summarize(config: RunConfig, ctx: RunContext, plan: RunPlan, outcomes: list[ShardOutcome],
               version: str, started: float, already: bool = False) -> RunSummary:
     stage_seconds: Counter[str] = Counter()
@@ -225,24 +304,32 @@ def summarize(config: RunConfig, ctx: RunContext, plan: RunPlan, outcomes: list[
         shards_skipped=sum(o.skipped for o in outcomes),
         seconds=round(time.perf_counter() - started, 3),
         stage_seconds={k: round(v, 3) for k, v in sorted(stage_seconds.items())},
+        tokens_prompt=sum(o.tokens_prompt for o in outcomes),
+        tokens_completion=sum(o.tokens_completion for o in outcomes),
         already_committed=already,
     )
 
 
-def publish_artifacts(summary: RunSummary, stats: Stats) -> None:
-    """A human summary in the Prefect UI: counts table and attribute distributions."""
-    table: list[dict[str, Any]] = [
+def summary_table(summary: RunSummary, stats: Stats) -> list[dict[str, Any]]:
+    """The run-summary rows: counts, quarantine by stage and by reason, tokens, time per stage."""
+    return [
         {"metric": "clips in", "value": summary.clips_in},
         {"metric": "rows out", "value": summary.rows},
         {"metric": "quarantined", "value": summary.quarantined},
-        *({"metric": f"quarantined: {k}", "value": v} for k, v in summary.quarantine_by_reason.items()),
+        *({"metric": f"quarantined by stage: {k}", "value": v} for k, v in summary.quarantine_by_stage.items()),
+        *({"metric": f"quarantined by reason: {k}", "value": v} for k, v in summary.quarantine_by_reason.items()),
         *({"metric": f"QC failures: {k}", "value": v} for k, v in stats.qc_failures.items()),
+        {"metric": "tokens: prompt", "value": summary.tokens_prompt},
+        {"metric": "tokens: completion", "value": summary.tokens_completion},
         {"metric": "audio hours", "value": summary.audio_hours},
         {"metric": "shards (skipped)", "value": f"{summary.shards} ({summary.shards_skipped})"},
         {"metric": "seconds", "value": summary.seconds},
+        *({"metric": f"seconds: {k}", "value": v} for k, v in summary.stage_seconds.items()),
     ]
-    create_table_artifact(key="run-summary", table=table,
-                          description=f"{summary.dataset} {summary.version} at {summary.location}")
+
+
+def publish_artifacts(summary: RunSummary, stats: Stats) -> None:
+    """A human summary in the Prefect UI: counts table and attribute distributions (linked from it)."""
     lines = [f"# Attribute distributions: {summary.dataset} {summary.version}", ""]
     for attr, counts in sorted(stats.attribute_counts.items()):
         total = sum(counts.values()) or 1
@@ -250,7 +337,13 @@ def publish_artifacts(summary: RunSummary, stats: Stats) -> None:
         for word, n in counts.items():
             lines.append(f"| {word} | {n} | {'█' * max(1, round(20 * n / total))} {100 * n / total:.0f}% |")
         lines.append("")
-    create_markdown_artifact(key="attribute-distributions", markdown="\n".join(lines))
+    distributions = cast(UUID, create_markdown_artifact(  # sync here: async_dispatch types both
+        key="attribute-distributions", markdown="\n".join(lines),
+        description=f"{summary.dataset} {summary.version}: attribute words over the rows"))
+    create_table_artifact(
+        key="run-summary", table=summary_table(summary, stats),
+        description=f"{summary.dataset} {summary.version} at {summary.location}; attribute distributions: "
+                    f"artifact {artifact_link('attribute-distributions', distributions)}")
 
 
 @flow(name="generate-dataset", flow_run_name="generate-{config.output.dataset}", validate_parameters=True)
@@ -258,20 +351,27 @@ def generate_dataset(config: RunConfig) -> RunSummary:
     """Corpus → committed dataset version. Re-running the same config resumes, never duplicates."""
     started = time.perf_counter()
     logger = get_run_logger()
+    progress = cast(UUID, create_progress_artifact(progress=0.0, key="shard-progress",
+                                                   description=f"{config.output.dataset}: % of shards done"))
     make_backend(config.llm).preflight()  # an unreachable endpoint fails the run, not every clip
     ctx = run_context(config)  # loads Whisper/classifiers: a missing model fails here, before any clip
     store = _store(config)
-    plan = plan_task(config, ctx)
+    slots = ensure_gpu_limit(config)
+    if slots is not None:
+        logger.info("GPU stages %s hold slots of the concurrency limit %r (%d)", sorted(gpu_stages(config)),
+                    config.cluster.gpu_limit, slots)
+    plan = task_options(plan_task, config)(config, ctx)
     logger.info("run %s: %d clips in %d shards of ≤%d", ctx.run_id, plan.clips, plan.shards, plan.shard_size)
     report_total(plan.clips)
-    futures = shard_task.map(unmapped(config), unmapped(ctx), list(range(plan.shards)))
-    outcomes = [f.result() for f in futures]
+    futures = task_options(shard_task, config).map(unmapped(config), unmapped(ctx), list(range(plan.shards)))
+    outcomes = gather_shards(list(futures), progress)
     try:
         version = json.loads(store.get_bytes(committed_key(ctx)))["version"]
         already = True
     except NotFound:
-        version = commit_task(config, ctx, plan, outcomes).lineage.version
+        version = task_options(commit_task, config)(config, ctx, plan, outcomes).lineage.version
         already = False
+    name_flow_run(f"generate-{config.output.dataset}-{version}")
     summary = summarize(config, ctx, plan, outcomes, version, started, already)
     publish_artifacts(summary, combine_stats(plan, outcomes))
     logger.info("committed %s %s: %d rows, %d quarantined %s", summary.dataset, version, summary.rows,
@@ -280,7 +380,5 @@ def generate_dataset(config: RunConfig) -> RunSummary:
 
 
 def run_generate(config: RunConfig) -> RunSummary:
-    """Run the flow with the task runner the config asks for."""
-    runner: ThreadPoolTaskRunner[Any] = ThreadPoolTaskRunner(
-        max_workers=1 if config.runner == "sequential" else config.max_workers)
-    return generate_dataset.with_options(task_runner=runner)(config)  # type: ignore[arg-type]
+    """Run the flow with the task runner (and result storage) the config asks for."""
+    return generate_dataset.with_options(**flow_options(config))(config)  # type: ignore[no-any-return]

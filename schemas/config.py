@@ -191,6 +191,25 @@ class OutputConfig(_Strict):
     audio_format: Literal["flac", "wav"] = "flac"
 
 
+class ClusterConfig(_Strict):
+    """How a run scales out; none of it changes the rows, so it is left out of the config hash."""
+
+    address: str | None = Field(default=None, description="An existing Dask scheduler (tcp://host:8786) or Ray "
+                                "cluster (ray://host:10001); unset: a local cluster on this machine.")
+    workers: int = Field(default=2, ge=1, le=1024, description="Worker processes of the local Dask/Ray cluster.")
+    threads_per_worker: int = Field(default=1, ge=1, le=64, description="Shard tasks per local Dask worker.")
+    result_storage: str | None = Field(default=None, description="Saved Prefect filesystem block (e.g. "
+                                       "'s3-bucket/speechpairs-results') where task results are persisted, "
+                                       "so workers on other machines share them.")
+    gpu_limit: str = Field(default="speechpairs-gpu", description="Prefect global concurrency limit each GPU "
+                           "stage (Whisper, classifiers, local LLM) holds a slot of while it runs.")
+    gpu_slots: int | None = Field(default=None, ge=1, description="Set the GPU limit to this many slots "
+                                  "(default: the GPUs the flow's machine sees, for a new limit).")
+    gpu_gate: Literal["auto", "always", "never"] = Field(
+        default="auto", description="auto: gate the model stages that run on a GPU; always: gate them on CPU "
+        "too (a shared machine); never: no gate.")
+
+
 class S3Config(_Strict):
     """Endpoint settings. Credentials never live in the config: they come from a named Prefect
     `AwsCredentials` block, or else from boto3's usual chain (AWS_* environment variables first)."""
@@ -210,12 +229,15 @@ class RunConfig(_Strict):
     describe: DescribeConfig = Field(default_factory=DescribeConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)
     s3: S3Config = Field(default_factory=S3Config)
-    runner: Literal["thread", "sequential"] = "thread"
-    max_workers: int = Field(default=2, ge=1, le=256)
+    runner: Literal["thread", "sequential", "process", "dask", "ray"] = Field(
+        default="thread", description="Where shard tasks run: threads or processes of the flow's process, "
+        "a Dask cluster (prefect-dask) or a Ray cluster (prefect-ray).")
+    max_workers: int = Field(default=2, ge=1, le=256, description="Shard tasks in parallel (thread/process).")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     def config_hash(self) -> str:
         """Hash of everything that changes the output rows; shards are reused only on equal hashes."""
-        payload = self.model_dump(mode="json", exclude={"runner", "max_workers"})
+        payload = self.model_dump(mode="json", exclude={"runner", "max_workers", "cluster"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -8,10 +8,12 @@ unexpected error in one clip quarantines that clip with the stage, never the who
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from pydantic import BaseModel, Field
 
@@ -29,6 +31,7 @@ from schemas.records import (
     Row,
     Segment,
     Stage,
+    utc_now,
 )
 from storage.objectstore import ObjectStore
 from storage.shards import ParquetShardWriter, read_marker, write_marker, write_parquet_shard
@@ -47,12 +50,17 @@ from tasks.features.labels import resolve_attributes
 from tasks.features.models import LoadedModels, load_models
 from tasks.features.phonemes import phoneme_counts, phoneme_rate
 from tasks.features.rate import speaking_rates
+from tasks.gpu import StageGate, no_gate
 from tasks.ingest import load_clip
 from tasks.llm import LLMBackend, LLMRequest, LLMResult, build_messages, make_backend
 from tasks.llm.cache import CachedBackend
 from tasks.llm.messages import DEFAULT_SYSTEM_PROMPT, sanitize_transcript
 from tasks.llm.qc import Instruction, QCVerdict, check_response, parse_instruction
 from tasks.plan import ShardPlan
+
+# Not Prefect's logger (this module stays plain Python): the flow forwards "speechpairs" records to
+# the Prefect API, so each quarantined clip shows in the run's logs with its shard and clip id.
+log = logging.getLogger("speechpairs.pipeline")
 
 # Set by the CLI to drive a progress bar: called with ("total", n) once planned, then ("done", n).
 ProgressHook = Callable[[str, int], None]
@@ -96,6 +104,8 @@ class ShardOutcome(BaseModel):
     attribute_counts: dict[str, dict[str, int]] = Field(default_factory=dict)
     stage_seconds: dict[str, float] = Field(default_factory=dict)
     qc_failures: dict[str, int] = Field(default_factory=dict)
+    tokens_prompt: int = 0  # summed over the shard's rows (0 where the backend reports none)
+    tokens_completion: int = 0
     shard: ShardInfo | None = None
     quarantine: ShardInfo | None = None
     config_hash: str
@@ -120,6 +130,13 @@ class _Acc:
     n_rows: int = 0
     stage_seconds: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     qc_failures: Counter[str] = field(default_factory=Counter)
+    tokens_prompt: int = 0
+    tokens_completion: int = 0
+    shard: int = -1  # the shard's index, for log lines
+    # The run's planned-at time, stamped on every row: redoing a shard gives byte-identical output.
+    created_at: datetime = field(default_factory=utc_now)
+    # Held around each model stage's compute: the flow passes a GPU concurrency limit (tasks/gpu.py).
+    gate: StageGate = no_gate
 
 
 def run_backend(config: RunConfig, store: ObjectStore, ctx: RunContext) -> LLMBackend:
@@ -143,8 +160,12 @@ def finished_outcome(store: ObjectStore, ctx: RunContext, index: int) -> ShardOu
 
 
 def process_shard(plan: ShardPlan, config: RunConfig, store: ObjectStore, ctx: RunContext,
-                  backend: LLMBackend, batch_size: int | None = None) -> ShardOutcome:
-    """Process one planned shard end to end, idempotently: a finished shard is returned as is."""
+                  backend: LLMBackend, batch_size: int | None = None, gate: StageGate = no_gate) -> ShardOutcome:
+    """Process one planned shard end to end, idempotently: a finished shard is returned as is.
+
+    `gate(stage)` is entered around every model stage (asr, classify, llm) so that shards running
+    in parallel never share a GPU at once.
+    """
     # Enough requests per LLM call to keep every concurrency slot busy while stragglers finish.
     batch_size = batch_size or max(64, 2 * config.llm.concurrency)
     done = finished_outcome(store, ctx, plan.index)
@@ -153,13 +174,16 @@ def process_shard(plan: ShardPlan, config: RunConfig, store: ObjectStore, ctx: R
         return done.model_copy(update={"skipped": True})
     bins = load_bins(config.describe.bins)
     models = load_models(config.features)
-    acc = _Acc()
+    acc = _Acc(shard=plan.index, created_at=plan.created_at or utc_now(), gate=gate)
     key = f"{ctx.staging}/shards/train-{plan.index:05d}.parquet"
     with ParquetShardWriter(store, key, ROW_SCHEMA, compression=config.output.compression) as writer:
         for batch in _batches((load_clip(ref, config.sources) for ref in plan.refs), batch_size):
             prepared = _prepare_batch(batch, config, bins, acc, models)
             t0 = time.perf_counter()
-            results = generate_with_qc(prepared, backend, config, acc.qc_failures) if prepared else []
+            results: list[LLMResult | QuarantineError] = []
+            if prepared:
+                with gate("llm"):
+                    results = generate_with_qc(prepared, backend, config, acc.qc_failures)
             acc.stage_seconds["llm"] += time.perf_counter() - t0
             rows = [row for p, r in zip(prepared, results, strict=True)
                     if (row := _finish(p, r, config, ctx, acc, backend)) is not None]
@@ -236,7 +260,12 @@ def _batches(items: Iterable[Clip], size: int) -> Iterator[list[Clip]]:
 
 def _quarantine(acc: _Acc, clip: Clip, stage: Stage, reason: ReasonCode, message: str) -> None:
     acc.quarantine.append(QuarantineRow(id=clip.id, dataset=clip.dataset, audio_uri=clip.audio_uri,
-                                        stage=stage, reason_code=reason, message=message))
+                                        stage=stage, reason_code=reason, message=message,
+                                        created_at=acc.created_at))
+    # One line per quarantined clip (never per good clip), so ops find it from the run's logs.
+    where = f"shard {acc.shard:05d}" if acc.shard >= 0 else "measuring"
+    log.warning("%s clip %s: quarantined at %s (%s): %s", where, clip.id, stage.value,
+                reason.value, message if len(message) <= 500 else message[:500] + "…")
 
 
 @dataclass
@@ -261,6 +290,14 @@ def _prepare_batch(batch: list[Clip], config: RunConfig, bins: Bins, acc: _Acc,
     _add_rates(measured, config, acc)
     measured = _classify(measured, models, acc)
     return [p for p in (_describe(m, config, bins, acc) for m in measured) if p is not None]
+
+
+def measure_clips(clips: list[Clip], config: RunConfig, bins: Bins, models: LoadedModels,
+                  ) -> tuple[list[Features], list[QuarantineRow]]:
+    """Each clip's features exactly as a run resolves them (DSP, Whisper rates, classifiers, labels),
+    and the quarantine rows of the clips a run would drop; for calibration, outside any shard."""
+    acc = _Acc()
+    return [p.features for p in _prepare_batch(clips, config, bins, acc, models)], acc.quarantine
 
 
 def _measure(clip: Clip, config: RunConfig, acc: _Acc) -> _Measured | None:
@@ -295,7 +332,7 @@ def _transcribe(measured: list[_Measured], models: LoadedModels, config: RunConf
     if models.transcriber is None or not todo:
         return measured
     t0 = time.perf_counter()
-    with models.lock("asr"):
+    with acc.gate("asr"), models.lock("asr"):
         results = models.transcriber.transcribe([m.audio.samples for m in todo])
     acc.stage_seconds["asr"] += time.perf_counter() - t0
     dropped: set[int] = set()
@@ -341,7 +378,7 @@ def _classify(measured: list[_Measured], models: LoadedModels, acc: _Acc) -> lis
         if not measured:
             break
         t0 = time.perf_counter()
-        with models.lock(f"classifier.{classifier.attribute}"):
+        with acc.gate("classify"), models.lock(f"classifier.{classifier.attribute}"):
             results = classifier.classify([m.audio.samples for m in measured])
         acc.stage_seconds["classify"] += time.perf_counter() - t0
         kept: list[_Measured] = []
@@ -427,9 +464,11 @@ def _finish(p: _Prepared, result: LLMResult | QuarantineError, config: RunConfig
         generation=result.generation,
         provenance=Provenance(pipeline_version=ctx.pipeline_version, config_hash=ctx.config_hash,
                               bins_version=ctx.bins_version, extractor_versions=ctx.extractor_versions,
-                              run_id=ctx.run_id),
+                              run_id=ctx.run_id, created_at=acc.created_at),
     )
     acc.audio_seconds += m.audio.duration_s
+    acc.tokens_prompt += result.generation.prompt_tokens or 0
+    acc.tokens_completion += result.generation.completion_tokens or 0
     for key, word in p.attributes.items():
         acc.attribute_counts.setdefault(key, Counter())[word] += 1
     acc.stage_seconds["encode"] += time.perf_counter() - t0
@@ -457,6 +496,8 @@ def _write_outcome(plan: ShardPlan, store: ObjectStore, ctx: RunContext, config:
         attribute_counts={k: dict(v) for k, v in acc.attribute_counts.items()},
         stage_seconds={k: round(v, 4) for k, v in acc.stage_seconds.items()},
         qc_failures=dict(acc.qc_failures),
+        tokens_prompt=acc.tokens_prompt,
+        tokens_completion=acc.tokens_completion,
         shard=shard,
         quarantine=quarantine,
         config_hash=ctx.config_hash,

@@ -35,6 +35,7 @@ class ShardPlan(BaseModel):
     index: int
     of: int
     refs: list[ClipRef]
+    created_at: datetime | None = None  # the run's planned-at time (None in plans from before it existed)
 
 
 def plan_key(prefix: str) -> str:
@@ -60,14 +61,15 @@ def plan_run(config: RunConfig, store: ObjectStore, prefix: str, run_id: str) ->
     is_dup = [i > 0 and keys[i][0] == keys[i - 1][0] for i in range(len(keys))]
     size = config.output.shard_size
     count = (len(keys) + size - 1) // size
+    planned_at = utc_now()
     for index in range(count):
         start = index * size
         refs = [ClipRef(id=k[0], source=k[1], locator=k[3], duplicate=is_dup[start + j])
                 for j, k in enumerate(keys[start:start + size])]
-        shard = ShardPlan(index=index, of=count, refs=refs)
+        shard = ShardPlan(index=index, of=count, refs=refs, created_at=planned_at)
         store.put_bytes(shard_plan_key(prefix, index), shard.model_dump_json().encode())
     plan = RunPlan(run_id=run_id, config_hash=config.config_hash(), clips=len(keys), shards=count,
-                   shard_size=size, duplicates=sum(is_dup))
+                   shard_size=size, duplicates=sum(is_dup), created_at=planned_at)
     try:
         store.put_bytes(plan_key(prefix), plan.model_dump_json(indent=2).encode(), if_none_match=True)
     except PreconditionFailed:

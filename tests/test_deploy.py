@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.deploy import DEFAULT_POOL, PROJECT_DIR, DeployError, deploy, deployment_names
+from flows.deploy import DEFAULT_POOL, PROJECT_DIR, DeployError, _flow_names, deploy, deployment_names
 
 
 def _free_port() -> int:
@@ -76,7 +76,7 @@ def prefect_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
 
 
 def test_unknown_deployment_name_is_refused_before_contacting_a_server() -> None:
-    assert deployment_names() == ["sample-nightly", "gc-daily"]
+    assert deployment_names() == ["sample-nightly", "gc-daily", "calibrate-sample"]
     with pytest.raises(DeployError, match="no deployment named nope"):
         deploy(api_url="http://127.0.0.1:9/api", names=["nope"])
 
@@ -90,7 +90,7 @@ def test_deploy_and_run_with_process_worker(prefect_server: str, tmp_path: Path)
     from storage.versions import resolve_version
 
     registered = deploy(api_url=prefect_server)
-    assert registered == ["generate-dataset/sample-nightly", "gc-datasets/gc-daily"]
+    assert registered[:2] == ["generate-dataset/sample-nightly", "gc-datasets/gc-daily"] and len(registered) == 3
 
     out_root = tmp_path / "out"
     with SyncPrefectClient(prefect_server) as client:
@@ -104,6 +104,10 @@ def test_deploy_and_run_with_process_worker(prefect_server: str, tmp_path: Path)
         assert "config" in schema["properties"]  # typed form from RunConfig
         assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory":
                                    {"directory": str(PROJECT_DIR)}}]
+        calibrate = client.read_deployment_by_name("calibrate-bins/calibrate-sample")
+        assert calibrate.work_pool_name == DEFAULT_POOL and {"speechpairs", "calibrate"} <= set(calibrate.tags)
+        assert not [s for s in calibrate.schedules if s.active]  # on demand only
+        assert calibrate.parameters["params"]["output"] == "./data/bins/sample-calibrated.json"
         config = copy.deepcopy(dep.parameters["config"])
         config["output"]["root"] = str(out_root)
         run = client.create_flow_run_from_deployment(dep.id, parameters={"config": config})
@@ -129,3 +133,15 @@ def test_cli_deploy_refuses_an_unknown_deployment(capsys: pytest.CaptureFixture[
 
     assert main(["deploy", "--name", "no-such-deployment"]) == 2
     assert "no deployment named no-such-deployment" in capsys.readouterr().err
+
+
+def test_deployment_names_match_the_flows_they_run() -> None:
+    """`deploy` derives flow names from entrypoints; each must be the real @flow name."""
+    import importlib
+
+    import yaml
+
+    for d in yaml.safe_load((PROJECT_DIR / "prefect.yaml").read_text())["deployments"]:
+        path, func = d["entrypoint"].split(":")
+        flow = getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), func)
+        assert _flow_names()[d["name"]] == f"{flow.name}/{d['name']}"
