@@ -205,6 +205,8 @@ class ClusterConfig(_Strict):
                            "stage (Whisper, classifiers, local LLM) holds a slot of while it runs.")
     gpu_slots: int | None = Field(default=None, ge=1, description="Set the GPU limit to this many slots "
                                   "(default: the GPUs the flow's machine sees, for a new limit).")
+    stage_tags: bool = Field(default=False, description="Tag task runs by stage (plan/shard/commit) in the UI; "
+                             "each tagged task run costs Prefect tag-concurrency round trips.")
     gpu_gate: Literal["auto", "always", "never"] = Field(
         default="auto", description="auto: gate the model stages that run on a GPU; always: gate them on CPU "
         "too (a shared machine); never: no gate.")

@@ -165,6 +165,16 @@ def set_ref(store: ObjectStore, dataset: str, version: str, name: str = "latest"
 # --------------------------------------------------------------------------------------------
 
 
+def unreferenced_manifest_of_run(store: ObjectStore, dataset: str, run_id: str, start: int) -> Manifest | None:
+    """A manifest this run already wrote at a version ≥ `start` (newer than `latest`), if any."""
+    for version in list_versions(store, dataset):
+        if version_number(version) >= start:
+            manifest = read_manifest(store, dataset, version)
+            if manifest.lineage.run_id == run_id:
+                return manifest
+    return None
+
+
 def _claim_version(store: ObjectStore, dataset: str, start: int, run_id: str) -> str:
     body = json.dumps({"run_id": run_id, "claimed_at": utc_now().isoformat()}).encode()
     for n in range(start, start + MAX_CLAIM_TRIES):
@@ -173,8 +183,20 @@ def _claim_version(store: ObjectStore, dataset: str, start: int, run_id: str) ->
             store.put_bytes(f"{version_prefix(dataset, version)}/_claim", body, if_none_match=True)
             return version
         except PreconditionFailed:
+            if _own_unfinished_claim(store, dataset, version, run_id):
+                # An earlier attempt of this run claimed it and died before its manifest: take it up
+                # again (its shards are byte-identical; the create-only manifest settles any race).
+                return version
             continue
     raise CommitError(f"no free version slot for {dataset!r} in {MAX_CLAIM_TRIES} tries from {version_name(start)}")
+
+
+def _own_unfinished_claim(store: ObjectStore, dataset: str, version: str, run_id: str) -> bool:
+    try:
+        claim = json.loads(store.get_bytes(f"{version_prefix(dataset, version)}/_claim"))
+    except (NotFound, ValueError):
+        return False
+    return claim.get("run_id") == run_id and not store.exists(manifest_key(dataset, version))
 
 
 def _copy_verified(store: ObjectStore, src: ShardInfo, dst_key: str, rel_path: str) -> ShardInfo:
@@ -187,15 +209,18 @@ def _copy_verified(store: ObjectStore, src: ShardInfo, dst_key: str, rel_path: s
     return ShardInfo(path=rel_path, rows=src.rows, bytes=src.bytes, sha256=src.sha256)
 
 
-def _write_card(store: ObjectStore, dataset: str, version: str, card: bytes) -> None:
+def _write_card(store: ObjectStore, dataset: str, version: str, card: bytes, run_id: str) -> None:
     """The card goes in before the manifest, create-only: a lost answer to our own write is fine,
-    another writer's card under our claimed prefix is a conflict."""
+    and so is a card left by an earlier attempt of this run (rewritten); any other is a conflict."""
     key = card_key(dataset, version)
     try:
         store.put_bytes(key, card, if_none_match=True)
     except PreconditionFailed:
-        if store.get_bytes(key) != card:
+        if store.get_bytes(key) == card:
+            return
+        if not _own_unfinished_claim(store, dataset, version, run_id):
             raise CommitError(f"{store.uri(key)} was written by another run") from None
+        store.put_bytes(key, card)
 
 
 def commit_version(store: ObjectStore, *, dataset: str, staged_shards: list[ShardInfo],
@@ -215,6 +240,13 @@ def commit_version(store: ObjectStore, *, dataset: str, staged_shards: list[Shar
     current = read_ref(store, dataset, "latest")
     parent = current[0].version if current else None
     start = version_number(parent) + 1 if parent else 1
+    landed = unreferenced_manifest_of_run(store, dataset, draft.run_id, start)
+    if landed is not None:
+        # An earlier attempt of this run died between its manifest and moving `latest`: finish it.
+        log.info("%s %s was committed by this run before it stopped; moving latest to it", dataset,
+                 landed.lineage.version)
+        set_ref(store, dataset, landed.lineage.version, "latest", only_forward=True)
+        return landed
     version = _claim_version(store, dataset, start, draft.run_id)
     prefix = version_prefix(dataset, version)
     log.info("committing %s %s (parent %s) to %s", dataset, version, parent, store.uri(prefix))
@@ -237,7 +269,7 @@ def commit_version(store: ObjectStore, *, dataset: str, staged_shards: list[Shar
         arrow_schema=arrow_schema_b64,
         hf_features=hf_features,
     )
-    _write_card(store, dataset, version, render_card(manifest).encode())
+    _write_card(store, dataset, version, render_card(manifest).encode(), draft.run_id)
     body = manifest.model_dump_json(indent=2).encode()
     try:
         store.put_bytes(manifest_key(dataset, version), body, if_none_match=True)

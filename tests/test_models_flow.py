@@ -128,3 +128,48 @@ def test_transformers_backend_end_to_end_stores_the_rendered_prompt(tmp_path: Pa
         expected = render_prompt([Message(role=m["role"], content=m["content"]) for m in row["messages"]],
                                  str(model))
         assert row["rendered_prompt"] == expected and row["seed_description"] in expected
+
+
+def test_every_model_stage_computes_inside_the_gpu_gate(tiny_models: dict[str, Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gate the flow passes (a Prefect concurrency limit) is held around Whisper, each classifier
+    and the LLM call of every micro-batch, and released before the next stage."""
+    from collections.abc import Iterator
+    from contextlib import contextmanager
+
+    from flows.generate import run_context
+    from tasks.features.classifiers import AttributeClassifier
+    from tasks.llm import make_backend
+    from tasks.pipeline import process_shard
+    from tasks.plan import load_shard_plan, plan_run
+
+    config = sample_config(str(tmp_path / "out"), "gated", workdir=tmp_path, shard_size=10,
+                           overrides=_overrides(tiny_models))
+    held: list[str] = []
+    events: list[str] = []
+
+    @contextmanager
+    def gate(stage: str) -> Iterator[None]:
+        assert not held, f"{stage} entered while {held} is held"
+        held.append(stage)
+        events.append(stage)
+        yield
+        held.pop()
+
+    original = AttributeClassifier.classify
+
+    def checked(self: AttributeClassifier, batch: list[Any]) -> list[Any]:
+        assert held == ["classify"], "a classifier ran outside the gate"
+        return original(self, batch)
+
+    monkeypatch.setattr(AttributeClassifier, "classify", checked)
+    ctx = run_context(config)
+    store = open_store(config.output.root)
+    plan_run(config, store, ctx.staging, ctx.run_id)
+    outcome = process_shard(load_shard_plan(store, ctx.staging, 0), config, store, ctx,
+                            make_backend(config.llm), batch_size=4, gate=gate)
+    assert outcome.rows == 10
+    # 3 micro-batches of ≤4 clips: Whisper only where a clip lacks a transcript (one clip), the
+    # classifier and the LLM in every batch.
+    assert events.count("asr") == 1 and events.count("classify") == 3 and events.count("llm") == 3
+    assert not held

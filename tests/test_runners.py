@@ -12,7 +12,14 @@ import boto3
 import pytest
 
 from flows.generate import run_context, run_generate
-from flows.runners import RunnerUnavailable, ensure_gpu_limit, flow_options, stage_gate, task_runner
+from flows.runners import (
+    RunnerUnavailable,
+    ensure_gpu_limit,
+    flow_options,
+    stage_gate,
+    task_options,
+    task_runner,
+)
 from schemas.config import RunConfig, load_config, parse_config
 from tasks.gpu import gpu_stages, model_stages
 from tests.seaweedfs import SeaweedS3
@@ -90,6 +97,13 @@ def test_runner_settings_map_to_prefect_task_runners(tmp_path: Path) -> None:
     assert isinstance(ray, RayTaskRunner) and ray.address == "ray://127.0.0.1:10001"
     assert "result_storage" not in flow_options(quickstart(tmp_path))
     assert flow_options(quickstart(tmp_path, "cluster.result_storage=s3-bucket/results"))["persist_result"] is True
+    from flows.generate import commit_task, shard_task
+
+    assert task_options(shard_task, quickstart(tmp_path)).tags == set()  # tag leases cost a round trip each
+    assert task_options(commit_task, quickstart(tmp_path, "cluster.stage_tags=true")).tags == {"commit"}
+    gpu = quickstart(tmp_path, "features.asr.enabled=true", "cluster.gpu_gate=always")
+    assert task_options(shard_task, gpu).tags == {"gpu"}
+    assert task_options(commit_task, gpu).tags == set()
     # Scaling settings never change the rows, so they never change the run key.
     assert (quickstart(tmp_path, "runner=dask", "cluster.workers=8").config_hash()
             == quickstart(tmp_path).config_hash())
