@@ -38,6 +38,7 @@ bench: setup
 	$(PY) bench/read.py
 	$(PY) bench/models.py
 	$(PY) bench/llm.py
+	$(PY) bench/scale.py
 
 # A local Prefect server (SQLite under .prefect), the work pool, the deployments and a worker.
 serve: setup

@@ -264,3 +264,22 @@ def test_generate_from_worker_thread_and_inside_running_loop(server):
     [res] = asyncio.run(caller())
     assert isinstance(res, LLMResult) and res.id == "inloop"
     assert backend.generate([]) == []
+
+
+def test_requests_in_flight_spread_over_small_client_lanes() -> None:
+    """Many requests in flight use several small connection pools (httpcore's pool scan is
+    quadratic in its size), never more connections per lane than LANE_CONNECTIONS."""
+    import asyncio
+    from collections import Counter
+    from contextlib import AsyncExitStack
+
+    from tasks.llm.openai_compat import LANE_CONNECTIONS, _ClientLanes
+
+    async def hold(n: int) -> tuple[int, Counter[int]]:
+        async with _ClientLanes(n, 5.0, {}) as lanes, AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(lanes.client()) for _ in range(n)]
+            return len({id(c) for c in clients}), Counter(id(c) for c in clients)
+
+    lanes, per_lane = asyncio.run(hold(20))
+    assert lanes == 3 and max(per_lane.values()) <= LANE_CONNECTIONS
+    assert asyncio.run(hold(1))[0] == 1
