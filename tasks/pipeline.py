@@ -174,6 +174,8 @@ def process_shard(plan: ShardPlan, config: RunConfig, store: ObjectStore, ctx: R
         return done.model_copy(update={"skipped": True})
     bins = load_bins(config.describe.bins)
     models = load_models(config.features)
+    if isinstance(backend, CachedBackend):  # a resumed shard reads its own cached results, not the run's
+        backend = backend.scoped(f"shard-{plan.index:05d}")
     acc = _Acc(shard=plan.index, created_at=plan.created_at or utc_now(), gate=gate)
     key = f"{ctx.staging}/shards/train-{plan.index:05d}.parquet"
     with ParquetShardWriter(store, key, ROW_SCHEMA, compression=config.output.compression) as writer:

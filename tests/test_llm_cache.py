@@ -13,7 +13,7 @@ from schemas.config import LLMConfig
 from schemas.records import Generation, QuarantineError
 from storage.objectstore import LocalStore
 from tasks.llm import LLMRequest, LLMResult, build_messages
-from tasks.llm.cache import CachedBackend, cache_key_path
+from tasks.llm.cache import CachedBackend, scope_prefix, stored_keys
 from tasks.llm.openai_compat import LLMUnavailable, OpenAICompatBackend, endpoint_limit_name
 
 try:
@@ -84,10 +84,9 @@ def test_killed_after_half_rerun_sends_only_the_missing_half(server, tmp_path):
     assert out[:20] == first  # identical results, attempts and latency included
     assert out[3].generation.attempts == 2
     assert again.cache_stats() == {"hits": 20, "misses": 20, "stored": 20, "unreadable": 0, "write_errors": 0}
-    key = again.key(reqs[0])
-    assert store.exists(cache_key_path(PREFIX, key))
-    assert cache_key_path(PREFIX, key) == f"{PREFIX}/llm-cache/{key[:2]}/{key}.json"
-    assert len(list(store.list(f"{PREFIX}/llm-cache/"))) == 40
+    assert sorted(stored_keys(store, PREFIX)) == sorted(again.key(r) for r in reqs)  # each stored once
+    assert all(k.startswith(f"{PREFIX}/llm-cache/all/") and k.endswith(".jsonl")
+               for k in store.list(f"{PREFIX}/llm-cache/"))
 
 
 def test_results_are_stored_as_they_finish_not_at_batch_end(server, tmp_path):
@@ -100,14 +99,14 @@ def test_results_are_stored_as_they_finish_not_at_batch_end(server, tmp_path):
     worker = threading.Thread(target=lambda: done.append(backend.generate(reqs)))
     worker.start()
     deadline = time.monotonic() + 0.9  # the slow request answers after 1.0 s
-    while len(list(store.list(f"{PREFIX}/llm-cache/"))) < 10 and time.monotonic() < deadline:
+    while len(stored_keys(store, PREFIX)) < 10 and time.monotonic() < deadline:
         time.sleep(0.02)
-    stored_mid_batch = len(list(store.list(f"{PREFIX}/llm-cache/")))
+    stored_mid_batch = len(stored_keys(store, PREFIX))
     assert worker.is_alive()  # the batch is still running
     worker.join(timeout=10)
     assert stored_mid_batch == 10
     assert all(isinstance(r, LLMResult) for r in done[0])
-    assert len(list(store.list(f"{PREFIX}/llm-cache/"))) == 11
+    assert len(stored_keys(store, PREFIX)) == 11
 
 
 def test_changed_prompt_temperature_seed_or_model_misses(server, tmp_path):
@@ -142,7 +141,7 @@ def test_quarantine_is_not_cached_and_is_retried_next_run(server, tmp_path):
     out = first.generate([_req("good"), _req("bad")])
     assert isinstance(out[0], LLMResult) and isinstance(out[1], QuarantineError)
     assert first.cache_stats()["stored"] == 1
-    assert len(list(store.list(f"{PREFIX}/llm-cache/"))) == 1
+    assert len(stored_keys(store, PREFIX)) == 1
 
     second = _cached(server, store, max_retries=1)
     out = second.generate([_req("good"), _req("bad")])
@@ -201,17 +200,18 @@ class _SlowStore(LocalStore):
                 self.in_flight -= 1
 
 
-def test_batch_lookups_run_in_parallel_and_hits_keep_ids(tmp_path):
+def test_segments_are_read_in_parallel_and_hits_keep_ids(tmp_path):
     store = _SlowStore(tmp_path)
-    inner = _CountingBackend()
-    backend = CachedBackend(inner, store, PREFIX)
     reqs = [_req(f"p{i}") for i in range(256)]
-    t0 = time.monotonic()
-    backend.generate(reqs)
-    assert time.monotonic() - t0 < 3.0  # 256 × 50 ms in series would be 12.8 s
-    assert store.max_in_flight >= 8
+    writer = CachedBackend(_CountingBackend(), store, PREFIX)
+    for i in range(0, 256, 16):  # 16 earlier batches: 16 segments
+        writer.generate(reqs[i:i + 16])
+    assert len(list(store.list(scope_prefix(PREFIX)))) == 16
     again = CachedBackend(_CountingBackend(), store, PREFIX)
+    t0 = time.monotonic()
     out = again.generate(reqs)
+    assert time.monotonic() - t0 < 0.6  # 16 reads × 50 ms in series would be 0.8 s
+    assert store.max_in_flight >= 8
     assert [r.id for r in out] == [r.id for r in reqs] and again.cache_stats()["hits"] == 256
 
     # the same messages and seed under another clip id are the same generation: a hit, with its own id
@@ -220,17 +220,39 @@ def test_batch_lookups_run_in_parallel_and_hits_keep_ids(tmp_path):
     assert res.id == "twin" and res.text == "text p5"
 
 
-def test_unreadable_entry_is_a_miss_and_is_rewritten(tmp_path):
+def test_scopes_are_separate_and_share_the_counters(tmp_path):
+    store = LocalStore(tmp_path)
+    inner = _CountingBackend()
+    root = CachedBackend(inner, store, PREFIX)
+    shard = root.scoped("shard-00003")
+    shard.generate([_req("s")])
+    assert stored_keys(store, PREFIX, "shard-00003") == [root.key(_req("s"))]
+    assert stored_keys(store, PREFIX) == []
+    root.generate([_req("s")])  # another scope: not looked up there
+    assert inner.calls == [["s"], ["s"]]
+    root.scoped("shard-00003").generate([_req("s")])  # a resumed shard finds its own result
+    assert inner.calls == [["s"], ["s"]]
+    assert root.cache_stats()["hits"] == 1 and root.cache_stats()["stored"] == 2
+    shard.close()
+    assert not inner.closed  # a view never closes the shared backend
+    root.close()
+    assert inner.closed
+
+
+def test_unreadable_entry_is_a_miss_and_is_stored_again(tmp_path):
     store = LocalStore(tmp_path)
     inner = _CountingBackend()
     backend = CachedBackend(inner, store, PREFIX)
     req = _req("x")
-    store.put_bytes(cache_key_path(PREFIX, backend.key(req)), b"{not json")
-    [res] = backend.generate([req])
-    assert isinstance(res, LLMResult) and inner.calls == [["x"]]
-    assert backend.cache_stats()["unreadable"] == 1
-    backend.generate([req])
-    assert inner.calls == [["x"]]  # rewritten, now a hit
+    good = CachedBackend(_CountingBackend(), store, PREFIX)
+    good.generate([_req("y")])
+    store.put_bytes(f"{scope_prefix(PREFIX)}zz-000000.jsonl", b'{not json\n{"v": 1, "key": "k"}')
+    [res] = backend.generate([req, _req("y")])[:1]
+    assert isinstance(res, LLMResult) and inner.calls == [["x"]]  # y still read from its good segment
+    assert backend.cache_stats()["unreadable"] == 2
+    fresh = CachedBackend(_CountingBackend(), store, PREFIX)
+    fresh.generate([req])
+    assert fresh.cache_stats()["hits"] == 1  # stored again, now a hit for a new process
 
 
 def test_delegates_and_template_is_passed_through(tmp_path):

@@ -10,31 +10,36 @@ prompt, setting, model or seed is a different key (a miss, sent to the model).
 
 Layout (in the run's staging area, `prefix` = RunContext.staging):
 
-    <prefix>/llm-cache/<key[:2]>/<key>.json      {"v": 1, "key": ..., "result": LLMResult}
+    <prefix>/llm-cache/<scope>/<writer>-<seq>.jsonl   one line per result: {"v", "key", "result"}
 
-One small JSON object per finished request. Why not chunk files plus an index: per-request objects
-need no index to merge or rewrite, concurrent workers never contend for one object, and a result is
-durable the moment its request finishes (backends with `supports_on_result`, such as the
-OpenAI-compatible one, report each result as it completes; the write happens on a thread pool
-while the batch is still in flight), so a run killed mid-batch loses only the requests in flight.
-The price is one GET per lookup: a batch's lookups go out together on a thread pool (`workers`,
-default 32), so 256 lookups cost about 8 round trips, not 256 in series.
+Finished results are written in small segments (a group of up to 16 results, never later than 50 ms
+after they finish), each a new object named by its writer: concurrent workers never contend for an
+object, there is no index to merge, and a run killed mid-batch loses only what was in flight
+(backends with `supports_on_result`, such as the OpenAI-compatible one, report each result as it
+completes). One object per request cost ~0.35 ms of CPU each plus writer-thread contention with the
+request loop, which took a third of the throughput at 512 requests in flight (bench/llm.py).
+A scope is what one process looks up: the pipeline scopes the cache per shard (`scoped`), so a
+resumed shard reads its own segments (bounded by the shard size), never the whole run's; segments
+of a scope are listed and read once, in parallel on a thread pool (`workers`, default 32).
 
 Only successful results are stored: a QuarantineError is never cached, so a request that failed
 is sent again on the next run. A hit returns the stored result as it was (same text, same
 generation record, `attempts` included) with only `id` set to the asking request's (identical
 messages and seed under another clip id are the same generation). Unreadable entries count as
-misses and are overwritten. The template backend is passed through uncached: it is free, and its
+misses (regenerated and stored again). The template backend is passed through uncached: it is free, and its
 output depends on the clip id and attributes, which are not part of the key.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import hashlib
+import itertools
 import json
 import logging
 import threading
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,6 +54,7 @@ log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 CACHE_DIR = "llm-cache"
+DEFAULT_SCOPE = "all"
 UNCACHED_BACKENDS = frozenset({"template"})
 
 
@@ -83,17 +89,25 @@ def request_key(req: LLMRequest, *, backend: str, model: str | None, revision: s
     return hashlib.sha256(canonical_json(material)).hexdigest()
 
 
-def cache_key_path(prefix: str, key: str) -> str:
-    """Object key of one cached result: `<prefix>/llm-cache/<key[:2]>/<key>.json`."""
+def scope_prefix(prefix: str, scope: str = DEFAULT_SCOPE) -> str:
+    """Where the segments of one scope live: `<prefix>/llm-cache/<scope>/`."""
     head = prefix.strip("/")
-    return f"{head + '/' if head else ''}{CACHE_DIR}/{key[:2]}/{key}.json"
+    return f"{head + '/' if head else ''}{CACHE_DIR}/{scope}/"
+
+
+def stored_keys(store: ObjectStore, prefix: str, scope: str = DEFAULT_SCOPE) -> list[str]:
+    """Keys of every result stored in a scope, in segment order (for inspection and tests)."""
+    out: list[str] = []
+    for key in store.list(scope_prefix(prefix, scope)):
+        out += [json.loads(line)["key"] for line in store.get_bytes(key).splitlines() if line.strip()]
+    return out
 
 
 class CachedBackend:
     """An LLMBackend that answers finished requests from `store` and sends only the rest to `inner`."""
 
     def __init__(self, inner: LLMBackend, store: ObjectStore, prefix: str, config: LLMConfig | None = None,
-                 *, workers: int = 32) -> None:
+                 *, workers: int = 32, scope: str = DEFAULT_SCOPE) -> None:
         cfg = config if config is not None else getattr(inner, "config", None)
         if not isinstance(cfg, LLMConfig):
             raise TypeError("CachedBackend needs the LLMConfig (sampling settings are part of the key): "
@@ -103,12 +117,30 @@ class CachedBackend:
         self.store = store
         self.prefix = prefix
         self.config = cfg
+        self.scope = scope
         self.enabled = inner.name not in UNCACHED_BACKENDS
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers),
                                                            thread_name_prefix="llm-cache")
         self._lock = threading.Lock()
         self._stats = {"hits": 0, "misses": 0, "stored": 0, "unreadable": 0, "write_errors": 0}
         self._model: dict[str, str | None] | None = None
+        self._owner = True  # closes the pool and the inner backend; scoped views do not
+        self._reset_scope_state()
+
+    def _reset_scope_state(self) -> None:
+        self._index: dict[str, LLMResult] | None = None  # this scope's stored results, read once
+        self._index_lock = threading.Lock()
+        self._writer = uuid.uuid4().hex[:16]
+        self._seq = itertools.count()
+
+    def scoped(self, scope: str) -> CachedBackend:
+        """A view of this cache that stores and looks up in `scope` (e.g. one shard), sharing the
+        model backend, the thread pool and the counters."""
+        view = copy.copy(self)
+        view.scope = scope
+        view._owner = False
+        view._reset_scope_state()
+        return view
 
     # -- LLMBackend ---------------------------------------------------------------------------------
 
@@ -119,6 +151,8 @@ class CachedBackend:
         self.inner.preflight()
 
     def close(self) -> None:
+        if not self._owner:
+            return
         self._pool.shutdown(wait=True)
         close = getattr(self.inner, "close", None)
         if callable(close):
@@ -140,10 +174,11 @@ class CachedBackend:
         if not self.enabled or not requests:
             return self.inner.generate(requests)
         keys = [self.key(r) for r in requests]
-        found = list(self._pool.map(self._load, keys))  # all lookups of the batch at once
+        index = self._load_index()
         out: list[LLMResult | QuarantineError | None] = [None] * len(requests)
         missing: list[int] = []
-        for i, (req, hit) in enumerate(zip(requests, found, strict=True)):
+        for i, (req, key) in enumerate(zip(requests, keys, strict=True)):
+            hit = index.get(key)
             if hit is None:
                 missing.append(i)
             else:
@@ -160,6 +195,40 @@ class CachedBackend:
 
     # -- internals ----------------------------------------------------------------------------------
 
+    def _load_index(self) -> dict[str, LLMResult]:
+        """Every result stored in this scope, by key: its segments listed and read once, in parallel."""
+        with self._index_lock:
+            if self._index is None:
+                index: dict[str, LLMResult] = {}
+                segments = list(self.store.list(scope_prefix(self.prefix, self.scope)))
+                for entries in self._pool.map(self._read_segment, segments):
+                    index.update(entries)
+                self._index = index
+            return self._index
+
+    def _read_segment(self, path: str) -> dict[str, LLMResult]:
+        try:
+            raw = self.store.get_bytes(path)
+        except NotFound:
+            return {}
+        entries: dict[str, LLMResult] = {}
+        bad = 0
+        for line in raw.splitlines():
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+                if doc.get("v") != CACHE_VERSION or not isinstance(doc.get("key"), str):
+                    raise ValueError("version or key missing")
+                entries[doc["key"]] = LLMResult.model_validate(doc["result"])
+            except (ValueError, KeyError, TypeError, AttributeError, ValidationError):
+                bad += 1
+        if bad:
+            log.warning("llm cache: %d unreadable entries in %s; they will be regenerated", bad, path)
+            with self._lock:
+                self._stats["unreadable"] += bad
+        return entries
+
     def _generate_and_store(self, requests: list[LLMRequest], keys: list[str]) -> list[LLMResult | QuarantineError]:
         writes: list[concurrent.futures.Future[None]] = []
 
@@ -172,7 +241,7 @@ class CachedBackend:
                 if timer:
                     timer.pop().cancel()
                 if pending:
-                    writes.append(self._pool.submit(self._save_all, list(pending)))
+                    writes.append(self._pool.submit(self._save_segment, list(pending)))
                     pending.clear()
 
         def on_result(index: int, res: LLMResult | QuarantineError) -> None:
@@ -191,44 +260,30 @@ class CachedBackend:
         try:
             if getattr(self.inner, "supports_on_result", False):
                 results = self.inner.generate(requests, on_result=on_result)  # type: ignore[call-arg]
-            else:  # results arrive together: one background task stores them all (no thread per write)
+            else:  # results arrive together: stored in segments of WRITE_CHUNK, written in parallel
                 results = self.inner.generate(requests)
                 done = [(keys[i], r) for i, r in enumerate(results) if isinstance(r, LLMResult)]
-                writes.append(self._pool.submit(self._save_all, done))
+                writes += [self._pool.submit(self._save_segment, done[i:i + WRITE_CHUNK])
+                           for i in range(0, len(done), WRITE_CHUNK)]
         finally:  # also when the batch fails: keep what finished
             flush()
             concurrent.futures.wait(writes)
         return results
 
-    def _load(self, key: str) -> LLMResult | None:
-        path = cache_key_path(self.prefix, key)
+    def _save_segment(self, items: list[tuple[str, LLMResult]]) -> None:
+        body = b"\n".join(canonical_json({"v": CACHE_VERSION, "key": key, "result": res.model_dump(mode="json")})
+                          for key, res in items)
+        path = f"{scope_prefix(self.prefix, self.scope)}{self._writer}-{next(self._seq):06d}.jsonl"
         try:
-            raw = self.store.get_bytes(path)
-        except NotFound:
-            return None
-        try:
-            doc = json.loads(raw)
-            if doc.get("v") != CACHE_VERSION or doc.get("key") != key:
-                raise ValueError("version or key mismatch")
-            return LLMResult.model_validate(doc["result"])
-        except (ValueError, KeyError, TypeError, AttributeError, ValidationError) as exc:
-            log.warning("llm cache: unreadable entry %s (%s); regenerating", path, exc)
-            with self._lock:
-                self._stats["unreadable"] += 1
-            return None
-
-    def _save_all(self, items: list[tuple[str, LLMResult]]) -> None:
-        for key, res in items:
-            self._save(key, res)
-
-    def _save(self, key: str, res: LLMResult) -> None:
-        doc = {"v": CACHE_VERSION, "key": key, "result": res.model_dump(mode="json")}
-        try:
-            self.store.put_bytes(cache_key_path(self.prefix, key), canonical_json(doc), durable=False)
+            self.store.put_bytes(path, body, durable=False)
         except Exception as exc:  # noqa: BLE001 — a lost cache write costs a regeneration, never the row
-            log.warning("llm cache: could not store %s for %s: %s: %s", key, res.id, type(exc).__name__, exc)
+            log.warning("llm cache: could not store %d results in %s: %s: %s", len(items), path,
+                        type(exc).__name__, exc)
             with self._lock:
-                self._stats["write_errors"] += 1
+                self._stats["write_errors"] += len(items)
             return
+        with self._index_lock:
+            if self._index is not None:
+                self._index.update(items)
         with self._lock:
-            self._stats["stored"] += 1
+            self._stats["stored"] += len(items)
