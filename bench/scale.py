@@ -43,6 +43,9 @@ def on_dask_cluster(workers: int, manifest: Path, work: Path, shard_size: int) -
     """(seconds, rows) of a run on a warmed-up local cluster of `workers` processes, and its start-up."""
     from distributed import LocalCluster
 
+    from flows.runners import tune_dask_workers
+
+    tune_dask_workers()  # as the dask runner does for the local clusters it starts
     t0 = time.perf_counter()
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address=None) as cluster:

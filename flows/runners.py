@@ -33,6 +33,20 @@ def _missing(runner: str, package: str) -> RunnerUnavailable:
                              "(or set runner: thread)")
 
 
+# Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536 by default. Setting any malloc
+# threshold turns off glibc's dynamic mmap threshold, so every array over 128 KiB is mmapped and
+# unmapped afresh and its pages faulted in again: our per-clip DSP ran 1.6x slower in such a worker
+# (bench/scale.py). Workers we start keep glibc's defaults; None unsets the variable.
+DASK_WORKER_CONFIG: dict[str, Any] = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+
+
+def tune_dask_workers() -> None:
+    """Apply DASK_WORKER_CONFIG to the Dask workers this process starts from now on."""
+    import dask
+
+    dask.config.set(DASK_WORKER_CONFIG)
+
+
 def task_runner(config: RunConfig) -> TaskRunner[Any]:
     """The Prefect task runner for `config.runner`."""
     cluster = config.cluster
@@ -48,6 +62,7 @@ def task_runner(config: RunConfig) -> TaskRunner[Any]:
         if cluster.address:
             return DaskTaskRunner(address=cluster.address)
         # A throwaway local cluster: one process per worker, bound to loopback, no dashboard.
+        tune_dask_workers()
         return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
             "n_workers": cluster.workers, "threads_per_worker": cluster.threads_per_worker,
             "processes": True, "host": "127.0.0.1", "dashboard_address": None})

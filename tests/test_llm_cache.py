@@ -3,9 +3,15 @@ Prefect global concurrency limit per endpoint, all against local fake OpenAI-com
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 
@@ -87,6 +93,59 @@ def test_killed_after_half_rerun_sends_only_the_missing_half(server, tmp_path):
     assert sorted(stored_keys(store, PREFIX)) == sorted(again.key(r) for r in reqs)  # each stored once
     assert all(k.startswith(f"{PREFIX}/llm-cache/all/") and k.endswith(".jsonl")
                for k in store.list(f"{PREFIX}/llm-cache/"))
+
+
+# A separate process that runs one cached batch and is SIGKILLed in the middle of it.
+_KILLED_RUN = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from schemas.config import LLMConfig
+from storage.objectstore import LocalStore
+from tasks.llm import LLMRequest
+from tasks.llm.cache import CachedBackend
+from tasks.llm.openai_compat import OpenAICompatBackend
+doc = json.loads(open(sys.argv[2]).read())
+backend = CachedBackend(OpenAICompatBackend(LLMConfig(**doc["config"])), LocalStore(doc["store"]), doc["prefix"])
+backend.generate([LLMRequest.model_validate(r) for r in doc["requests"]])
+print("batch finished", flush=True)  # never reached: killed while half the batch is in flight
+"""
+
+
+def test_kill_9_mid_batch_rerun_sends_only_the_missing_half(server, tmp_path):
+    """The real thing: a process SIGKILLed mid-batch keeps the half that finished; a new process
+    sends only the other half (counted at the server)."""
+    reqs = [_req(f"k{i:02d}") for i in range(40)]
+    slow = {f"k{i:02d}" for i in range(20, 40)}
+    server.sleep_s = 60.0  # the second half hangs until the process is killed
+    server.scripts = {clip: ["sleep", "ok"] for clip in slow}
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({
+        "config": _config(server, timeout_s=120.0, concurrency=40).model_dump(mode="json"),
+        "store": str(tmp_path / "store"), "prefix": PREFIX,
+        "requests": [r.model_dump(mode="json") for r in reqs]}))
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, str(repo), str(job)], cwd=repo,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    store = LocalStore(tmp_path / "store")
+    try:
+        deadline = time.monotonic() + 60
+        while (len(server.seen) < 40 or len(stored_keys(store, PREFIX)) < 20) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    assert proc.returncode == -signal.SIGKILL
+    assert b"batch finished" not in proc.stdout.read()  # type: ignore[union-attr]
+    assert len(server.seen) == 40 and len(stored_keys(store, PREFIX)) == 20  # half finished, half in flight
+    seen_at_kill = len(server.seen)
+
+    again = _cached(server, store)  # a new process: nothing in memory
+    out = again.generate(reqs)
+    resent = [s.clip for s in server.seen[seen_at_kill:]]
+    assert sorted(resent) == sorted(slow)  # exactly the unfinished half, each once
+    assert all(isinstance(r, LLMResult) for r in out) and [r.id for r in out] == [r.id for r in reqs]
+    assert again.cache_stats()["hits"] == 20 and again.cache_stats()["misses"] == 20
 
 
 def test_results_are_stored_as_they_finish_not_at_batch_end(server, tmp_path):
