@@ -5,7 +5,9 @@ response QC); "direct" = `backend.generate` on the same requests. Prints request
 tokens/s and the ratio (target ≥ 0.9×) for:
 - the transformers backend on CPU (a tiny random-weight causal LM built here; QC off, since random
   text would be regenerated);
-- the OpenAI-compatible backend against the local fake server on 127.0.0.1 at 1, 64 and 512 in flight.
+- the OpenAI-compatible backend against the local fake server on 127.0.0.1 at 1, 64 and 512 in flight,
+  the server pinned to its own core (a real server is another machine) and the client to the rest.
+Each case also prints the client's CPU time per request, direct vs pipeline: the pipeline's own cost.
 
     .venv/bin/python bench/llm.py
 """
@@ -31,8 +33,9 @@ sys.path.insert(0, str(REPO))
 
 
 SERVER = """
-import sys, threading
+import os, sys, threading
 sys.path.insert(0, ".")
+os.sched_setaffinity(0, [int(c) for c in sys.argv[1].split(",")])
 from tests.fake_llm_server import FakeLLMServer
 server = FakeLLMServer(ok_delay_s=0.05).start()
 print(server.base_url, flush=True)
@@ -61,7 +64,13 @@ def tokens(results: list[Any]) -> int:
     return sum((r.generation.completion_tokens or 0) for r in results if hasattr(r, "generation"))
 
 
-def measure(config: Any, prepared: list[Any], store: Any, label: str, rounds: int = 3) -> float:
+def spread(runs: list[tuple[float, float, Any]]) -> str:
+    """Fastest–slowest of a case's runs: on a shared machine the noise can exceed the effect."""
+    times = sorted(r[0] for r in runs)
+    return f"{times[0]:.2f}–{times[-1]:.2f}"
+
+
+def measure(config: Any, prepared: list[Any], store: Any, label: str, rounds: int = 5) -> float:
     """Median of `rounds` alternating direct / pipeline runs (a fresh cache prefix each pipeline run),
     so a passing hiccup of the shared 2 cores lands in one sample, not in the ratio."""
     from tasks.llm import make_backend
@@ -86,24 +95,26 @@ def measure(config: Any, prepared: list[Any], store: Any, label: str, rounds: in
     for r in range(rounds):
         for kind in (("direct", "pipeline") if r % 2 == 0 else ("pipeline", "direct")):
             if kind == "direct":
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 out = direct_backend.generate(requests)
-                direct_runs.append((time.perf_counter() - t0, out))
+                direct_runs.append((time.perf_counter() - t0, time.process_time() - c0, out))
             else:
                 backend = piped_backend()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 out = generate_with_qc(prepared, backend, config, Counter())
-                piped_runs.append((time.perf_counter() - t0, out))
+                piped_runs.append((time.perf_counter() - t0, time.process_time() - c0, out))
                 backend.close()  # as a shard task does: its cache writer threads end with it
-    direct_s, direct = sorted(direct_runs, key=lambda x: x[0])[rounds // 2]
-    piped_s, piped = sorted(piped_runs, key=lambda x: x[0])[rounds // 2]
+    direct_s, direct_cpu, direct = sorted(direct_runs, key=lambda x: x[0])[rounds // 2]
+    piped_s, piped_cpu, piped = sorted(piped_runs, key=lambda x: x[0])[rounds // 2]
     n = len(prepared)
     ok_direct = sum(1 for r in direct if hasattr(r, "text"))
     ok_piped = sum(1 for r in piped if hasattr(r, "text"))
     ratio = (n / piped_s) / (n / direct_s)
     print(f"{label:34s} direct {n / direct_s:8.1f} req/s {tokens(direct) / direct_s:9.1f} tok/s ({ok_direct}/{n} ok)"
           f" | pipeline {n / piped_s:8.1f} req/s {tokens(piped) / piped_s:9.1f} tok/s ({ok_piped}/{n} ok)"
-          f" | {ratio:.3f}×  {'PASS' if ratio >= 0.9 else 'MISS'} (≥ 0.9×, median of {rounds})")
+          f" | {ratio:.3f}×  {'PASS' if ratio >= 0.9 else 'MISS'} (≥ 0.9×, median of {rounds})"
+          f" | client CPU {1000 * direct_cpu / n:.2f} vs {1000 * piped_cpu / n:.2f} ms/request"
+          f" | runs {spread(direct_runs)} s direct, {spread(piped_runs)} s pipeline")
     return ratio
 
 
@@ -116,16 +127,31 @@ def main() -> None:
         work = Path(tmp)
         store = LocalStore(work / "store")
         model = build_tiny_causal_lm(work / "tiny-lm")
+        import torch
+
+        # One intra-op thread: with two, OpenMP's spinning threads and the other core's load made
+        # identical runs of the tiny model differ by ±20%, more than the difference measured here.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
         config = sample_config(str(work / "out"), "bench", workdir=work, overrides=[
             "llm.backend=transformers", f"llm.model={model}", "llm.device=cpu", "llm.max_tokens=16",
             "llm.temperature=1.0", "llm.concurrency=16", "llm.qc.enabled=false"])
         prepared = prepared_requests(config, 256, work)
-        measure(config, prepared, store, "transformers (tiny LM, CPU, 16/batch)", rounds=5)
+        measure(config, prepared, store, "transformers (tiny LM, CPU, 16/batch, 1 thread)")
+
+        torch.set_num_threads(threads)
 
         # The server runs in its own process, as a real one would: in this process it would compete
         # with the client for the GIL and the pipeline's extra work would slow the server down too.
-        server = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True,
-                                  cwd=str(REPO), start_new_session=True)
+        # On a machine of several cores the server gets the last one and this client the others, as
+        # a real server would be another machine: otherwise the client's own work (cache, QC) is taken
+        # out of the server's CPU, and the ratio measures 2 shared cores, not the pipeline.
+        cores = sorted(os.sched_getaffinity(0))
+        server_cores, client_cores = (cores[-1:], cores[:-1]) if len(cores) > 1 else (cores, cores)
+        server = subprocess.Popen([sys.executable, "-c", SERVER, ",".join(map(str, server_cores))],
+                                  stdout=subprocess.PIPE, text=True, cwd=str(REPO), start_new_session=True)
+        os.sched_setaffinity(0, client_cores)
+        print(f"server on core(s) {server_cores}, client on core(s) {client_cores}")
         try:
             assert server.stdout is not None
             base_url = server.stdout.readline().strip()
@@ -138,8 +164,8 @@ def main() -> None:
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=10)
-    print("note: the fake server answers after 50 ms; on 2 cores it saturates near 256 requests in flight,"
-          " so the 512 row measures our client against a loaded server")
+    print("note: the fake server answers after 50 ms; on its one core it saturates below 512 requests in flight,"
+          " and at 64 and 512 in flight the client's one core is the bottleneck (client CPU per request decides)")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ run imports everything on its workers) before timing, as a long-lived cluster at
 `cluster.address` would be; its start-up time is printed separately. The Prefect API (a
 temporary local server) is started before timing.
 
-    .venv/bin/python bench/scale.py [--repeat 150] [--shard-size 150]
+    .venv/bin/python bench/scale.py [--repeat 500] [--shard-size 500]
 """
 
 from __future__ import annotations
@@ -58,8 +58,9 @@ def on_dask_cluster(workers: int, manifest: Path, work: Path, shard_size: int) -
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--repeat", type=int, default=150, help="sample corpus repetitions (10 clips each)")
-    parser.add_argument("--shard-size", type=int, default=150)
+    parser.add_argument("--repeat", type=int, default=500, help="sample corpus repetitions (10 clips each)")
+    parser.add_argument("--shard-size", type=int, default=500,
+                        help="clips per shard (ARCHITECTURE.md: ~500-5,000 in production)")
     args = parser.parse_args()
 
     from prefect.testing.utilities import prefect_test_harness

@@ -33,11 +33,14 @@ def _missing(runner: str, package: str) -> RunnerUnavailable:
                              "(or set runner: thread)")
 
 
-# Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536 by default. Setting any malloc
-# threshold turns off glibc's dynamic mmap threshold, so every array over 128 KiB is mmapped and
-# unmapped afresh and its pages faulted in again: our per-clip DSP ran 1.6x slower in such a worker
-# (bench/scale.py). Workers we start keep glibc's defaults; None unsets the variable.
-DASK_WORKER_CONFIG: dict[str, Any] = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+# Settings for the Dask workers we start (measured with bench/scale.py and a plain shard loop):
+# - Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536. Setting any malloc threshold turns off glibc's
+#   dynamic mmap threshold, so every array over 128 KiB is mmapped and unmapped afresh and its pages
+#   faulted in again: our per-clip DSP ran 1.6x slower. None unsets the variable.
+# - The worker's statistical profiler samples the task thread's stack every 10 ms for the dashboard's
+#   profile page (our local clusters have no dashboard): 10-20% slower shards with it on.
+DASK_WORKER_CONFIG: dict[str, Any] = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+                                      "distributed.worker.profile.enabled": False}
 
 
 def tune_dask_workers() -> None:

@@ -110,15 +110,17 @@ def test_runner_settings_map_to_prefect_task_runners(tmp_path: Path) -> None:
             == quickstart(tmp_path).config_hash())
 
 
-def test_local_dask_workers_keep_glibcs_malloc_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_local_dask_workers_keep_glibcs_malloc_defaults_and_skip_the_profiler(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Dask's default MALLOC_TRIM_THRESHOLD_ made our DSP 1.6x slower in its workers (bench/scale.py)."""
+    import dask
     from distributed import Client, LocalCluster
 
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     runner = task_runner(quickstart(tmp_path, "runner=dask", "cluster.workers=1"))
     with LocalCluster(**runner.cluster_kwargs) as cluster, Client(cluster) as client:  # type: ignore[attr-defined]
-        env = client.run(lambda: (os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS")))
-    assert list(env.values()) == [(None, "1")]  # trim threshold unset; Dask's other worker settings kept
+        env = client.run(lambda: (os.environ.get("MALLOC_TRIM_THRESHOLD_"), os.environ.get("OMP_NUM_THREADS"),
+                                  dask.config.get("distributed.worker.profile.enabled")))
+    assert list(env.values()) == [(None, "1", False)]  # trim threshold unset, Dask's thread caps kept, no profiler
 
 
 def test_a_missing_distributed_extra_names_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
