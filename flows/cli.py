@@ -30,6 +30,14 @@ def _quiet_prefect() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+def _patient_temporary_server() -> None:
+    """Without PREFECT_API_URL a run starts a temporary Prefect server. On a fresh machine its first
+    start creates and migrates the database, which took longer than Prefect's 20 s default here and
+    failed the very first `make demo`; 120 s leaves room. Prefect reads its settings once, when it is
+    imported, so `main` calls this before anything imports it."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
 def _progress_bar(enabled: bool):
     if not enabled:
         return None, lambda: None
@@ -468,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _patient_temporary_server()
     args = build_parser().parse_args(argv)
     return int(args.func(args))
 
