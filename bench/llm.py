@@ -64,7 +64,10 @@ def tokens(results: list[Any]) -> int:
     return sum((r.generation.completion_tokens or 0) for r in results if hasattr(r, "generation"))
 
 
-def spread(runs: list[tuple[float, float, Any]]) -> str:
+Run = tuple[float, float, list[Any]]  # (wall seconds, client CPU seconds, results)
+
+
+def spread(runs: list[Run]) -> str:
     """Fastest–slowest of a case's runs: on a shared machine the noise can exceed the effect."""
     times = sorted(r[0] for r in runs)
     return f"{times[0]:.2f}–{times[-1]:.2f}"
@@ -90,20 +93,26 @@ def measure(config: Any, prepared: list[Any], store: Any, label: str, rounds: in
     warm_backend = piped_backend()
     generate_with_qc(warm, warm_backend, config, Counter())  # warm-up, as for direct (threads, connections)
     warm_backend.close()
-    direct_runs: list[tuple[float, list[Any]]] = []
-    piped_runs: list[tuple[float, list[Any]]] = []
+    def timed(call: Any) -> Run:
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = call()
+        return time.perf_counter() - t0, time.process_time() - c0, out
+
+    def piped_run() -> Run:
+        backend = piped_backend()
+        try:
+            return timed(lambda: generate_with_qc(prepared, backend, config, Counter()))
+        finally:
+            backend.close()  # as a shard task does: its cache writer threads end with it
+
+    direct_runs: list[Run] = []
+    piped_runs: list[Run] = []
     for r in range(rounds):
         for kind in (("direct", "pipeline") if r % 2 == 0 else ("pipeline", "direct")):
             if kind == "direct":
-                t0, c0 = time.perf_counter(), time.process_time()
-                out = direct_backend.generate(requests)
-                direct_runs.append((time.perf_counter() - t0, time.process_time() - c0, out))
+                direct_runs.append(timed(lambda: direct_backend.generate(requests)))
             else:
-                backend = piped_backend()
-                t0, c0 = time.perf_counter(), time.process_time()
-                out = generate_with_qc(prepared, backend, config, Counter())
-                piped_runs.append((time.perf_counter() - t0, time.process_time() - c0, out))
-                backend.close()  # as a shard task does: its cache writer threads end with it
+                piped_runs.append(piped_run())
     direct_s, direct_cpu, direct = sorted(direct_runs, key=lambda x: x[0])[rounds // 2]
     piped_s, piped_cpu, piped = sorted(piped_runs, key=lambda x: x[0])[rounds // 2]
     n = len(prepared)

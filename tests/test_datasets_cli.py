@@ -399,13 +399,12 @@ def test_s3_list_verify_pull_corrupt_and_gc(seaweedfs: SeaweedS3, tmp_path: Path
     assert len([k for k in left if k.startswith(f"{DS}/v0001/")]) == len(manifest.shards) + 3  # +claim, card, manifest
 
 
-def test_cli_gives_the_temporary_prefect_server_time_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_gives_the_temporary_prefect_server_time_to_start() -> None:
     """Prefect's 20 s default failed a first `make demo` on a fresh machine (database created and
     migrated on first start); a value the user set is kept."""
     import subprocess
     import sys
 
-    monkeypatch.delenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", raising=False)
     probe = ("import sys; from flows.cli import main; main(['datasets', 'list', sys.argv[1]]); "
              "from prefect.settings import get_current_settings; "
              "print(get_current_settings().server.ephemeral.startup_timeout_seconds)")

@@ -111,7 +111,8 @@ def test_runner_settings_map_to_prefect_task_runners(tmp_path: Path) -> None:
 
 
 def test_local_dask_workers_keep_glibcs_malloc_defaults_and_skip_the_profiler(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Dask's default MALLOC_TRIM_THRESHOLD_ made our DSP 1.6x slower in its workers (bench/scale.py)."""
+    """Dask's default MALLOC_TRIM_THRESHOLD_ made our DSP 1.6x slower in its workers, its stack profiler
+    another 10-20% (bench/scale.py)."""
     import dask
     from distributed import Client, LocalCluster
 
