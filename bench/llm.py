@@ -212,12 +212,12 @@ def main() -> None:
         try:
             assert server.stdout is not None
             base_url = server.stdout.readline().strip()
-            for in_flight, n in ((1, 64), (64, 512), (512, 1024)):
+            for in_flight, n in ((1, 64), (64, 1024), (512, 1024)):
                 config = sample_config(str(work / "out"), "bench", workdir=work, overrides=[
                     "llm.backend=openai", f"llm.base_url={base_url}", "llm.model=fake-served-model",
                     f"llm.concurrency={in_flight}", "llm.qc.min_words=1", "llm.timeout_s=30"])
                 prepared = prepared_requests(config, n, work)
-                measure(config, prepared, store, f"openai-compatible, {in_flight} in flight")
+                measure(config, prepared, store, f"openai-compatible, {in_flight} in flight", rounds=9)
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=10)
