@@ -221,8 +221,9 @@ def main() -> None:
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=10)
-    print("note: the fake server answers after 50 ms; on its one core it saturates below 512 requests in flight,"
-          " and at 64 and 512 in flight the client's one core is the bottleneck (client CPU per request decides)")
+    print("note: the fake server answers after 50 ms; at 64 and 512 in flight its one core is the bottleneck"
+          " (a stdlib thread per connection), and the client's core has time to spare: requests/s x client CPU"
+          " per request is the share of the client's core in use")
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ actions answered in turn (the last one repeats); ids without a script get "ok". 
 Counters for load-spreading and limit tests: `seen` (every answered request, so `len(seen)` is the
 replica's request count), `in_flight` / `max_in_flight` (requests being processed; a request
 leaves before its answer is written, so a client that sends the next one right after reading an
-answer is never counted twice). `fail_after=N` makes the replica die after N requests: every
-later request is counted in `refused` and its connection dropped unanswered (a replica crashing
-mid-run); `stop()` makes it refuse connections outright.
+answer is never counted twice), `connections` (accepted so far). `fail_after=N` makes the replica
+die after N requests: every later request is counted in `refused` and its connection dropped
+unanswered (a replica crashing mid-run); `stop()` makes it refuse connections outright.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ class FakeLLMServer:
     max_in_flight: int = 0
     fail_after: int | None = None
     refused: int = 0
+    connections: int = 0
     _counts: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -81,6 +82,11 @@ class FakeLLMServer:
 
             def log_message(self, *args: Any) -> None:  # keep test output quiet
                 pass
+
+            def setup(self) -> None:
+                with server._lock:
+                    server.connections += 1
+                super().setup()
 
             def do_POST(self) -> None:
                 server._handle(self)

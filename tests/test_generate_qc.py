@@ -102,3 +102,50 @@ def test_injection_in_the_transcript_does_not_change_the_request_and_obedience_i
     result = results[prepared.index(p)]
     assert isinstance(result, QuarantineError) and result.reason.value == "qc_injection"
     assert failures["injection"] == config.llm.qc.max_regenerations + 1
+
+
+class ReportingBackend(ScriptedBackend):
+    """Reports each result as it "finishes", as the OpenAI-compatible backend does, and notes when
+    the batch has returned."""
+
+    supports_on_result = True
+
+    def __init__(self, scripts: dict[str, list[str]]) -> None:
+        super().__init__(scripts)
+        self.returned = False
+
+    def generate(self, requests: Sequence[LLMRequest], on_result=None) -> list[LLMResult | QuarantineError]:
+        self.returned = False
+        out = super().generate(requests)
+        for i, res in enumerate(out):
+            if on_result is not None:
+                on_result(i, res)
+        self.returned = True
+        return out
+
+
+def test_responses_are_checked_as_they_arrive_not_after_the_batch(tmp_path: Path, monkeypatch) -> None:
+    """QC runs while the rest of the batch is still generating (the server is never left idle while
+    the client checks), once per response, directly and through the request cache."""
+    from storage.objectstore import LocalStore
+    from tasks import pipeline
+    from tasks.llm.cache import CachedBackend
+
+    config = sample_config(str(tmp_path), "qc", workdir=tmp_path, overrides=["llm.qc.min_words=3"])
+    prepared = _prepared(config)
+    real_check = pipeline.check_response
+    for wrap in (False, True):
+        inner = ReportingBackend({"cmu_goforward": ["As an AI language model, I cannot hear audio.", GOOD]})
+        backend = CachedBackend(inner, LocalStore(tmp_path / "cache"), f"run-{wrap}", config=config.llm) \
+            if wrap else inner
+        checked_before_return: list[bool] = []
+
+        def spy(*args, inner=inner, seen=checked_before_return, **kwargs):
+            seen.append(not inner.returned)
+            return real_check(*args, **kwargs)
+
+        monkeypatch.setattr(pipeline, "check_response", spy)
+        results = generate_with_qc(prepared, backend, config, Counter())
+        assert all(isinstance(r, LLMResult) for r in results)
+        # 10 first answers + 1 regeneration, each checked once, every one before its batch returned
+        assert checked_before_return == [True] * 11, (wrap, checked_before_return)

@@ -266,20 +266,27 @@ def test_generate_from_worker_thread_and_inside_running_loop(server):
     assert backend.generate([]) == []
 
 
-def test_requests_in_flight_spread_over_small_client_lanes() -> None:
-    """Many requests in flight use several small connection pools (httpcore's pool scan is
-    quadratic in its size), never more connections per lane than LANE_CONNECTIONS."""
-    import asyncio
-    from collections import Counter
-    from contextlib import AsyncExitStack
+def test_connections_are_bounded_by_concurrency_and_kept_alive(server):
+    """A batch opens at most `concurrency` connections and reuses them: a connection per request
+    would cost a handshake each (and sockets in TIME_WAIT by the thousand at scale)."""
+    server.ok_delay_s = 0.01
+    backend = OpenAICompatBackend(_config(server, concurrency=4))
+    results = backend.generate([_req(f"k{i}") for i in range(40)])
+    assert all(isinstance(r, LLMResult) for r in results)
+    assert len(server.seen) == 40
+    assert 1 <= server.connections <= 4
 
-    from tasks.llm.openai_compat import LANE_CONNECTIONS, _ClientLanes
 
-    async def hold(n: int) -> tuple[int, Counter[int]]:
-        async with _ClientLanes(n, 5.0, {}) as lanes, AsyncExitStack() as stack:
-            clients = [await stack.enter_async_context(lanes.client()) for _ in range(n)]
-            return len({id(c) for c in clients}), Counter(id(c) for c in clients)
+def test_proxy_variables_are_honoured_and_no_proxy_exempts(monkeypatch):
+    """HTTP(S)_PROXY and NO_PROXY apply to the LLM endpoint as they do for any HTTP client here."""
+    from tasks.llm.openai_compat import env_proxy
 
-    lanes, per_lane = asyncio.run(hold(20))
-    assert lanes == 3 and max(per_lane.values()) <= LANE_CONNECTIONS
-    assert asyncio.run(hold(1))[0] == 1
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy",
+                 "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert env_proxy("http://vllm-0:8000/v1/chat/completions") is None
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.internal:3128")
+    monkeypatch.setenv("NO_PROXY", "localhost,vllm-1")
+    assert env_proxy("http://vllm-0:8000/v1/chat/completions") == "http://proxy.internal:3128"
+    assert env_proxy("http://vllm-1:8000/v1/chat/completions") is None
+    assert env_proxy("https://vllm-0:8000/v1/chat/completions") is None  # no HTTPS_PROXY set

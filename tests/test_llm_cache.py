@@ -432,3 +432,44 @@ def test_endpoint_limit_that_cannot_be_held_fails_the_batch(server, monkeypatch)
     with pytest.raises(LLMUnavailable, match="API down"):
         backend.generate([_req(f"u{i}") for i in range(12)])
     assert server.seen == []
+
+
+class _ReportingBackend(_CountingBackend):
+    """Reports each result as it finishes (like the OpenAI-compatible backend), a little apart."""
+
+    supports_on_result = True
+
+    def generate(self, requests: Sequence[LLMRequest], on_result=None) -> list[LLMResult | QuarantineError]:
+        out = super().generate(requests)
+        for i, res in enumerate(out):
+            time.sleep(0.001)
+            if on_result is not None:
+                on_result(i, res)
+        return out
+
+
+def test_writes_use_a_few_long_lived_threads_and_end_with_close(tmp_path):
+    """Results are handed to a fixed set of writer threads (no thread per group or per write), which
+    end when the cache is closed; every result is stored, in groups of at most 16."""
+    store = LocalStore(tmp_path)
+    before = {t.ident for t in threading.enumerate()}
+    backend = CachedBackend(_ReportingBackend(), store, PREFIX, writers=2)
+    peak: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            peak.append(len([t for t in threading.enumerate() if t.ident not in before]))
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    out = backend.generate([_req(f"w{i}") for i in range(200)])
+    stop.set()
+    watcher.join()
+    assert len(out) == 200 and len(stored_keys(store, PREFIX)) == 200
+    segments = list(store.list(scope_prefix(PREFIX)))
+    assert 200 / 16 <= len(segments) < 200
+    assert max(peak) <= 3  # the watcher + 2 writers
+    backend.close()
+    assert not [t for t in threading.enumerate() if t.ident not in before and t.name.startswith("llm-cache")]

@@ -7,7 +7,7 @@ in the same order. One bad request never raises and is never dropped: it becomes
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field
@@ -48,6 +48,26 @@ class LLMBackend(Protocol):
     def preflight(self) -> None:
         """Raise before any work if the backend cannot serve the run (unreachable, no model)."""
         ...
+
+
+OnResult = Callable[[int, "LLMResult | QuarantineError"], None]
+
+
+def generate_reporting(backend: LLMBackend, requests: Sequence[LLMRequest],
+                       on_result: OnResult) -> list[LLMResult | QuarantineError]:
+    """`backend.generate(requests)`, calling `on_result(index, result)` for each result: as each one
+    finishes when the backend can report that (`supports_on_result`, e.g. the OpenAI-compatible
+    client, on its event loop's thread), else for all of them once the batch is back.
+
+    Work done in `on_result` (the request cache's write, response QC) then overlaps the requests
+    still in flight instead of following the batch while the model server sits idle.
+    """
+    if getattr(backend, "supports_on_result", False):
+        return backend.generate(requests, on_result=on_result)  # type: ignore[call-arg]
+    results = backend.generate(requests)
+    for i, res in enumerate(results):
+        on_result(i, res)
+    return results
 
 
 def make_backend(config: LLMConfig) -> LLMBackend:

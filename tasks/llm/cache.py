@@ -17,7 +17,10 @@ after they finish), each a new object named by its writer: concurrent workers ne
 object, there is no index to merge, and a run killed mid-batch loses only what was in flight
 (backends with `supports_on_result`, such as the OpenAI-compatible one, report each result as it
 completes). One object per request cost ~0.35 ms of CPU each plus writer-thread contention with the
-request loop, which took a third of the throughput at 512 requests in flight (bench/llm.py).
+request loop, which took a third of the throughput at 512 requests in flight (bench/llm.py); a
+`threading.Timer` per group and a 32-thread pool on the write path still cost the request loop
+~0.1 ms per result, so groups are now formed and written by a few long-lived threads
+(`_SegmentWriter`, `writers`, default 4) that the request loop only hands results to.
 A scope is what one process looks up: the pipeline scopes the cache per shard (`scoped`), so a
 resumed shard reads its own segments (bounded by the shard size), never the whole run's; segments
 of a scope are listed and read once, in parallel on a thread pool (`workers`, default 32).
@@ -32,6 +35,7 @@ output depends on the clip id and attributes, which are not part of the key.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import copy
 import hashlib
@@ -39,8 +43,9 @@ import itertools
 import json
 import logging
 import threading
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -48,7 +53,7 @@ from pydantic import ValidationError
 from schemas.config import LLMConfig
 from schemas.records import QuarantineError
 from storage.objectstore import NotFound, ObjectStore
-from tasks.llm.base import LLMBackend, LLMRequest, LLMResult
+from tasks.llm.base import LLMBackend, LLMRequest, LLMResult, OnResult, generate_reporting
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +63,12 @@ DEFAULT_SCOPE = "all"
 UNCACHED_BACKENDS = frozenset({"template"})
 
 
-# Finished responses go to the writer threads in groups (fewer hand-offs from the event loop), and
-# never later than WRITE_DELAY_S after they finish: a killed run loses at most that much work.
+# Finished responses are written in groups (one object each), never later than WRITE_DELAY_S after
+# they finish: a killed run loses at most that much work.
 WRITE_CHUNK = 16
 WRITE_DELAY_S = 0.05
+
+Item = tuple[str, LLMResult]  # (request key, result)
 
 
 def canonical_json(obj: Any) -> bytes:
@@ -106,8 +113,11 @@ def stored_keys(store: ObjectStore, prefix: str, scope: str = DEFAULT_SCOPE) -> 
 class CachedBackend:
     """An LLMBackend that answers finished requests from `store` and sends only the rest to `inner`."""
 
+    # generate() takes on_result=callback(index, result): hits at once, misses as they finish.
+    supports_on_result = True
+
     def __init__(self, inner: LLMBackend, store: ObjectStore, prefix: str, config: LLMConfig | None = None,
-                 *, workers: int = 32, scope: str = DEFAULT_SCOPE) -> None:
+                 *, workers: int = 32, writers: int = 4, scope: str = DEFAULT_SCOPE) -> None:
         cfg = config if config is not None else getattr(inner, "config", None)
         if not isinstance(cfg, LLMConfig):
             raise TypeError("CachedBackend needs the LLMConfig (sampling settings are part of the key): "
@@ -120,7 +130,8 @@ class CachedBackend:
         self.scope = scope
         self.enabled = inner.name not in UNCACHED_BACKENDS
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers),
-                                                           thread_name_prefix="llm-cache")
+                                                           thread_name_prefix="llm-cache-read")
+        self._segments = _SegmentWriter(writers)
         self._lock = threading.Lock()
         self._stats = {"hits": 0, "misses": 0, "stored": 0, "unreadable": 0, "write_errors": 0}
         self._model: dict[str, str | None] | None = None
@@ -135,7 +146,7 @@ class CachedBackend:
 
     def scoped(self, scope: str) -> CachedBackend:
         """A view of this cache that stores and looks up in `scope` (e.g. one shard), sharing the
-        model backend, the thread pool and the counters."""
+        model backend, the threads and the counters."""
         view = copy.copy(self)
         view.scope = scope
         view._owner = False
@@ -153,6 +164,7 @@ class CachedBackend:
     def close(self) -> None:
         if not self._owner:
             return
+        self._segments.close()
         self._pool.shutdown(wait=True)
         close = getattr(self.inner, "close", None)
         if callable(close):
@@ -169,10 +181,14 @@ class CachedBackend:
         return request_key(req, backend=self.inner.name, model=self._model.get("name"),
                            revision=self._model.get("revision"), config=self.config)
 
-    def generate(self, requests: Sequence[LLMRequest]) -> list[LLMResult | QuarantineError]:
+    def generate(self, requests: Sequence[LLMRequest],
+                 on_result: OnResult | None = None) -> list[LLMResult | QuarantineError]:
         requests = list(requests)
-        if not self.enabled or not requests:
-            return self.inner.generate(requests)
+        if not requests:
+            return []
+        if not self.enabled:
+            return self.inner.generate(requests) if on_result is None else \
+                generate_reporting(self.inner, requests, on_result)
         keys = [self.key(r) for r in requests]
         index = self._load_index()
         out: list[LLMResult | QuarantineError | None] = [None] * len(requests)
@@ -182,13 +198,17 @@ class CachedBackend:
             if hit is None:
                 missing.append(i)
             else:
-                out[i] = hit if hit.id == req.id else hit.model_copy(update={"id": req.id})
+                found = hit if hit.id == req.id else hit.model_copy(update={"id": req.id})
+                out[i] = found
+                if on_result is not None:
+                    on_result(i, found)
         with self._lock:
             self._stats["hits"] += len(requests) - len(missing)
             self._stats["misses"] += len(missing)
         if missing:
-            for i, res in zip(missing, self._generate_and_store([requests[i] for i in missing],
-                                                                [keys[i] for i in missing]), strict=True):
+            generated = self._generate_and_store([requests[i] for i in missing], [keys[i] for i in missing],
+                                                 on_result and (lambda j, res: on_result(missing[j], res)))
+            for i, res in zip(missing, generated, strict=True):
                 out[i] = res
         assert all(r is not None for r in out)
         return [r for r in out if r is not None]
@@ -229,49 +249,22 @@ class CachedBackend:
                 self._stats["unreadable"] += bad
         return entries
 
-    def _generate_and_store(self, requests: list[LLMRequest], keys: list[str]) -> list[LLMResult | QuarantineError]:
-        writes: list[concurrent.futures.Future[None]] = []
-
-        pending: list[tuple[str, LLMResult]] = []
-        guard = threading.Lock()
-        timer: list[threading.Timer] = []
-
-        def flush() -> None:
-            with guard:
-                if timer:
-                    timer.pop().cancel()
-                if pending:
-                    writes.append(self._pool.submit(self._save_segment, list(pending)))
-                    pending.clear()
-
-        def on_result(index: int, res: LLMResult | QuarantineError) -> None:
-            if not isinstance(res, LLMResult):  # never a QuarantineError: failures are retried next run
-                return
-            with guard:
-                pending.append((keys[index], res))
-                full = len(pending) >= WRITE_CHUNK
-                if not full and not timer:  # stored within WRITE_DELAY_S of finishing, whatever follows
-                    timer.append(threading.Timer(WRITE_DELAY_S, flush))
-                    timer[0].daemon = True
-                    timer[0].start()
-            if full:
-                flush()
+    def _generate_and_store(self, requests: list[LLMRequest], keys: list[str],
+                            then: OnResult | None = None) -> list[LLMResult | QuarantineError]:
+        def store(index: int, res: LLMResult | QuarantineError) -> None:
+            if isinstance(res, LLMResult):  # never a QuarantineError: failures are retried next run
+                self._segments.add(self._save_segment, (keys[index], res))
+            if then is not None:
+                then(index, res)
 
         try:
-            if getattr(self.inner, "supports_on_result", False):
-                results = self.inner.generate(requests, on_result=on_result)  # type: ignore[call-arg]
-            else:  # results arrive together: stored in segments of WRITE_CHUNK, written in parallel
-                results = self.inner.generate(requests)
-                done = [(keys[i], r) for i, r in enumerate(results) if isinstance(r, LLMResult)]
-                writes += [self._pool.submit(self._save_segment, done[i:i + WRITE_CHUNK])
-                           for i in range(0, len(done), WRITE_CHUNK)]
+            return generate_reporting(self.inner, requests, store)
         finally:  # also when the batch fails: keep what finished
-            flush()
-            concurrent.futures.wait(writes)
-        return results
+            self._segments.flush(self._save_segment)
 
-    def _save_segment(self, items: list[tuple[str, LLMResult]]) -> None:
-        body = b"\n".join(canonical_json({"v": CACHE_VERSION, "key": key, "result": res.model_dump(mode="json")})
+    def _save_segment(self, items: list[Item]) -> None:
+        # One JSON object per line; the result serialised by pydantic-core (a key is hex: no escaping).
+        body = b"\n".join(b'{"v":%d,"key":"%s","result":%s}' % (CACHE_VERSION, key.encode(), res.model_dump_json().encode())
                           for key, res in items)
         path = f"{scope_prefix(self.prefix, self.scope)}{self._writer}-{next(self._seq):06d}.jsonl"
         try:
@@ -287,3 +280,99 @@ class CachedBackend:
                 self._index.update(items)
         with self._lock:
             self._stats["stored"] += len(items)
+
+
+class _SegmentWriter:
+    """Groups finished results per destination and writes each group from a few long-lived threads.
+
+    `add(save, item)` costs the caller (the request loop) one lock and a list append; a group goes
+    to `save` once it holds WRITE_CHUNK items or its first item is WRITE_DELAY_S old, whichever
+    comes first: an idle writer thread sleeps until the oldest open group's deadline. `flush(save)`
+    writes what is still open for that destination and waits until all of it is saved. Threads
+    start on first use and end at `close()`.
+    """
+
+    def __init__(self, threads: int) -> None:
+        lock = threading.Lock()
+        self._work = threading.Condition(lock)  # writers wait here for a group to fill or fall due
+        self._saved = threading.Condition(lock)  # flush() waits here for its groups to be written
+        self._open: dict[Callable[[list[Item]], None], tuple[float, list[Item]]] = {}
+        self._ready: collections.deque[tuple[Callable[[list[Item]], None], list[Item]]] = collections.deque()
+        self._unsaved: collections.Counter[Callable[[list[Item]], None]] = collections.Counter()
+        self._size = max(1, threads)
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+
+    def add(self, save: Callable[[list[Item]], None], item: Item) -> None:
+        with self._work:
+            if self._closed:
+                raise RuntimeError("the request cache is closed")
+            if not self._threads:
+                self._start()
+            opened = self._open.get(save)
+            if opened is None:
+                opened = self._open[save] = (time.monotonic(), [])
+            opened[1].append(item)
+            self._unsaved[save] += 1
+            if len(opened[1]) >= WRITE_CHUNK:
+                self._ready.append((save, self._open.pop(save)[1]))
+                self._work.notify()
+            elif len(opened[1]) == 1:
+                self._work.notify()  # an idle writer now has a deadline to sleep until
+
+    def flush(self, save: Callable[[list[Item]], None]) -> None:
+        with self._work:
+            opened = self._open.pop(save, None)
+            if opened is not None:
+                self._ready.append((save, opened[1]))
+                self._work.notify()
+            while self._unsaved[save] > 0:
+                self._saved.wait()
+            del self._unsaved[save]
+
+    def close(self) -> None:
+        with self._work:
+            for save, (_, items) in self._open.items():
+                self._ready.append((save, items))
+            self._open.clear()
+            self._closed = True
+            self._work.notify_all()
+            threads, self._threads = self._threads, []
+        for thread in threads:
+            thread.join()
+
+    def _start(self) -> None:
+        for n in range(self._size):
+            thread = threading.Thread(target=self._run, name=f"llm-cache-write-{n}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _next(self) -> tuple[Callable[[list[Item]], None], list[Item]] | None:
+        """The next group to write (None: closed and drained), waiting for one to fill or fall due."""
+        with self._work:
+            while True:
+                if self._ready:
+                    return self._ready.popleft()
+                if self._open:
+                    save, (started, items) = min(self._open.items(), key=lambda kv: kv[1][0])
+                    due = started + WRITE_DELAY_S - time.monotonic()
+                    if due <= 0:
+                        del self._open[save]
+                        return save, items
+                    self._work.wait(due)
+                elif self._closed:
+                    return None
+                else:
+                    self._work.wait()
+
+    def _run(self) -> None:
+        while (group := self._next()) is not None:
+            save, items = group
+            try:
+                save(items)
+            except Exception:
+                log.exception("llm cache: could not write %d results", len(items))
+            finally:
+                with self._saved:
+                    self._unsaved[save] -= len(items)
+                    self._saved.notify_all()

@@ -37,22 +37,26 @@ import collections
 import concurrent.futures
 import contextlib
 import functools
+import json
 import logging
 import os
 import random
 import ssl
 import threading
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, Self
 
+import aiohttp
 import httpx
 
 from schemas.config import LLMConfig
 from schemas.records import Generation, QuarantineError, ReasonCode, Stage
-from tasks.llm.base import LLMRequest, LLMResult
+from tasks.llm.base import LLMRequest, LLMResult, OnResult
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +168,10 @@ class OpenAICompatBackend:
                     name, cfg.endpoint_limit, chunk=self.limit_chunk, idle_release_s=self.idle_release_s,
                     max_wait_s=self.max_slot_wait_s, lease_duration_s=self.lease_duration_s))
 
-        async with _ClientLanes(cfg.concurrency, cfg.timeout_s, self._headers()) as lanes:
+        async with _Session(cfg.concurrency, cfg.timeout_s, self._headers()) as http:
 
             async def run(i: int, req: LLMRequest) -> LLMResult | QuarantineError:
-                res = await self._one(lanes, sem, req, slots)
+                res = await self._one(http, sem, req, slots)
                 if on_result is not None:
                     on_result(i, res)
                 return res
@@ -350,7 +354,7 @@ class OpenAICompatBackend:
         with self._pick_lock:
             return any(i not in avoid and r.down_until <= now for i, r in enumerate(self._replicas))
 
-    async def _one(self, lanes: _ClientLanes, sem: asyncio.Semaphore, req: LLMRequest,
+    async def _one(self, http: _Session, sem: asyncio.Semaphore, req: LLMRequest,
                    slots: dict[str, _EndpointSlots] | None = None) -> LLMResult | QuarantineError:
         attempts_allowed = self.config.max_retries + 1
         last: _Retryable | None = None
@@ -363,10 +367,9 @@ class OpenAICompatBackend:
                     failed_connection = False
                     try:
                         pool = slots.get(endpoint_limit_name(base)) if slots else None
-                        async with (pool.slot() if pool is not None else contextlib.nullcontext(),
-                                    lanes.client() as client):
+                        async with pool.slot() if pool is not None else contextlib.nullcontext():
                             started = time.perf_counter()
-                            text, gen_fields = await self._attempt(client, req, base)
+                            text, gen_fields = await self._attempt(http, req, base)
                             latency = time.perf_counter() - started
                     except _Retryable as exc:
                         failed_connection = exc.connection
@@ -410,32 +413,30 @@ class OpenAICompatBackend:
         return QuarantineError(Stage.llm, ReasonCode.llm_error, self._redact(
             f"{req.id}: request failed after {attempts_allowed} attempts: {last}"))
 
-    async def _attempt(self, client: httpx.AsyncClient, req: LLMRequest,
+    async def _attempt(self, http: _Session, req: LLMRequest,
                        base_url: str | None = None) -> tuple[str, dict[str, Any]]:
         """One HTTP call to one replica → (text, Generation fields); raises _Retryable or _Fatal."""
         timeout = self.config.timeout_s
         url = self.url if base_url is None else base_url + self._route()
         try:
-            async with asyncio.timeout(timeout):  # whole-request deadline (httpx's is per read/write)
-                resp = await client.post(url, json=self._payload(req))
-        except (TimeoutError, httpx.TimeoutException):
+            async with asyncio.timeout(timeout):  # whole-request deadline: connect, send, wait, read
+                status, retry_after, raw = await http.post(url, _json_bytes(self._payload(req)))
+        except TimeoutError:  # also aiohttp's connect/read timeouts
             raise _Retryable(f"timed out after {timeout:g}s") from None
-        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+        except (aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError) as exc:
             raise _Fatal(f"bad endpoint URL: {exc}") from None
-        except httpx.TransportError as exc:
+        except (aiohttp.ClientError, OSError) as exc:  # refused, reset, dropped, truncated, bad HTTP
             raise _Retryable(f"connection error: {type(exc).__name__}: {exc}", connection=True) from None
 
-        status = resp.status_code
         if status in RETRY_STATUSES or status >= 500:
-            raise _Retryable(f"HTTP {status}: {_excerpt(resp.text)}",
-                             retry_after=_retry_after_seconds(resp.headers.get("retry-after")))
+            raise _Retryable(f"HTTP {status}: {_excerpt(_text(raw))}", retry_after=_retry_after_seconds(retry_after))
         if not 200 <= status < 300:
-            raise _Fatal(f"HTTP {status}: {_excerpt(resp.text)}")
+            raise _Fatal(f"HTTP {status}: {_excerpt(_text(raw))}")
 
         try:
-            data = resp.json()
+            data = json.loads(raw)
         except ValueError:
-            raise _Retryable(f"malformed JSON in response: {_excerpt(resp.text, 80)}") from None
+            raise _Retryable(f"malformed JSON in response: {_excerpt(_text(raw), 80)}") from None
         try:
             choice = data["choices"][0]
             if self.config.prompt_format == "completion":
@@ -444,7 +445,7 @@ class OpenAICompatBackend:
                 message = choice["message"]
                 content = message.get("content")
         except (KeyError, IndexError, TypeError, AttributeError):
-            raise _Retryable(f"unsuitable response JSON (no choices[0].message): {_excerpt(resp.text, 80)}") from None
+            raise _Retryable(f"unsuitable response JSON (no choices[0].message): {_excerpt(_text(raw), 80)}") from None
         finish_reason = choice.get("finish_reason") if isinstance(choice, dict) else None
         if content is not None and not isinstance(content, str):
             raise _Retryable(f"unsuitable response JSON: content is {type(content).__name__}, not a string")
@@ -463,11 +464,17 @@ class OpenAICompatBackend:
         }
 
 
+def _json_bytes(payload: dict[str, Any]) -> bytes:
+    """A request body as compact UTF-8 JSON (no NaN: a server would reject it anyway)."""
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
+
+
 def _int_or_none(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-OnResult = Callable[[int, "LLMResult | QuarantineError"], None]
 
 
 def _run_sync(make: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
@@ -481,44 +488,67 @@ def _run_sync(make: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
         return pool.submit(lambda: asyncio.run(make())).result()
 
 
-LANE_CONNECTIONS = 8
+# Below the 5 s keep-alive of uvicorn (what `vllm serve` runs on): an idle connection is dropped here
+# before the server closes it, so a request never goes out on a socket the server is closing.
+KEEPALIVE_S = 4.0
 
 
 @functools.lru_cache(maxsize=1)
 def _ssl_context() -> ssl.SSLContext:
-    """One verifying TLS context for every client: loading the CA bundle costs ~17 ms per client."""
+    """One verifying TLS context for every session: loading the CA bundle costs ~17 ms each time."""
     return httpx.create_ssl_context()
 
 
-class _ClientLanes:
-    """Several small httpx clients instead of one large one, each request on the least busy.
+class _Session:
+    """This generate() call's HTTP client: one aiohttp session, at most `concurrency` connections
+    (shared by all replicas), kept alive across requests.
 
-    httpcore's pool scans every connection for every waiting request whenever one changes state,
-    so one client with 64 connections spent ~15 ms of CPU per request (bench/llm.py, profiled);
-    lanes of 8 connections keep that scan short. In-flight totals stay bounded by the semaphore.
+    aiohttp rather than httpx on this hot path: against the fake server (bench/llm.py) at 64 in
+    flight, httpx/httpcore spent ~3 ms of client CPU per request (connection pool scans, anyio) and
+    aiohttp ~0.65 ms, so one client core keeps several GPU servers busy instead of saturating first.
+    Proxy variables (HTTP(S)_PROXY, NO_PROXY) are honoured as httpx did, looked up once per
+    replica: aiohttp's own `trust_env` does it, and reads ~/.netrc, on a worker thread per request.
+    No cookies are kept.
     """
 
     def __init__(self, concurrency: int, timeout_s: float, headers: dict[str, str]) -> None:
-        per_lane = min(concurrency, LANE_CONNECTIONS)
-        limits = httpx.Limits(max_connections=per_lane, max_keepalive_connections=per_lane)
-        self._clients = [httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits, headers=headers,
-                                           verify=_ssl_context()) for _ in range(-(-concurrency // per_lane))]
-        self._active = [0] * len(self._clients)
+        self._args = (concurrency, timeout_s, headers)
+        self._session: aiohttp.ClientSession | None = None
+        self._proxies: dict[str, str | None] = {}
 
     async def __aenter__(self) -> Self:
+        concurrency, timeout_s, headers = self._args
+        connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=0, ssl=_ssl_context(),
+                                         keepalive_timeout=KEEPALIVE_S)
+        # The whole-request deadline is the caller's (asyncio.timeout); connecting alone may not take longer.
+        self._session = aiohttp.ClientSession(connector=connector, headers=headers,
+                                              cookie_jar=aiohttp.DummyCookieJar(),
+                                              timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout_s))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await asyncio.gather(*(c.aclose() for c in self._clients), return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
 
-    @contextlib.asynccontextmanager
-    async def client(self) -> AsyncIterator[httpx.AsyncClient]:
-        lane = min(range(len(self._active)), key=self._active.__getitem__)
-        self._active[lane] += 1
-        try:
-            yield self._clients[lane]
-        finally:
-            self._active[lane] -= 1
+    async def post(self, url: str, body: bytes) -> tuple[int, str | None, bytes]:
+        """POST `body` (JSON) → (status, Retry-After header, response body)."""
+        assert self._session is not None, "use `async with _Session(...)`"
+        parts = urllib.parse.urlsplit(url)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        if origin not in self._proxies:
+            self._proxies[origin] = env_proxy(url)
+        async with self._session.post(url, data=body, proxy=self._proxies[origin]) as resp:
+            return resp.status, resp.headers.get("Retry-After"), await resp.read()
+
+
+def env_proxy(url: str) -> str | None:
+    """The proxy the environment names for `url` (HTTP_PROXY / HTTPS_PROXY / ALL_PROXY), None when
+    there is none or NO_PROXY exempts the host."""
+    parts = urllib.parse.urlsplit(url)
+    proxies = urllib.request.getproxies_environment()
+    if not parts.hostname or urllib.request.proxy_bypass(parts.hostname):
+        return None
+    return proxies.get(parts.scheme) or proxies.get("all")
 
 
 def endpoint_limit_name(base_url: str) -> str:

@@ -294,6 +294,7 @@ def _attr(attributes: Mapping[str, str], label: str) -> str | None:
 _QUOTED = re.compile(r'"[^"\n]*"|“[^”]*”|«[^»]*»|„[^“”]*[“”]|「[^」]*」|(?<![\w\'])\'[^\'\n]{2,}?\'(?!\w)')
 
 
+@functools.lru_cache(maxsize=4096)  # a request and its regenerations share a transcript
 def _transcript_pattern(transcript: str | None) -> re.Pattern[str] | None:
     words = re.findall(r"[^\W_]+(?:['’][^\W_]+)*", transcript or "")
     if not words:
