@@ -181,6 +181,7 @@ def test_exact_messages_and_payload_reach_server(server):
     assert {k: s1.body[k] for k in ("model", "temperature", "top_p", "max_tokens", "seed")} == {
         "model": "llama-test", "temperature": 0.05, "top_p": 0.9, "max_tokens": 64, "seed": 7}
     assert s2.body["seed"] == 99
+    assert s1.headers.get("Content-Type") == "application/json"  # FastAPI (vllm serve) parses JSON only
 
 
 def test_api_key_sent_as_bearer_and_never_in_errors(server, monkeypatch):
