@@ -193,21 +193,23 @@ def main() -> None:
         config = sample_config(str(work / "out"), "bench", workdir=work, overrides=[
             "llm.backend=transformers", f"llm.model={model}", "llm.device=cpu", "llm.max_tokens=16",
             "llm.temperature=1.0", "llm.concurrency=16", "llm.qc.enabled=false"])
-        prepared = prepared_requests(config, 256, work)
-        measure(config, prepared, store, "transformers (tiny LM, CPU, 16/batch, 1 thread)")
+        # The server (below) gets the last core and this client the others, as a real server would be
+        # another machine; the in-process model runs on the client's cores too, pinned, since a thread
+        # wandering between cores made identical runs differ more than what is measured here.
+        cores = sorted(os.sched_getaffinity(0))
+        server_cores, client_cores = (cores[-1:], cores[:-1]) if len(cores) > 1 else (cores, cores)
+        os.sched_setaffinity(0, client_cores)
+        prepared = prepared_requests(config, 384, work)
+        measure(config, prepared, store, "transformers (tiny LM, CPU, 16/batch, 1 thread)", rounds=9)
 
         torch.set_num_threads(threads)
 
         # The server runs in its own process, as a real one would: in this process it would compete
         # with the client for the GIL and the pipeline's extra work would slow the server down too.
-        # On a machine of several cores the server gets the last one and this client the others, as
-        # a real server would be another machine: otherwise the client's own work (cache, QC) is taken
-        # out of the server's CPU, and the ratio measures 2 shared cores, not the pipeline.
-        cores = sorted(os.sched_getaffinity(0))
-        server_cores, client_cores = (cores[-1:], cores[:-1]) if len(cores) > 1 else (cores, cores)
+        # On its own core: otherwise the client's own work (cache, QC) is taken out of the server's
+        # CPU, and the ratio measures 2 shared cores, not the pipeline.
         server = subprocess.Popen([sys.executable, "-c", SERVER, ",".join(map(str, server_cores))],
                                   stdout=subprocess.PIPE, text=True, cwd=str(REPO), start_new_session=True)
-        os.sched_setaffinity(0, client_cores)
         print(f"server on core(s) {server_cores}, client on core(s) {client_cores}")
         try:
             assert server.stdout is not None

@@ -291,3 +291,14 @@ def test_proxy_variables_are_honoured_and_no_proxy_exempts(monkeypatch):
     assert env_proxy("http://vllm-0:8000/v1/chat/completions") == "http://proxy.internal:3128"
     assert env_proxy("http://vllm-1:8000/v1/chat/completions") is None
     assert env_proxy("https://vllm-0:8000/v1/chat/completions") is None  # no HTTPS_PROXY set
+
+
+def test_url_without_scheme_is_not_retried_and_says_so():
+    """A base URL the client cannot use (no http:// or https://) fails each request at once with a
+    message naming the URL problem, instead of retrying it as a connection error."""
+    backend = OpenAICompatBackend(LLMConfig(backend="openai", base_url="localhost:8000/v1", model="m",
+                                            max_retries=3, backoff_s=5.0))
+    t0 = time.monotonic()
+    [res] = backend.generate([_req("u")])
+    assert isinstance(res, QuarantineError) and "bad endpoint URL" in res.message and "attempt 1" in res.message
+    assert time.monotonic() - t0 < 2.0  # no backoff waited
