@@ -5,8 +5,10 @@ response QC); "direct" = `backend.generate` on the same requests. Prints request
 tokens/s and the ratio (target ≥ 0.9×) for:
 - the transformers backend on CPU (a tiny random-weight causal LM built here; QC off, since random
   text would be regenerated);
-- the OpenAI-compatible backend against the local fake server on 127.0.0.1 at 1, 64 and 512 in flight,
-  the server pinned to its own core (a real server is another machine) and the client to the rest.
+- the OpenAI-compatible backend against a stand-in for `vllm serve` on 127.0.0.1 (bench/fake_vllm.py:
+  GPU-like capacity, 32 sequences at once for 50 ms each, realistic ~50-word answers that pass QC) at
+  1, 64 and 512 in flight, the server pinned to its own core (a real server is another machine) and
+  the client to the rest.
 Each case also prints the client's CPU time per request, direct vs pipeline, and the pipeline's own CPU
 per response with the backend's answers replayed instantly (deterministic, unlike the ratio).
 
@@ -34,15 +36,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-SERVER = """
-import os, sys, threading
-sys.path.insert(0, ".")
-os.sched_setaffinity(0, [int(c) for c in sys.argv[1].split(",")])
-from tests.fake_llm_server import FakeLLMServer
-server = FakeLLMServer(ok_delay_s=0.05).start()
-print(server.base_url, flush=True)
-threading.Event().wait()
-"""
+# The stand-in for `vllm serve` (bench/fake_vllm.py): 32 sequences at once, 50 ms each, so at most
+# 640 responses/s (about twelve H100s' worth of an 8B model), the rest queued as vLLM queues them.
+MAX_NUM_SEQS = 32
+STEP_S = 0.05
 
 
 def prepared_requests(config: Any, n: int, workdir: Path) -> list[Any]:
@@ -208,7 +205,9 @@ def main() -> None:
         # with the client for the GIL and the pipeline's extra work would slow the server down too.
         # On its own core: otherwise the client's own work (cache, QC) is taken out of the server's
         # CPU, and the ratio measures 2 shared cores, not the pipeline.
-        server = subprocess.Popen([sys.executable, "-c", SERVER, ",".join(map(str, server_cores))],
+        server = subprocess.Popen([sys.executable, str(REPO / "bench" / "fake_vllm.py"),
+                                   "--cores", ",".join(map(str, server_cores)), "--max-num-seqs", str(MAX_NUM_SEQS),
+                                   "--step-s", str(STEP_S)],
                                   stdout=subprocess.PIPE, text=True, cwd=str(REPO), start_new_session=True)
         print(f"server on core(s) {server_cores}, client on core(s) {client_cores}")
         try:
@@ -217,15 +216,15 @@ def main() -> None:
             for in_flight, n in ((1, 64), (64, 1024), (512, 1024)):
                 config = sample_config(str(work / "out"), "bench", workdir=work, overrides=[
                     "llm.backend=openai", f"llm.base_url={base_url}", "llm.model=fake-served-model",
-                    f"llm.concurrency={in_flight}", "llm.qc.min_words=1", "llm.timeout_s=30"])
+                    f"llm.concurrency={in_flight}", "llm.timeout_s=30"])
                 prepared = prepared_requests(config, n, work)
                 measure(config, prepared, store, f"openai-compatible, {in_flight} in flight", rounds=9)
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(timeout=10)
-    print("note: the fake server answers after 50 ms; at 64 and 512 in flight its one core is the bottleneck"
-          " (a stdlib thread per connection), and the client's core has time to spare: requests/s x client CPU"
-          " per request is the share of the client's core in use")
+    print(f"note: the stand-in server runs {MAX_NUM_SEQS} requests at once for {1000 * STEP_S:.0f} ms each"
+          f" (at most {MAX_NUM_SEQS / STEP_S:.0f} responses/s) and queues the rest, as vLLM does; requests/s x"
+          " client CPU per request is the share of the client's core in use")
 
 
 if __name__ == "__main__":

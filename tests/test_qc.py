@@ -212,6 +212,35 @@ def test_qc_table(case: Case) -> None:
     assert verdict.ok or verdict.detail
 
 
+SCAN_PHRASES = [
+    "A man in his mid40s, speaking in a midtwenties-style drawl.", "She is in her early 30s.",
+    "A 35-year-old reads it; age: 40; aged 71; at the age of 9.", "a teenager, adolescents, a middle-aged man",
+    "a senior citizen and a young adult", "a child's voice, a young child, a little girl, a small child",
+    "an old man, an older voice, an ageing speaker", "in the speaker's late 60s",
+    "A matter-of-fact, emotionless tone; she sounds furious, then JOYFUL.",
+    "A New-Zealand accent, a south african speaker, an English-accented voice, an accent that sounds Irish",
+    "an accent from the Middle-East? an accent of the Caribbean", "a Texan English speaker",
+    "A MALE voice; the gentleman's voice; there's a woman; her tone; he quietly speaks; she says",
+    "It features one slightly hoarse young boy; his delivery; the lady speaking",
+]
+
+
+def test_costly_scans_are_skipped_only_when_they_cannot_match() -> None:
+    """Each scan's trigger words are in every text its regex matches (else skipping it would let a
+    contradiction through): checked on every QC table response and phrases built to hit each pattern."""
+    from tasks.llm.qc import _ACCENT_SCAN, _AGE_SCAN, _EMOTION_SCAN, _FEMALE, _MALE, words_of
+
+    texts = [c.response for c in CASES] + SCAN_PHRASES
+    hits = 0
+    for scan in (_ACCENT_SCAN, _AGE_SCAN, _EMOTION_SCAN, _FEMALE, _MALE):
+        for text in texts:
+            for m in scan.pattern.finditer(text.replace("’", "'")):
+                hits += 1
+                assert scan.may_match(words_of(m.group(0))), (scan.pattern.pattern[:40], m.group(0))
+        assert not scan.may_match(words_of("The recording holds one clear voice reading a sentence."))
+    assert hits >= 40
+
+
 def test_table_covers_every_rule() -> None:
     assert len(CASES) >= 40
     assert {c.expected for c in CASES} >= set(RULE_ORDER) | {None}
