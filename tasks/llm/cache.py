@@ -264,7 +264,8 @@ class CachedBackend:
 
     def _save_segment(self, items: list[Item]) -> None:
         # One JSON object per line; the result serialised by pydantic-core (a key is hex: no escaping).
-        body = b"\n".join(b'{"v":%d,"key":"%s","result":%s}' % (CACHE_VERSION, key.encode(), res.model_dump_json().encode())
+        body = b"\n".join(b'{"v":%d,"key":"%s","result":%s}' % (CACHE_VERSION, key.encode(),
+                                                                 res.model_dump_json().encode())
                           for key, res in items)
         path = f"{scope_prefix(self.prefix, self.scope)}{self._writer}-{next(self._seq):06d}.jsonl"
         try:
