@@ -135,6 +135,7 @@ def measure(config: Any, prepared: list[Any], store: Any, label: str, rounds: in
     warm_backend = piped_backend()
     generate_with_qc(warm, warm_backend, config, Counter())  # warm-up, as for direct (threads, connections)
     warm_backend.close()
+
     def timed(call: Any) -> Run:
         t0, c0 = time.perf_counter(), time.process_time()
         out = call()

@@ -514,7 +514,7 @@ class _Session:
     def __init__(self, concurrency: int, timeout_s: float, headers: dict[str, str]) -> None:
         self._args = (concurrency, timeout_s, headers)
         self._session: aiohttp.ClientSession | None = None
-        self._proxies: dict[str, str | None] = {}
+        self._proxies: dict[str, str | None] = {}  # by URL: one per replica and route
 
     async def __aenter__(self) -> Self:
         concurrency, timeout_s, headers = self._args
@@ -533,11 +533,9 @@ class _Session:
     async def post(self, url: str, body: bytes) -> tuple[int, str | None, bytes]:
         """POST `body` (JSON) → (status, Retry-After header, response body)."""
         assert self._session is not None, "use `async with _Session(...)`"
-        parts = urllib.parse.urlsplit(url)
-        origin = f"{parts.scheme}://{parts.netloc}"
-        if origin not in self._proxies:
-            self._proxies[origin] = env_proxy(url)
-        async with self._session.post(url, data=body, proxy=self._proxies[origin]) as resp:
+        if url not in self._proxies:
+            self._proxies[url] = env_proxy(url)
+        async with self._session.post(url, data=body, proxy=self._proxies[url]) as resp:
             return resp.status, resp.headers.get("Retry-After"), await resp.read()
 
 

@@ -616,10 +616,11 @@ def _wrong_language(c: _Ctx) -> str | None:
     if not language:
         return None
     # ASCII: the letters are what the regex leaves (one C pass); else exactly what isalpha() says.
-    letters = _NOT_LETTERS.sub("", c.prose) if c.prose.isascii() else [ch for ch in c.prose if ch.isalpha()]
+    ascii_prose = c.prose.isascii()
+    letters = _NOT_LETTERS.sub("", c.prose) if ascii_prose else [ch for ch in c.prose if ch.isalpha()]
     scripts = ("LATIN",) if language in _LATIN_LANGUAGES else _SCRIPTS.get(language)
     if scripts and len(letters) >= 10:
-        ascii_latin = "LATIN" in scripts and c.prose.isascii()  # every ASCII letter is Latin
+        ascii_latin = "LATIN" in scripts and ascii_prose  # every ASCII letter is Latin
         share = 1.0 if ascii_latin else sum(1 for ch in letters if _script(ch) in scripts) / len(letters)
         if share < 0.5:
             return f"only {share:.0%} of letters are in the script of {language!r}"
