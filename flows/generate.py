@@ -41,6 +41,7 @@ from schemas.manifest import Manifest, Stats
 from storage.objectstore import NotFound, ObjectStore, open_store
 from storage.versions import commit_version, read_manifest, resolve_version, staging_prefix
 from tasks.audio import AUDIO_VERSION
+from tasks.commit_gate import CommitRefused, QuarantineExample, Refusal, check_commit
 from tasks.describe import DESCRIBE_VERSION, instruction_pool, load_bins, pool_hash
 from tasks.features import EXTRACTOR_VERSIONS
 from tasks.features.models import load_models
@@ -48,7 +49,15 @@ from tasks.features.phonemes import PHONEME_VERSION
 from tasks.gpu import gpu_stages
 from tasks.ingest import source_fingerprint
 from tasks.llm import make_backend
-from tasks.pipeline import RunContext, ShardOutcome, process_shard, report_total, run_backend
+from tasks.pipeline import (
+    RunContext,
+    ShardOutcome,
+    finished_outcome,
+    process_shard,
+    report_done,
+    report_total,
+    run_backend,
+)
 from tasks.plan import RunPlan, load_shard_plan, plan_run
 
 
@@ -63,6 +72,7 @@ class RunSummary(BaseModel):
     quarantine_by_reason: dict[str, int] = Field(default_factory=dict)
     quarantine_by_stage: dict[str, int] = Field(default_factory=dict)
     audio_hours: float
+    rows_without_transcript: int = 0
     shards: int
     shards_skipped: int
     seconds: float
@@ -88,9 +98,11 @@ def run_context(config: RunConfig) -> RunContext:
     config_hash = config.config_hash()
     # Same config + same corpus content = same run (resumable); a changed corpus is a new run.
     run_id = f"run-{config_hash}-{source_fingerprint(config.sources)[:8]}"
+    staging = staging_prefix(config.output.dataset, run_id)
     return RunContext(
         run_id=run_id,
-        staging=staging_prefix(config.output.dataset, run_id),
+        staging=staging,
+        after_refusal=_store(config).exists(f"{staging}/{REFUSED}"),
         config_hash=config_hash,
         pipeline_version=code_version(),
         bins_version=load_bins(config.describe.bins).full_version,
@@ -168,10 +180,57 @@ def run_plain(config: RunConfig) -> Manifest:
     ctx = run_context(config)
     store = _store(config)
     plan = plan_run(config, store, ctx.staging, ctx.run_id)
+    version = committed_version(store, ctx)
+    if version is not None:
+        return read_manifest(store, config.output.dataset, version)
     backend = run_backend(config, store, ctx)
     outcomes = [process_shard(load_shard_plan(store, ctx.staging, i), config, store, ctx, backend)
                 for i in range(plan.shards)]
+    refusal = commit_refusal(config, plan, outcomes)
+    if refusal is not None:
+        refuse(store, ctx, refusal)
     return publish(config, ctx, plan, outcomes)
+
+
+REFUSED = "refused.json"
+
+
+def commit_refusal(config: RunConfig, plan: RunPlan, outcomes: list[ShardOutcome]) -> Refusal | None:
+    """Why this finished run must not become a version (empty, systemic, an outage), or None."""
+    by_reason: Counter[str] = Counter()
+    examples: dict[str, QuarantineExample] = {}
+    for o in outcomes:
+        by_reason.update(o.by_reason)
+        for reason, example in o.examples.items():
+            examples.setdefault(reason, example)
+    return check_commit(clips_in=plan.clips, rows=sum(o.rows for o in outcomes), by_reason=by_reason,
+                        examples=examples, output=config.output)
+
+
+def refuse(store: ObjectStore, ctx: RunContext, refusal: Refusal) -> None:
+    """Record the refusal in staging (the next attempt of this run then retries model-stage failures
+    too) and raise it; nothing is published and `latest` does not move."""
+    store.put_bytes(f"{ctx.staging}/{REFUSED}", refusal.model_dump_json().encode())
+    raise CommitRefused(refusal)
+
+
+def committed_version(store: ObjectStore, ctx: RunContext) -> str | None:
+    """The version this run committed, if it did (its staging area records it)."""
+    try:
+        return str(json.loads(store.get_bytes(committed_key(ctx)))["version"])
+    except NotFound:
+        return None
+
+
+def recorded_outcomes(store: ObjectStore, ctx: RunContext, plan: RunPlan) -> list[ShardOutcome] | None:
+    """Every shard's recorded outcome (a committed run's), or None if one is missing."""
+    outcomes = []
+    for i in range(plan.shards):
+        outcome = finished_outcome(store, ctx, i, redo=False)
+        if outcome is None:
+            return None
+        outcomes.append(outcome.model_copy(update={"skipped": True}))
+    return outcomes
 
 
 @task(name="commit-version", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -207,6 +266,7 @@ def combine_stats(plan: RunPlan, outcomes: list[ShardOutcome]) -> Stats:
         quarantined=sum(o.quarantined for o in outcomes),
         quarantine_by_reason=dict(sorted(by_reason.items())),
         audio_hours=round(sum(o.audio_seconds for o in outcomes) / 3600, 6),
+        rows_without_transcript=sum(o.rows_without_transcript for o in outcomes),
         qc_failures=dict(sorted(qc.items())),
         attribute_counts={k: dict(v.most_common()) for k, v in attrs.items()},
     )
@@ -280,7 +340,8 @@ def artifact_link(key: str, artifact_id: UUID) -> str:
 
 
 def summarize(config: RunConfig, ctx: RunContext, plan: RunPlan, outcomes: list[ShardOutcome],
-              version: str, started: float, already: bool = False) -> RunSummary:
+              version: str | None, started: float, already: bool = False) -> RunSummary:
+    """The run in numbers; `version` None for a run that was not committed (its staging area is named)."""
     stage_seconds: Counter[str] = Counter()
     by_stage: Counter[str] = Counter()
     by_reason: Counter[str] = Counter()
@@ -291,8 +352,8 @@ def summarize(config: RunConfig, ctx: RunContext, plan: RunPlan, outcomes: list[
     store = _store(config)
     return RunSummary(
         dataset=config.output.dataset,
-        version=version,
-        location=store.uri(f"{config.output.dataset}/{version}"),
+        version=version or "not committed",
+        location=store.uri(f"{config.output.dataset}/{version}" if version else ctx.staging),
         run_id=ctx.run_id,
         clips_in=plan.clips,
         rows=sum(o.rows for o in outcomes),
@@ -300,6 +361,7 @@ def summarize(config: RunConfig, ctx: RunContext, plan: RunPlan, outcomes: list[
         quarantine_by_reason=dict(sorted(by_reason.items())),
         quarantine_by_stage=dict(sorted(by_stage.items())),
         audio_hours=round(sum(o.audio_seconds for o in outcomes) / 3600, 6),
+        rows_without_transcript=sum(o.rows_without_transcript for o in outcomes),
         shards=plan.shards,
         shards_skipped=sum(o.skipped for o in outcomes),
         seconds=round(time.perf_counter() - started, 3),
@@ -316,6 +378,7 @@ def summary_table(summary: RunSummary, stats: Stats) -> list[dict[str, Any]]:
         {"metric": "clips in", "value": summary.clips_in},
         {"metric": "rows out", "value": summary.rows},
         {"metric": "quarantined", "value": summary.quarantined},
+        {"metric": "rows without transcript", "value": summary.rows_without_transcript},
         *({"metric": f"quarantined by stage: {k}", "value": v} for k, v in summary.quarantine_by_stage.items()),
         *({"metric": f"quarantined by reason: {k}", "value": v} for k, v in summary.quarantine_by_reason.items()),
         *({"metric": f"QC failures: {k}", "value": v} for k, v in stats.qc_failures.items()),
@@ -363,14 +426,23 @@ def generate_dataset(config: RunConfig) -> RunSummary:
     plan = task_options(plan_task, config)(config, ctx)
     logger.info("run %s: %d clips in %d shards of ≤%d", ctx.run_id, plan.clips, plan.shards, plan.shard_size)
     report_total(plan.clips)
-    futures = task_options(shard_task, config).map(unmapped(config), unmapped(ctx), list(range(plan.shards)))
-    outcomes = gather_shards(list(futures), progress)
-    try:
-        version = json.loads(store.get_bytes(committed_key(ctx)))["version"]
-        already = True
-    except NotFound:
+    version = committed_version(store, ctx)
+    outcomes = recorded_outcomes(store, ctx, plan) if version is not None else None
+    if outcomes is not None:  # committed earlier: report it, never redo or re-commit
+        report_done(plan.clips)
+        update_progress_artifact(progress, progress=100.0)
+    else:
+        futures = task_options(shard_task, config).map(unmapped(config), unmapped(ctx), list(range(plan.shards)))
+        outcomes = gather_shards(list(futures), progress)
+    already = version is not None
+    if version is None:
+        refusal = commit_refusal(config, plan, outcomes)
+        if refusal is not None:
+            publish_artifacts(summarize(config, ctx, plan, outcomes, None, started),
+                              combine_stats(plan, outcomes))
+            logger.error("not committed (%s): %s", refusal.kind, refusal.message)
+            refuse(store, ctx, refusal)
         version = task_options(commit_task, config)(config, ctx, plan, outcomes).lineage.version
-        already = False
     name_flow_run(f"generate-{config.output.dataset}-{version}")
     summary = summarize(config, ctx, plan, outcomes, version, started, already)
     publish_artifacts(summary, combine_stats(plan, outcomes))

@@ -49,6 +49,7 @@ class Stats(BaseModel):
     quarantined: int
     quarantine_by_reason: dict[str, int] = Field(default_factory=dict)
     audio_hours: float = 0.0
+    rows_without_transcript: int = 0  # rows whose seed has labels only (no corpus or Whisper text)
     # Every QC failure by rule, regenerated ones included (how often the LLM needed a second try).
     qc_failures: dict[str, int] = Field(default_factory=dict)
     attribute_counts: dict[str, dict[str, int]] = Field(default_factory=dict)

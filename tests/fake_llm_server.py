@@ -1,7 +1,7 @@
 """A scripted OpenAI-compatible chat server on 127.0.0.1 for testing the LLM backends.
 
 Each request is keyed by a `clip=<id>` marker in its messages. `server.scripts[id]` is a list of
-actions answered in turn (the last one repeats); ids without a script get "ok". Actions:
+actions answered in turn (the last one repeats); ids without a script get `default` (["ok"]). Actions:
   ok          200 with a normal completion
   500 / 503   that status, body echoes the Authorization header (to catch leaks into errors)
   400         400, body echoes the Authorization header
@@ -58,6 +58,7 @@ class _Server(ThreadingHTTPServer):
 @dataclass
 class FakeLLMServer:
     scripts: dict[str, list[str]] = field(default_factory=dict)
+    default: list[str] = field(default_factory=lambda: ["ok"])  # for ids without a script (e.g. ["503"]: down)
     sleep_s: float = 2.0
     ok_delay_s: float = 0.0
     model: str = "fake-served-model"
@@ -119,7 +120,7 @@ class FakeLLMServer:
     # -- request handling -------------------------------------------------------------------------
     def _next_action(self, clip: str | None) -> str:
         with self._lock:
-            script = self.scripts.get(clip or "", ["ok"])
+            script = self.scripts.get(clip or "", self.default)
             n = self._counts.get(clip or "", 0)
             self._counts[clip or ""] = n + 1
             return script[min(n, len(script) - 1)]

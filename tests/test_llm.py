@@ -153,7 +153,7 @@ def test_always_failing_request_is_quarantined_others_succeed(server):
     out = backend.generate([_req("ok1"), _req("bad"), _req("mute"), _req("ok2")])
     assert [type(r) for r in out] == [LLMResult, QuarantineError, QuarantineError, LLMResult]
     bad, mute = out[1], out[2]
-    assert bad.stage is Stage.llm and bad.reason is ReasonCode.llm_error
+    assert bad.stage is Stage.llm and bad.reason is ReasonCode.llm_unavailable  # transient: a re-run retries it
     assert bad.message.startswith("bad:") and "after 3 attempts" in bad.message and "HTTP 500" in bad.message
     assert mute.stage is Stage.llm and mute.reason is ReasonCode.llm_empty and "mute" in mute.message
     assert len(server.requests_for("bad")) == 3 and len(server.requests_for("mute")) == 3
@@ -237,7 +237,7 @@ def test_retry_after_parsing():
 def test_timeout_exhausts_retries(server):
     server.scripts = {"slow": ["sleep"]}
     [res] = OpenAICompatBackend(_config(server, max_retries=1, timeout_s=0.3)).generate([_req("slow")])
-    assert isinstance(res, QuarantineError) and res.reason is ReasonCode.llm_error
+    assert isinstance(res, QuarantineError) and res.reason is ReasonCode.llm_unavailable
     assert "slow:" in res.message and "after 2 attempts" in res.message and "timed out" in res.message
 
 
@@ -246,6 +246,7 @@ def test_connection_refused_is_quarantined_not_raised():
                     backoff_s=0.0, timeout_s=0.5)
     out = make_backend(cfg).generate([_req("r1"), _req("r2")])
     assert [type(r) for r in out] == [QuarantineError, QuarantineError]
+    assert {r.reason for r in out} == {ReasonCode.llm_unavailable}
     assert out[0].message.startswith("r1:") and "connection error" in out[0].message
     assert out[1].message.startswith("r2:")
 

@@ -4,7 +4,9 @@ One `generate()` call sends a batch of requests with at most `config.concurrency
 each with its own deadline (`config.timeout_s`) and retries (`config.max_retries`, exponential
 backoff with jitter from `config.backoff_s`, or the server's Retry-After). Retried: 408, 409, 429,
 5xx, timeouts, connection errors, malformed or unsuitable JSON, empty content. Not retried: other
-4xx. A request that finally fails becomes a QuarantineError; the batch always comes back whole.
+4xx. A request that finally fails becomes a QuarantineError (`llm_unavailable` after retries, a
+transient reason the next run retries; `llm_error` for a refused request); the batch always comes
+back whole.
 
 The API key is read from the environment variable named by `config.api_key_env` and is never
 logged nor put into an error message (it is also redacted from echoed server bodies).
@@ -410,7 +412,9 @@ class OpenAICompatBackend:
         if last.empty:
             return QuarantineError(Stage.llm, ReasonCode.llm_empty, self._redact(
                 f"{req.id}: empty response after {attempts_allowed} attempts: {last}"))
-        return QuarantineError(Stage.llm, ReasonCode.llm_error, self._redact(
+        # Retryable to the end (unreachable, 5xx, 429, timeouts): the service failed, not the clip, so
+        # the next run of the same config retries it (TRANSIENT_REASONS).
+        return QuarantineError(Stage.llm, ReasonCode.llm_unavailable, self._redact(
             f"{req.id}: request failed after {attempts_allowed} attempts: {last}"))
 
     async def _attempt(self, http: _Session, req: LLMRequest,
