@@ -113,10 +113,14 @@ class _Usage(Exception):
 
 
 def _s3(args: argparse.Namespace) -> S3Config:
-    from schemas.config import S3Config
+    """The `s3` block of `--config` (if given), with any --s3-* flag on top; the AWS_* environment
+    and defaults fill the rest later, once, in storage/s3.py."""
+    from schemas.config import S3Config, load_config
 
-    return S3Config(endpoint_url=args.s3_endpoint_url, region=args.s3_region,
-                    addressing_style=args.s3_addressing_style, credentials_block=args.s3_credentials_block)
+    base = load_config(args.config).s3 if getattr(args, "config", None) else S3Config()
+    flags = {"endpoint_url": args.s3_endpoint_url, "region": args.s3_region,
+             "addressing_style": args.s3_addressing_style, "credentials_block": args.s3_credentials_block}
+    return S3Config.model_validate({**base.model_dump(), **{k: v for k, v in flags.items() if v is not None}})
 
 
 def _open(args: argparse.Namespace, uri: str, *, with_ref: bool = True) -> tuple[ObjectStore, str, str]:
@@ -338,10 +342,13 @@ def cmd_datasets_gc(args: argparse.Namespace) -> int:
 
 
 def _add_s3_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--s3-endpoint-url", help="S3-compatible endpoint (credentials from AWS_* variables)")
-    parser.add_argument("--s3-region", help="S3 region")
-    parser.add_argument("--s3-addressing-style", choices=["auto", "path", "virtual"], default="auto",
-                        help="S3 bucket addressing (default auto)")
+    parser.add_argument("--config", metavar="CONFIG",
+                        help="YAML run config whose `s3` block reaches the store (--s3-* flags override it)")
+    parser.add_argument("--s3-endpoint-url",
+                        help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, AWS)")
+    parser.add_argument("--s3-region", help="S3 region (default: AWS_REGION, AWS_DEFAULT_REGION, us-east-1)")
+    parser.add_argument("--s3-addressing-style", choices=["auto", "path", "virtual"],
+                        help="S3 bucket addressing (default auto: path for a custom endpoint, else virtual)")
     parser.add_argument("--s3-credentials-block", metavar="NAME",
                         help="Prefect AwsCredentials block to take credentials from (else AWS_* / boto3 chain)")
 

@@ -4,8 +4,8 @@ The commit protocol needs only two primitives beyond put/get: create-only writes
 manifests) and compare-and-swap (refs). Both stores give them with the same semantics, so the
 version logic above is written once and tested against both.
 
-Credentials never pass through this module: boto3 and pyarrow read them from the environment
-(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE …) themselves.
+S3 endpoint, region, addressing and credentials are resolved once, in storage/s3.py, and every
+client here (boto3 and pyarrow) is built from that one resolution.
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
 from schemas.config import S3Config
+from storage.s3 import S3Access, S3Settings
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -385,24 +386,16 @@ class S3Store(ObjectStore):
     PreconditionFailed on retry, which the version logic tolerates by re-reading.
     """
 
-    def __init__(self, root: str, s3: S3Config | None = None, *, multipart_bytes: int = 64 * 1024**2) -> None:
+    def __init__(self, root: str, s3: S3Config | S3Settings | None = None, *,
+                 multipart_bytes: int = 64 * 1024**2) -> None:
         from boto3.s3.transfer import TransferConfig
-        from botocore.config import Config
 
         self.root = root
         self.bucket, self.prefix = split_s3_uri(root)
-        self.config = s3 or S3Config()
-        self._region = self.config.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        botocore_config = Config(
-            region_name=self._region,
-            s3={"addressing_style": self.config.addressing_style},
-            retries={"mode": "standard", "max_attempts": self.config.max_attempts},
-            connect_timeout=10,
-            read_timeout=120,
-            max_pool_connections=32,
-        )
-        self._session = _boto3_session(self.config)
-        self.client = self._session.client("s3", endpoint_url=self.config.endpoint_url, config=botocore_config)
+        self.access = S3Access(s3)
+        self.settings = self.access.settings
+        self.config = self.settings.as_config()  # resolved values: reopening elsewhere reaches the same store
+        self.client = self.access.client()
         # Files above `multipart_bytes` go up in parts of that size (S3's minimum part is 5 MiB).
         part = max(multipart_bytes, 5 * 1024**2)
         self._transfer = TransferConfig(multipart_threshold=part, multipart_chunksize=part, max_concurrency=4)
@@ -505,48 +498,11 @@ class S3Store(ObjectStore):
             raise self._translate(exc, key) from None
 
     def arrow_fs(self) -> tuple[pyarrow.fs.FileSystem, str]:
-        import pyarrow.fs as pafs
-
-        kwargs: dict[str, Any] = {"region": self._region} if self._region else {}
-        endpoint = self.config.endpoint_url
-        if endpoint:
-            scheme, _, rest = endpoint.partition("://")
-            if not rest:  # bare host:port
-                scheme, rest = "https", endpoint
-            kwargs["endpoint_override"] = rest.rstrip("/")
-            kwargs["scheme"] = scheme
-        if self.config.addressing_style == "virtual":
-            kwargs["force_virtual_addressing"] = True
-        if self.config.credentials_block:
-            # pyarrow does not see a Prefect block: hand it the block's keys (never logged).
-            creds = self._session.get_credentials()
-            if creds is not None:
-                frozen = creds.get_frozen_credentials()
-                kwargs.update(access_key=frozen.access_key, secret_key=frozen.secret_key,
-                              session_token=frozen.token)
         base = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
-        return pafs.S3FileSystem(**kwargs), base
+        return self.access.arrow_filesystem(), base
 
 
-def _boto3_session(config: S3Config) -> Any:
-    """Credentials from a Prefect `AwsCredentials` block when named, else boto3's usual chain (env first)."""
-    import boto3
-
-    if not config.credentials_block:
-        return boto3.session.Session()
-    try:
-        from prefect_aws import AwsCredentials
-    except ImportError as exc:  # pragma: no cover - prefect-aws is a core dependency
-        raise RuntimeError("s3.credentials_block needs the prefect-aws package") from exc
-    try:
-        block = cast(AwsCredentials, AwsCredentials.load(config.credentials_block))
-    except ValueError as exc:
-        raise ValueError(f"s3.credentials_block: no AwsCredentials block named {config.credentials_block!r} "
-                         "(create it in the Prefect UI or with AwsCredentials(...).save(name))") from exc
-    return block.get_boto3_session()
-
-
-def open_store(root: str, s3: S3Config | None = None) -> ObjectStore:
+def open_store(root: str, s3: S3Config | S3Settings | None = None) -> ObjectStore:
     """`s3://bucket/prefix` → S3Store; anything else (path or file://) → LocalStore."""
     if root.startswith("s3://"):
         return S3Store(root, s3)

@@ -28,6 +28,7 @@ from schemas.arrow import schema_from_b64
 from schemas.config import S3Config
 from schemas.manifest import Manifest, ShardInfo
 from storage.objectstore import ObjectStore, S3Store, open_store
+from storage.s3 import DuckDBSecret, S3Settings
 from storage.versions import DATASET_RE, REF_RE, VERSION_RE, read_manifest, resolve_version, version_prefix
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ def parse_dataset_uri(text: str) -> tuple[str, str, str]:
     return root, dataset, ref
 
 
-def open_manifest(uri: str, s3: S3Config | None = None) -> Manifest:
+def open_manifest(uri: str, s3: S3Config | S3Settings | None = None) -> Manifest:
     """Resolve a dataset URI to its committed manifest (raises VersionNotFound if none)."""
     root, dataset, ref = parse_dataset_uri(uri)
     store = open_store(root, s3)
@@ -105,12 +106,14 @@ _READ_OPTIONS: dict[str, Any] = {"pre_buffer": True}
 _HF_KEY = b"huggingface"
 
 
-def open_dataset(uri: str, version: str | None = None, *, s3: S3Config | None = None) -> DatasetHandle:
+def open_dataset(uri: str, version: str | None = None, *,
+                 s3: S3Config | S3Settings | None = None) -> DatasetHandle:
     """Open one committed version: `uri` is ROOT/DATASET[@REF]; `version` ("latest", "v0003" or a
     tag) overrides the @REF; the default is latest. Raises VersionNotFound if it does not resolve.
 
-    S3 endpoint, region and addressing come from `s3` (else the AWS_* environment); credentials
-    always come from the environment / AWS config, never from arguments.
+    S3 endpoint, region and addressing are resolved once (storage/s3.py: `s3`, then AWS_ENDPOINT_URL_S3 /
+    AWS_ENDPOINT_URL / AWS_REGION, then defaults) and every read below uses them; credentials come
+    from `s3.credentials_block` or boto3's chain, never from arguments.
     """
     root, dataset, ref = parse_dataset_uri(uri)
     if version is not None:
@@ -125,17 +128,17 @@ def open_dataset(uri: str, version: str | None = None, *, s3: S3Config | None = 
 class DatasetHandle:
     """One committed, immutable version: its manifest and ways to read its rows.
 
-    Picklable (the store is reopened from root + S3 config), so it can travel to DataLoader
-    workers started with spawn/forkserver as well as fork.
+    Picklable (the store is reopened from root + the resolved S3 settings, so a worker reaches the
+    same store whatever its environment), for DataLoader workers started with spawn/forkserver too.
     """
 
     def __init__(self, store: ObjectStore, dataset: str, version: str, manifest: Manifest, *,
-                 s3: S3Config | None = None) -> None:
+                 s3: S3Config | S3Settings | None = None) -> None:
         self.store = store
         self.dataset = dataset
         self.version = version
         self.manifest = manifest
-        self._s3 = s3 if s3 is not None else (store.config if isinstance(store, S3Store) else None)
+        self._s3 = store.settings if isinstance(store, S3Store) else s3
         self._fs: tuple[pafs.FileSystem, str] | None = None
         self._schema: pa.Schema | None = None
 
@@ -194,25 +197,24 @@ class DatasetHandle:
 
         Local roots give absolute paths. S3 roots give s3:// URIs, which `datasets` opens through
         fsspec: that needs `s3fs` installed and, for a non-AWS endpoint,
-        `storage_options=handle.hf_storage_options()`.
+        `storage_options=handle.hf_storage_options()` (the same endpoint the reader uses).
         """
         return self.shard_uris()
 
     def hf_storage_options(self) -> dict[str, Any]:
-        """fsspec/s3fs options for an S3 root (endpoint, region, addressing); {} for a local root.
-        Credentials are not included: s3fs reads them from the environment like boto3 does."""
+        """fsspec/s3fs `storage_options` with the store's resolved endpoint, region and addressing;
+        {} for a local root. Keys are included only for a Prefect credentials block (s3fs reads
+        boto3's chain itself): then the dict holds secrets, so do not log it."""
         if not isinstance(self.store, S3Store):
             return {}
-        cfg = self.store.config
-        client: dict[str, Any] = {}
-        if cfg.endpoint_url:
-            client["endpoint_url"] = cfg.endpoint_url
-        if cfg.region:
-            client["region_name"] = cfg.region
-        opts: dict[str, Any] = {"client_kwargs": client} if client else {}
-        if cfg.addressing_style != "auto":
-            opts["config_kwargs"] = {"s3": {"addressing_style": cfg.addressing_style}}
-        return opts
+        return self.store.access.fsspec_options()
+
+    def duckdb_secret(self, name: str = "speechpairs") -> DuckDBSecret | None:
+        """DuckDB `CREATE SECRET` for this S3 root from the resolved settings (None for a local
+        root). `secret.apply(con)` runs it; `str(secret)` hides the keys, `secret.sql()` does not."""
+        if not isinstance(self.store, S3Store):
+            return None
+        return self.store.access.duckdb_secret(name, scope=self.store.root)
 
     # -- reading -------------------------------------------------------------------------
     def _arrow_fs(self) -> tuple[pafs.FileSystem, str]:

@@ -12,26 +12,26 @@ a shard re-reads its rows one row group at a time (a few row groups cached), nev
 Transcript: the first of `text`, `sentence`, `transcript`, `transcription` present; `language`
 fills the clip's language; every other scalar column becomes a label, verbatim.
 
-S3: credentials and endpoint come from the usual AWS_* variables (`AWS_ENDPOINT_URL_S3` or
-`AWS_ENDPOINT_URL` for S3-compatible stores such as SeaweedFS or MinIO).
+S3: the filesystem comes from storage/s3.py, the project's one S3 resolution: endpoint, region and
+credentials from the usual AWS_* variables (`AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL` for
+S3-compatible stores such as SeaweedFS or MinIO), as for the output store.
 """
 
 from __future__ import annotations
 
 import bisect
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from schemas.records import Clip, ReasonCode
+from storage.s3 import shared_arrow_filesystem
 from tasks.ingest.common import ClipRef, SourceError, clean_label_value, one_line, prepare
 
 TRANSCRIPT_COLUMNS = ("text", "sentence", "transcript", "transcription")
@@ -44,23 +44,10 @@ def is_remote(uri: str) -> bool:
     return "://" in uri
 
 
-@lru_cache(maxsize=4)
-def _s3(endpoint: str | None, region: str | None) -> pafs.FileSystem:
-    kwargs: dict[str, Any] = {"region": region} if region else {}
-    if endpoint:
-        scheme, _, rest = endpoint.partition("://")
-        if not rest:
-            scheme, rest = "https", endpoint
-        kwargs.update(endpoint_override=rest.rstrip("/"), scheme=scheme)
-    return pafs.S3FileSystem(**kwargs)
-
-
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """(pyarrow filesystem, path inside it) for a local path or an s3:// URI."""
     if uri.startswith("s3://"):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        return _s3(endpoint, region), uri.removeprefix("s3://").rstrip("/")
+        return shared_arrow_filesystem(), uri.removeprefix("s3://").rstrip("/")
     if is_remote(uri):
         raise SourceError(f"source {uri}: only local paths and s3:// URIs are supported for kind hf_parquet")
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
