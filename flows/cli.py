@@ -1,7 +1,9 @@
 """`speechpairs` command line: run a config; list, show, verify, pull, tag, diff, export and gc datasets.
 
 Exit codes: 0 ok, 2 unusable config or corpus (message names the key/file and the fix), 1 a run
-that failed after starting (the staging area keeps finished shards for the re-run).
+that failed after starting (the staging area keeps finished shards for the re-run), 3 a run that
+finished but was not committed (no row, too many quarantined, or a service outage: the message
+names the top reasons; staging is kept).
 `datasets …`: 2 for a bad URI, tag name or duration and for a version/ref that does not exist;
 1 for a version that fails verification, a pull or export that hits a corrupt shard (named), or
 a store that cannot be reached.
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
     from schemas.config import S3Config
     from storage.objectstore import ObjectStore
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_COMMITTED = 0, 1, 2, 3
 
 
 def _quiet_prefect() -> None:
@@ -77,12 +79,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     _quiet_prefect()
     from flows.generate import run_generate
+    from tasks.commit_gate import CommitRefused
     from tasks.pipeline import set_progress_hook
 
     hook, close = _progress_bar(not args.no_progress and sys.stderr.isatty() or args.progress)
     set_progress_hook(hook)
     try:
         summary = run_generate(config)
+    except CommitRefused as exc:
+        print(f"speechpairs: not committed ({exc.kind}): {exc}", file=sys.stderr)
+        return EXIT_NOT_COMMITTED
     except Exception as exc:  # noqa: BLE001 - a CLI reports, it does not dump a traceback at users
         print(f"speechpairs: run failed: {exc.__class__.__name__}: {exc}\n"
               "Finished shards are kept in staging; run the same command again to resume.", file=sys.stderr)
@@ -97,6 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"  rows written: {summary.rows}")
     reasons = ", ".join(f"{k}={v}" for k, v in summary.quarantine_by_reason.items()) or "none"
     print(f"  quarantined:  {summary.quarantined} ({reasons})")
+    print(f"  no transcript: {summary.rows_without_transcript} rows (labels-only seeds)")
     print(f"  audio hours:  {summary.audio_hours:.4f}")
     print(f"  shards:       {summary.shards} ({summary.shards_skipped} reused from an earlier attempt)")
     print(f"  time taken:   {time.perf_counter() - started:.2f} s (flow {summary.seconds:.2f} s)")
@@ -296,18 +303,37 @@ def cmd_datasets_diff(args: argparse.Namespace) -> int:
 def cmd_datasets_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from storage.export import ExportError, export_desta
+    from pydantic import ValidationError
 
+    from storage.export import Desta25Options, ExportError, export_desta, export_desta2
+
+    desta_flags = {"system": args.system, "include_system": False if args.no_system else None,
+                   "audio_locator": args.audio_locator, "audio_start": args.audio_start,
+                   "audio_end": args.audio_end, "audio_position": args.audio_position}
+    given = {k: v for k, v in desta_flags.items() if v is not None}
+    if args.format != "desta" and given:
+        raise _Usage("--system, --no-system and --audio-* apply to the desta format only")
+    if args.no_system and args.system is not None:
+        raise _Usage("give --system TEXT or --no-system, not both")
+    try:
+        options = Desta25Options(**given)
+    except ValidationError as exc:
+        raise _Usage("; ".join(e["msg"] for e in exc.errors())) from None
     store, dataset, ref = _open(args, args.uri)
     version = _resolve(store, dataset, ref)
+    dest, progress = Path(args.dest), _want_progress(args)
     try:
-        report = export_desta(store, dataset, version, Path(args.dest))
+        if args.format == "desta":
+            report = export_desta(store, dataset, version, dest, options, jsonl_name=args.jsonl, progress=progress)
+        else:
+            report = export_desta2(store, dataset, version, dest, jsonl_name=args.jsonl, progress=progress)
     except ExportError as exc:
         print(f"speechpairs: export failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    print(f"exported {dataset} {version} ({args.format}) to {report.dest}: {report.rows:,} rows in "
-          f"{report.jsonl}, {report.audio_files:,} audio files ({report.audio_bytes:,} bytes)"
-          + (f", {report.skipped_no_audio} rows without audio skipped" if report.skipped_no_audio else ""))
+    print(f"exported {dataset} {version} ({report.format}) to {report.dest}: {report.rows:,} rows in "
+          f"{report.jsonl} ({report.jsonl_bytes:,} bytes), {report.audio_files:,} audio files "
+          f"({report.audio_bytes:,} bytes; {report.audio_written:,} written, {report.audio_skipped:,} already "
+          "there and verified)")
     return EXIT_OK
 
 
@@ -393,10 +419,23 @@ def _add_datasets_parsers(sub: argparse._SubParsersAction) -> None:
     p = add("diff", cmd_datasets_diff, "rows, hours, quarantine, attribute and lineage changes between versions")
     p.add_argument("uri_a", help=_URI_HELP)
     p.add_argument("uri_b", help=_URI_HELP + "; or just vN / tag for the same dataset")
-    p = add("export", cmd_datasets_export, "export a version for a trainer (desta: DeSTA2.5 JSONL + audio)")
-    p.add_argument("format", choices=["desta"], help="export layout")
+    p = add("export", cmd_datasets_export, "export a version for a trainer: JSONL + audio files (resumable)")
+    p.add_argument("format", choices=["desta", "desta2"],
+                   help="desta: DeSTA2.5-Audio trainer (messages + response); desta2: DeSTA2 NeMo recipe "
+                        "(audio_filepath, duration, transcription, input, target)")
     p.add_argument("uri", help=_URI_HELP)
-    p.add_argument("dest", help="local directory")
+    p.add_argument("dest", help="local directory (the trainer's data root)")
+    p.add_argument("--jsonl", metavar="NAME", help="JSONL file name in DEST (default DATASET.jsonl for desta, "
+                                                    "DATASET.desta2.jsonl for desta2)")
+    _add_progress_options(p)
+    g = p.add_argument_group("desta (DeSTA2.5) options")
+    g.add_argument("--system", metavar="TEXT", help="system turn (default: a helpful-assistant prompt naming the tags)")
+    g.add_argument("--no-system", action="store_true", help="no system turn")
+    g.add_argument("--audio-locator", metavar="TOKEN", help="audio placeholder (default <|AUDIO|>)")
+    g.add_argument("--audio-start", metavar="TAG", help="text before the locator (default <start_audio>; '' for none)")
+    g.add_argument("--audio-end", metavar="TAG", help="text after the locator (default <end_audio>; '' for none)")
+    g.add_argument("--audio-position", choices=["after", "before"],
+                   help="wrapped locator after (default, as in the trainer's example) or before the instruction")
     p = add("gc", cmd_datasets_gc, "remove old staging runs and uncommitted version prefixes")
     p.add_argument("uri", help="ROOT/DATASET")
     p.add_argument("--older-than", default="24h", help="minimum age of what is removed (default 24h)")

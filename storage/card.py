@@ -73,15 +73,21 @@ def features_yaml(hf_features: dict[str, Any]) -> list[dict[str, Any]]:
 
 def card_metadata(manifest: Manifest) -> dict[str, Any]:
     """The YAML header as a dict (also handy for tests and tools)."""
-    lin, st = manifest.lineage, manifest.stats
+    lin = manifest.lineage
     info: dict[str, Any] = {"config_name": "default"}
     if manifest.hf_features:
         try:
             info["features"] = features_yaml(manifest.hf_features)
         except (TypeError, KeyError, AttributeError) as exc:  # a card must never block a commit
             log.warning("dataset card: features left out (%s)", exc)
-    info["splits"] = [{"name": "train", "num_examples": st.rows}]
-    info["download_size"] = sum(s.bytes for s in manifest.shards)
+    # `datasets` ignores the whole `splits` entry (with a warning) unless it has name, num_bytes and
+    # num_examples. Its num_bytes is the split's Arrow size, which the manifest does not record; the
+    # Parquet bytes stand in (audio, the bulk, is compressed FLAC either way). Only num_examples is
+    # verified on load, and it counts the rows of exactly the files `configs` points at.
+    shard_bytes = sum(s.bytes for s in manifest.shards)
+    info["splits"] = [{"name": "train", "num_bytes": shard_bytes, "num_examples": sum(s.rows for s in manifest.shards)}]
+    info["download_size"] = shard_bytes
+    info["dataset_size"] = shard_bytes
     return {
         "pretty_name": f"{lin.dataset} {lin.version}",
         "license": "other",

@@ -283,14 +283,15 @@ def test_export_desta_layout(versions: Path, tmp_path: Path, capsys: pytest.Capt
     for ln in lines:
         src = rows[ln["clip_id"]]
         assert {"id", "dataset", "seed_description", "prompt", "response", "messages"} <= set(ln)
-        user, assistant = ln["messages"]
-        assert user["role"] == "user" and user["content"] == f"{AUDIO_MARKER}\n{src['prompt']}"
-        assert user["audios"] == [{"audio": ln["id"], "text": src["transcript"] or ""}]
-        assert assistant == {"role": "assistant", "content": src["response"]} and ln["response"] == src["response"]
+        system, user = ln["messages"]  # input only: never an assistant turn
+        assert system["role"] == "system" and "<start_audio>" in system["content"]
+        assert user["role"] == "user" and user["content"] == f"{src['prompt']} <start_audio>{AUDIO_MARKER}<end_audio>"
+        assert user["audios"] == [{"audio": ln["id"], "text": src["transcript"] or " "}]
+        assert ln["response"] == src["response"]
         assert ln["id"] == f"audio/{ln['clip_id']}.flac" and not os.path.isabs(ln["id"])
         audio, sr = sf.read(dest / ln["id"], dtype="float32")
         assert sr == 16_000 and abs(len(audio) / sr - src["duration_s"]) < 0.01
-    assert any(ln["messages"][0]["audios"][0]["text"] for ln in lines)  # transcripts are carried
+    assert any(ln["messages"][1]["audios"][0]["text"].strip() for ln in lines)  # transcripts are carried
     assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == sorted(
         [f"{DS}.jsonl", *(ln["id"] for ln in lines)])
 
