@@ -8,14 +8,18 @@ Only light `ClipRef`s are held while sorting, never whole records or audio.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from datetime import datetime
+from pathlib import Path
 
 from pydantic import BaseModel, Field
 
 from schemas.config import RunConfig
 from schemas.records import utc_now
 from storage.objectstore import NotFound, ObjectStore, PreconditionFailed
-from tasks.ingest import ClipRef, SourceError, iter_refs
+from tasks.ingest import ClipRef, SourceError, iter_refs, source_kind
+from tasks.ingest.common import AUDIO_SUFFIXES
+from tasks.ingest.folder import skipped_files
 
 PLAN_FORMAT = "speechpairs/plan@1"
 
@@ -28,6 +32,8 @@ class RunPlan(BaseModel):
     shards: int
     shard_size: int
     duplicates: int = 0
+    # Folder sources' files that are not audio (nor .txt/.lab sidecars), by extension: reported, not clips.
+    skipped_files: dict[str, int] = Field(default_factory=dict)
     created_at: datetime = Field(default_factory=utc_now)
 
 
@@ -55,9 +61,11 @@ def plan_run(config: RunConfig, store: ObjectStore, prefix: str, run_id: str) ->
     # (duplicate ids) keep source order, manifest offsets compared as numbers, not as text.
     keys = sorted((r.id, r.source, int(r.locator) if r.locator.isdigit() else -1, r.locator)
                   for r in iter_refs(config.sources))
+    skipped = count_skipped_files(config)
     if not keys:
         raise SourceError("the sources list no clips: " + ", ".join(s.path for s in config.sources)
-                          + "; check the paths and that folders hold wav/flac/mp3/ogg files")
+                          + f"; check the paths and that folders hold audio ({' '.join(AUDIO_SUFFIXES)})"
+                          + (f"; skipped non-audio files: {skipped_text(skipped)}" if skipped else ""))
     is_dup = [i > 0 and keys[i][0] == keys[i - 1][0] for i in range(len(keys))]
     size = config.output.shard_size
     count = (len(keys) + size - 1) // size
@@ -69,7 +77,7 @@ def plan_run(config: RunConfig, store: ObjectStore, prefix: str, run_id: str) ->
         shard = ShardPlan(index=index, of=count, refs=refs, created_at=planned_at)
         store.put_bytes(shard_plan_key(prefix, index), shard.model_dump_json().encode())
     plan = RunPlan(run_id=run_id, config_hash=config.config_hash(), clips=len(keys), shards=count,
-                   shard_size=size, duplicates=sum(is_dup), created_at=planned_at)
+                   shard_size=size, duplicates=sum(is_dup), skipped_files=skipped, created_at=planned_at)
     try:
         store.put_bytes(plan_key(prefix), plan.model_dump_json(indent=2).encode(), if_none_match=True)
     except PreconditionFailed:
@@ -78,6 +86,25 @@ def plan_run(config: RunConfig, store: ObjectStore, prefix: str, run_id: str) ->
         assert winner is not None
         return winner
     return plan
+
+
+def count_skipped_files(config: RunConfig) -> dict[str, int]:
+    """Extension → count of the files folder sources leave out, most frequent first.
+
+    A second listing of each folder (the ref walk stays the adapters' own); listing is cheap next
+    to the per-file stat the source fingerprint already does.
+    """
+    counts: Counter[str] = Counter()
+    for source in config.sources:
+        if source_kind(source) == "folder":
+            counts.update(skipped_files(Path(source.path)))
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def skipped_text(counts: dict[str, int]) -> str:
+    """`3 (.pdf=2, .docx=1)`: the run summary's line for files a folder source skipped."""
+    total = sum(counts.values())
+    return f"{total} ({', '.join(f'{ext}={n}' for ext, n in counts.items())})" if total else "0"
 
 
 def load_plan(store: ObjectStore, prefix: str) -> RunPlan | None:

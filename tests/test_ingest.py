@@ -47,7 +47,8 @@ def test_bad_rows_become_ingest_errors_naming_the_file_and_fix(tmp_path: Path) -
     assert len(clips) == 3
     assert all(c.ingest_error and c.ingest_error[0] == ReasonCode.bad_row for c in clips)
     assert "add a `path` column" in clips[0].ingest_error[1]
-    assert "m.jsonl at byte" in clips[1].ingest_error[1] and "not valid JSON" in clips[1].ingest_error[1]
+    assert "m.jsonl line 2 (byte 26): not valid JSON" in clips[1].ingest_error[1]
+    assert "m.jsonl line 3 (byte 35): each line must be a JSON object, got list" in clips[2].ingest_error[1]
 
 
 def test_folder_with_sidecars_sorted_and_stable(tmp_path: Path) -> None:

@@ -10,7 +10,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus")
+# libsndfile reads the first six in-process; the rest (and whatever it cannot open) go through ffmpeg.
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".wma", ".webm", ".mp4")
 
 
 class ClipRef(BaseModel):
@@ -117,12 +118,32 @@ def prepare(iter_refs: Callable[[Any, int, str], Iterator[ClipRef]], load: Calla
         yield load(root, ref.locator, clip_id=ref.id, dataset=dataset, language=None, extra_labels={})
 
 
+def not_utf8(exc: UnicodeDecodeError, what: str = "manifest") -> str:
+    """Why a line is not UTF-8 and how to fix it, without the codec's repr-laden wording."""
+    byte = exc.object[exc.start:exc.start + 1].hex()
+    return (f"not valid UTF-8 (byte 0x{byte} at column {exc.start + 1}); save the {what} as UTF-8, "
+            f"e.g. `iconv -f latin1 -t utf-8`")
+
+
+def json_object(line: bytes | str) -> dict[str, Any] | str:
+    """One JSONL line → its object, or what is wrong with it (no location: the caller adds that)."""
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return not_utf8(exc)
+    try:
+        record = json.loads(line.removeprefix("\ufeff"))  # a UTF-8 BOM on the first line is allowed
+    except json.JSONDecodeError as exc:
+        return f"not valid JSON ({exc.msg} at column {exc.colno})"
+    if not isinstance(record, dict):
+        return f"each line must be a JSON object, got {type(record).__name__}"
+    return record
+
+
 def parse_json_object(line: bytes | str, where: str, fix: str = "") -> dict[str, Any] | str:
     """One JSONL line → its object, or an error text naming `where` (then `fix`, if given)."""
-    try:
-        record = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return f"{where}: not valid JSON ({exc.__class__.__name__}: {exc}){fix}"
-    if not isinstance(record, dict):
-        return f"{where}: each line must be a JSON object, got {type(record).__name__}"
+    record = json_object(line)
+    if isinstance(record, str):
+        return f"{where}: {record}{fix if record.startswith('not valid JSON') else ''}"
     return record

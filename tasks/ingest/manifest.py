@@ -4,19 +4,32 @@ Columns: `path` (or `audio` / `audio_filepath`), optional `id`, `transcript` (or
 `language`; every other column becomes a corpus label, verbatim. Relative paths resolve against
 the manifest's folder. Each row is located by its byte offset so a shard can re-read just its rows
 without the manifest ever being held in memory.
+
+Text is UTF-8 (a BOM and CRLF line ends are fine). A row that is not UTF-8, not JSON or has the
+wrong number of fields comes back as an error text naming the file, line and byte offset, which
+becomes that clip's `bad_row` quarantine while the other rows go on.
 """
 
 from __future__ import annotations
 
 import csv
-import io
 import posixpath
 from collections.abc import Iterator
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from schemas.records import Clip, ReasonCode
-from tasks.ingest.common import ClipRef, clean_label_value, parse_json_object, resolve_audio_uri
+from tasks.ingest.common import (
+    ClipRef,
+    FileKey,
+    SourceError,
+    clean_label_value,
+    file_key,
+    json_object,
+    not_utf8,
+    resolve_audio_uri,
+)
 
 PATH_COLUMNS = ("path", "audio", "audio_filepath")
 TRANSCRIPT_COLUMNS = ("transcript", "text")
@@ -32,15 +45,47 @@ def manifest_format(path: Path) -> str:
         ) from None
 
 
-def _csv_header(f: io.BufferedReader, delimiter: str) -> list[str]:
-    line = f.readline().decode("utf-8-sig")
+class _Lines:
+    """A binary manifest's physical lines as text, counted; remembers the first that is not UTF-8.
+
+    Decoding line by line (not the whole file) lets one Latin-1 byte spoil only its own row: the
+    line is decoded with replacement characters so the CSV parser keeps its place, and the row is
+    reported as `bad_row` instead of aborting the run.
+    """
+
+    def __init__(self, f: BinaryIO, line: int = 0) -> None:
+        self.f = f
+        self.line = line  # physical lines consumed so far
+        self.bad: UnicodeDecodeError | None = None
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        raw = self.f.readline()
+        if not raw:
+            raise StopIteration
+        self.line += 1
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self.bad = self.bad or exc
+            return raw.decode("utf-8", errors="replace")
+
+
+def _csv_header(f: BinaryIO, delimiter: str, path: Path) -> list[str]:
+    raw = f.readline()
+    try:
+        line = raw.decode("utf-8-sig")  # a BOM is dropped from the first column's name
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"{path} line 1 (the header): {not_utf8(exc)}") from None
     header = next(csv.reader([line], delimiter=delimiter), [])
     return [h.strip() for h in header]
 
 
-def _lines(f: io.BufferedReader) -> Iterator[str]:
-    while line := f.readline():
-        yield line.decode("utf-8")
+def _where(path: Path, line: int | None, offset: int) -> str:
+    """`<file> line N (byte B)`; a re-read row (line None) counts its line only now that it failed."""
+    return f"{path} line {line if line is not None else line_number(path, offset)} (byte {offset})"
 
 
 def iter_manifest_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
@@ -48,40 +93,51 @@ def iter_manifest_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | st
     fmt = manifest_format(path)
     with path.open("rb") as f:
         if fmt == "jsonl":
+            line = 0
             while True:
                 offset = f.tell()
-                line = f.readline()
-                if not line:
+                raw = f.readline()
+                if not raw:
                     return
-                if not line.strip():
+                line += 1
+                if not raw.strip():
                     continue
-                yield offset, _parse_json_line(line, path, offset)
+                yield offset, _json_row(raw, path, line, offset)
         delimiter = "\t" if fmt == "tsv" else ","
-        header = _csv_header(f, delimiter)
-        reader = csv.reader(_lines(f), delimiter=delimiter)
+        header = _csv_header(f, delimiter, path)
+        lines = _Lines(f, line=1)
+        reader = csv.reader(lines, delimiter=delimiter)
         while True:
-            offset = f.tell()
+            offset, first, lines.bad = f.tell(), lines.line + 1, None
             try:
                 values = next(reader)
             except StopIteration:
                 return
             except csv.Error as exc:
-                yield offset, f"{path} at byte {offset}: bad CSV row ({exc})"
+                yield offset, f"{_where(path, first, offset)}: bad CSV row ({exc}); fix or remove the row"
+                continue
+            if lines.bad is not None:
+                yield offset, f"{_where(path, first, offset)}: {not_utf8(lines.bad)}"
                 continue
             if not any(v.strip() for v in values):
                 continue
-            yield offset, _zip_row(header, values, path, offset)
+            yield offset, _zip_row(header, values, path, first, offset)
 
 
-def _parse_json_line(line: bytes, path: Path, offset: int) -> dict[str, Any] | str:
-    return parse_json_object(line, f"{path} at byte {offset}", "; fix or remove the line")
+def _json_row(raw: bytes, path: Path, line: int | None, offset: int) -> dict[str, Any] | str:
+    record = json_object(raw)
+    if isinstance(record, str):
+        fix = "; fix or remove the line" if record.startswith("not valid JSON") else ""
+        return f"{_where(path, line, offset)}: {record}{fix}"
+    return record
 
 
-def _zip_row(header: list[str], values: list[str], path: Path, offset: int) -> dict[str, Any] | str:
+def _zip_row(header: list[str], values: list[str], path: Path, line: int | None, offset: int) -> dict[str, Any] | str:
     if len(values) != len(header):
-        return (f"{path} at byte {offset}: row has {len(values)} fields, header has {len(header)}; "
+        return (f"{_where(path, line, offset)}: row has {len(values)} fields, header has {len(header)}; "
                 "quote fields that contain the delimiter")
-    return dict(zip(header, values, strict=True))
+    # CRLF files: the parser drops line ends, but a quoted multi-line value keeps its inner `\r`.
+    return dict(zip(header, (v.replace("\r\n", "\n").replace("\r", "\n") for v in values), strict=True))
 
 
 def read_record_at(path: Path, offset: int) -> dict[str, Any] | str:
@@ -90,15 +146,43 @@ def read_record_at(path: Path, offset: int) -> dict[str, Any] | str:
     with path.open("rb") as f:
         if fmt == "jsonl":
             f.seek(offset)
-            return _parse_json_line(f.readline(), path, offset)
+            return _json_row(f.readline(), path, None, offset)
         delimiter = "\t" if fmt == "tsv" else ","
-        header = _csv_header(f, delimiter)
+        header = _csv_header(f, delimiter, path)
         f.seek(offset)
+        lines = _Lines(f)
         try:
-            values = next(csv.reader(_lines(f), delimiter=delimiter))
-        except (StopIteration, csv.Error) as exc:
-            return f"{path} at byte {offset}: bad CSV row ({exc})"
-        return _zip_row(header, values, path, offset)
+            values = next(csv.reader(lines, delimiter=delimiter))
+        except StopIteration:
+            return f"{_where(path, None, offset)}: no row here; the manifest changed after planning, re-run"
+        except csv.Error as exc:
+            return f"{_where(path, None, offset)}: bad CSV row ({exc}); fix or remove the row"
+        if lines.bad is not None:
+            return f"{_where(path, None, offset)}: {not_utf8(lines.bad)}"
+        return _zip_row(header, values, path, None, offset)
+
+
+_BLOCK = 1 << 16
+
+
+@lru_cache(maxsize=8)
+def _newlines_before_blocks(key: FileKey) -> tuple[int, ...]:
+    """Newlines before each 64 KiB block: one pass per file, then a row's line costs one block read."""
+    counts = [0]
+    with open(key[0], "rb") as f:
+        while block := f.read(_BLOCK):
+            counts.append(counts[-1] + block.count(b"\n"))
+    return tuple(counts)
+
+
+def line_number(path: Path, offset: int) -> int:
+    """1-based physical line at byte `offset`, for error messages (only bad rows pay for it)."""
+    index = _newlines_before_blocks(file_key(path))
+    block = min(offset // _BLOCK, len(index) - 1)
+    with path.open("rb") as f:
+        f.seek(block * _BLOCK)
+        head = f.read(max(0, offset - block * _BLOCK))
+    return index[block] + head.count(b"\n") + 1
 
 
 def _first(record: dict[str, Any], keys: tuple[str, ...]) -> tuple[str | None, Any]:
