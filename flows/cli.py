@@ -100,6 +100,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"{summary.dataset} {word} {summary.version}")
     print(f"  location:     {summary.location}")
     print(f"  clips in:     {summary.clips_in}")
+    if summary.skipped_files:
+        from tasks.plan import skipped_text
+
+        print(f"  skipped non-audio files: {skipped_text(summary.skipped_files)}")
     print(f"  rows written: {summary.rows}")
     reasons = ", ".join(f"{k}={v}" for k, v in summary.quarantine_by_reason.items()) or "none"
     print(f"  quarantined:  {summary.quarantined} ({reasons})")

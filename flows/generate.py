@@ -58,7 +58,7 @@ from tasks.pipeline import (
     report_total,
     run_backend,
 )
-from tasks.plan import RunPlan, load_shard_plan, plan_run
+from tasks.plan import RunPlan, load_shard_plan, plan_run, skipped_text
 
 
 class RunSummary(BaseModel):
@@ -67,6 +67,7 @@ class RunSummary(BaseModel):
     location: str
     run_id: str
     clips_in: int
+    skipped_files: dict[str, int] = Field(default_factory=dict)  # folder files that are not audio, by extension
     rows: int
     quarantined: int
     quarantine_by_reason: dict[str, int] = Field(default_factory=dict)
@@ -356,6 +357,7 @@ def summarize(config: RunConfig, ctx: RunContext, plan: RunPlan, outcomes: list[
         location=store.uri(f"{config.output.dataset}/{version}" if version else ctx.staging),
         run_id=ctx.run_id,
         clips_in=plan.clips,
+        skipped_files=plan.skipped_files,
         rows=sum(o.rows for o in outcomes),
         quarantined=sum(o.quarantined for o in outcomes),
         quarantine_by_reason=dict(sorted(by_reason.items())),
@@ -376,6 +378,8 @@ def summary_table(summary: RunSummary, stats: Stats) -> list[dict[str, Any]]:
     """The run-summary rows: counts, quarantine by stage and by reason, tokens, time per stage."""
     return [
         {"metric": "clips in", "value": summary.clips_in},
+        *([{"metric": "skipped non-audio files", "value": skipped_text(summary.skipped_files)}]
+          if summary.skipped_files else []),
         {"metric": "rows out", "value": summary.rows},
         {"metric": "quarantined", "value": summary.quarantined},
         {"metric": "rows without transcript", "value": summary.rows_without_transcript},
