@@ -28,10 +28,13 @@ _FEATURE_TYPES: dict[str, pa.DataType] = {
 FEATURES_TYPE = pa.struct([pa.field(name, t, nullable=True) for name, t in _FEATURE_TYPES.items()])
 AUDIO_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", _STR)])
 MESSAGE_TYPE = pa.struct([pa.field("role", _STR), pa.field("content", _STR)])
-SEGMENT_TYPE = pa.struct([pa.field("start_s", _F32), pa.field("end_s", _F32), pa.field("text", _STR)])
 # String→string dicts (labels, attributes, versions) are Arrow `json` (Parquet JSON logical type):
 # `datasets` cannot read Arrow maps, but decodes `json` to dicts; DuckDB reads it as JSON.
 STR_MAP = pa.json_()
+# Whisper segments carry text only; the spans of a multi-speaker clip also their speaker, corpus
+# labels and seed attributes.
+SEGMENT_TYPE = pa.struct([pa.field("start_s", _F32), pa.field("end_s", _F32), pa.field("text", _STR),
+                          pa.field("speaker", _STR), pa.field("labels", STR_MAP), pa.field("attributes", STR_MAP)])
 
 GENERATION_TYPE = pa.struct(
     [
@@ -97,6 +100,7 @@ _ROW_FIELDS: list[pa.Field] = [
     pa.field("labels", STR_MAP),
     pa.field("features", FEATURES_TYPE),
     pa.field("attributes", STR_MAP),
+    pa.field("attribute_sources", STR_MAP),
     pa.field("seed_description", _STR),
     pa.field("prompt", _STR),
     pa.field("messages", pa.list_(MESSAGE_TYPE)),
@@ -135,8 +139,10 @@ QUARANTINE_SCHEMA: pa.Schema = pa.schema(
 def _row_dict(row: Row) -> dict[str, Any]:
     d = row.model_dump(mode="python")
     # Sorted keys so identical rows give identical bytes.
-    for key in ("labels", "attributes"):
+    for key in ("labels", "attributes", "attribute_sources"):
         d[key] = _json_text(d[key])
+    for seg in d["segments"]:
+        seg["labels"], seg["attributes"] = _json_text(seg["labels"]), _json_text(seg["attributes"])
     d["provenance"]["extractor_versions"] = _json_text(d["provenance"]["extractor_versions"])
     return d
 

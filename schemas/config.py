@@ -12,10 +12,12 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from schemas.attributes import SeedLabel, check_seed_labels
 
 ENV_PREFIX = "SPEECHPAIRS__"
 
@@ -27,6 +29,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+_USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@")
+
+
+def refuse_userinfo(url: str | None, fix: str) -> str | None:
+    """A URL carrying `user:password@` is refused: the config is printed, logged and stored with the
+    run (Prefect flow parameters, manifests), so a secret there would leak everywhere. The error
+    never repeats the URL."""
+    if url is not None and _USERINFO.match(url.strip()):
+        raise ValueError("credentials inside the URL are not accepted (they would be printed, "
+                         f"logged and stored with the run); remove `user:password@` and {fix}")
+    return url
+
+
 class SourceConfig(_Strict):
     """One corpus to read. `kind: auto` picks manifest for a file and folder for a directory."""
 
@@ -36,6 +51,18 @@ class SourceConfig(_Strict):
     dataset: str | None = Field(default=None, description="Corpus name written to rows; default: file/folder stem.")
     language: str | None = None
     labels: dict[str, str] = Field(default_factory=dict, description="Labels added to every clip of this source.")
+    seed_labels: list[SeedLabel] | None = Field(
+        default=None, description="Corpus labels written into the seed verbatim, after describe.attributes, in "
+        "this order: 'act', 'act: Dialogue act' or {label, as, values}; unset = the adapter's default "
+        "(README 'Input layouts'), [] = none.")
+    multi_speaker: Literal["spans", "quarantine"] = Field(
+        default="spans", description="A clip holding supervisions of several speakers (lhotse cuts): one "
+        "[start-end] span per supervision in the seed, or quarantine it as multi_speaker.")
+
+    @field_validator("seed_labels")
+    @classmethod
+    def _seed_labels(cls, value: list[SeedLabel] | None) -> list[SeedLabel] | None:
+        return None if value is None else check_seed_labels(value)
 
 
 class AudioConfig(_Strict):
@@ -167,6 +194,20 @@ class LLMConfig(_Strict):
     cache: bool = Field(default=True, description="Reuse finished generations from the run's staging area.")
     qc: QCConfig = Field(default_factory=QCConfig)
 
+    @field_validator("base_url")
+    @classmethod
+    def _no_secret_in_url(cls, value: str | None) -> str | None:
+        return refuse_userinfo(value, "put the key in the environment variable named by "
+                               "llm.api_key_env (default SPEECHPAIRS_LLM_API_KEY)")
+
+    @field_validator("base_urls")
+    @classmethod
+    def _no_secret_in_urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            refuse_userinfo(url, "put the key in the environment variable named by "
+                            "llm.api_key_env (default SPEECHPAIRS_LLM_API_KEY)")
+        return value
+
     @model_validator(mode="after")
     def _endpoint(self) -> LLMConfig:
         if self.backend == "openai" and not ((self.base_url or self.base_urls) and self.model):
@@ -189,6 +230,20 @@ class OutputConfig(_Strict):
     shard_size: int = Field(default=1000, ge=1, le=100_000, description="Clips per shard (unit of work).")
     compression: Literal["zstd", "snappy", "none"] = "zstd"
     audio_format: Literal["flac", "wav"] = "flac"
+    # Commit policy: none of these change the rows, so they stay out of the config hash (raising a
+    # ratio and re-running reuses every finished shard).
+    allow_empty: bool = Field(default=False, description="Commit a version even when no clip became a row.")
+    max_quarantine_ratio: float = Field(
+        default=0.5, ge=0, le=1, description="Above this share of quarantined clips the run is a systemic "
+        "fault: it stops before commit, naming the top reasons (staging is kept).")
+    max_transient_ratio: float = Field(
+        default=0.0, ge=0, le=1, description="Share of clips quarantined for a transient reason (LLM "
+        "unavailable, storage error) a version may still be committed with; above it the run stops before "
+        "commit and the next run of the same config retries those clips.")
+
+    # The keys above that only decide whether to commit (left out of RunConfig.config_hash).
+    POLICY_KEYS: ClassVar[frozenset[str]] = frozenset({"allow_empty", "max_quarantine_ratio",
+                                                        "max_transient_ratio"})
 
 
 class ClusterConfig(_Strict):
@@ -222,6 +277,12 @@ class S3Config(_Strict):
     credentials_block: str | None = Field(default=None, description="Name of a Prefect AwsCredentials block.")
     max_attempts: int = Field(default=8, ge=1, le=50, description="Attempts per S3 call (throttling, 5xx, outages).")
 
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_secret_in_url(cls, value: str | None) -> str | None:
+        return refuse_userinfo(value, "give the keys as AWS_ACCESS_KEY_ID / "
+                               "AWS_SECRET_ACCESS_KEY or a Prefect AwsCredentials block (s3.credentials_block)")
+
 
 class RunConfig(_Strict):
     sources: list[SourceConfig] = Field(min_length=1)
@@ -239,7 +300,9 @@ class RunConfig(_Strict):
 
     def config_hash(self) -> str:
         """Hash of everything that changes the output rows; shards are reused only on equal hashes."""
-        payload = self.model_dump(mode="json", exclude={"runner", "max_workers", "cluster"})
+        exclude: dict[str, Any] = {"runner": True, "max_workers": True, "cluster": True,
+                                   "output": set(OutputConfig.POLICY_KEYS)}
+        payload = self.model_dump(mode="json", exclude=exclude)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -286,6 +349,8 @@ def _format_errors(err: ValidationError) -> str:
             msg = "unknown key (check the spelling; see README 'Config reference')"
         elif e["type"] == "literal_error":
             msg = f"{msg} (got {e.get('input')!r})"
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
         lines.append(f"  {key}: {msg}")
     return "invalid config:\n" + "\n".join(lines)
 

@@ -12,6 +12,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.attributes import SeedLabel
+
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
@@ -42,6 +44,7 @@ class ReasonCode(str, Enum):
     non_finite = "non_finite"
     bad_row = "bad_row"
     duplicate_id = "duplicate_id"
+    multi_speaker = "multi_speaker"  # several speakers' supervisions in one clip, with multi_speaker: quarantine
     feature_error = "feature_error"
     describe_error = "describe_error"
     asr_error = "asr_error"
@@ -49,6 +52,9 @@ class ReasonCode(str, Enum):
     classifier_error = "classifier_error"
     llm_error = "llm_error"
     llm_empty = "llm_empty"
+    # Transient: the clip is fine, a service was not (see TRANSIENT_REASONS).
+    llm_unavailable = "llm_unavailable"
+    storage_error = "storage_error"
     # Response QC (a response that still fails after the allowed regenerations): one per rule.
     qc_empty = "qc_empty"
     qc_refusal = "qc_refusal"
@@ -60,6 +66,12 @@ class ReasonCode(str, Enum):
     qc_wrong_language = "qc_wrong_language"
     qc_format = "qc_format"
     qc_injection = "qc_injection"
+
+
+# Reasons that say nothing about the clip: a re-run of the same config retries these clips, and a
+# version is not committed with them (beyond `output.max_transient_ratio`), so an outage is never
+# frozen into a dataset.
+TRANSIENT_REASONS: frozenset[ReasonCode] = frozenset({ReasonCode.llm_unavailable, ReasonCode.storage_error})
 
 
 class Clip(BaseModel):
@@ -78,6 +90,12 @@ class Clip(BaseModel):
     # Set when ingest already knows the row is unusable (e.g. a manifest row without a path):
     # the clip then goes straight to quarantine with this reason and message.
     ingest_error: tuple[ReasonCode, str] | None = None
+    # Corpus labels that go into the seed after the canonical attributes (the adapter's default,
+    # or the source's `seed_labels`).
+    seed_labels: list[SeedLabel] = Field(default_factory=list)
+    # Two or more timed supervisions inside the clip (a lhotse cut), in time order, each with its
+    # own text, speaker and labels: the seed then gets one span per supervision.
+    spans: list[Segment] = Field(default_factory=list)
 
 
 class Features(BaseModel):
@@ -115,11 +133,15 @@ class Features(BaseModel):
 
 
 class Segment(BaseModel):
-    """A timed piece of the transcript (Whisper segments), for timestamped seed descriptions."""
+    """A timed piece of the clip, for timestamped seed descriptions: a Whisper segment (text only), or
+    one supervision of a multi-speaker clip with its speaker, corpus labels and seed attributes."""
 
     start_s: float
     end_s: float
     text: str
+    speaker: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    attributes: dict[str, str] = Field(default_factory=dict)
 
 
 class AudioRef(BaseModel):
@@ -177,6 +199,9 @@ class Row(BaseModel):
     labels: dict[str, str]
     features: Features
     attributes: dict[str, str]
+    # Display name → where its words came from: `labels.<column>`, `features.<field>`,
+    # `classifier:<model>`, `pitch_heuristic` (several, comma-separated, for a multi-span seed).
+    attribute_sources: dict[str, str] = Field(default_factory=dict)
     seed_description: str
     prompt: str
     messages: list[Message]

@@ -39,7 +39,8 @@ from storage.shards import ParquetShardWriter, read_marker, write_marker, write_
 from tasks.audio import DecodedAudio, encode_audio, load_audio
 from tasks.describe import (
     Bins,
-    attribute_words,
+    describe_attributes,
+    describe_multi_span,
     instruction_pool,
     load_bins,
     pick_instruction,
@@ -56,7 +57,7 @@ from tasks.ingest import load_clip
 from tasks.llm import LLMBackend, LLMRequest, LLMResult, build_messages, make_backend
 from tasks.llm.base import OnResult, generate_reporting
 from tasks.llm.cache import CachedBackend
-from tasks.llm.messages import DEFAULT_SYSTEM_PROMPT, sanitize_transcript
+from tasks.llm.messages import DEFAULT_SYSTEM_PROMPT
 from tasks.llm.qc import Instruction, QCVerdict, check_response, parse_instruction
 from tasks.plan import ShardPlan
 
@@ -119,6 +120,7 @@ class _Prepared:
     measured: _Measured
     features: Features
     attributes: dict[str, str]
+    attribute_sources: dict[str, str]
     seed: str
     instruction: Instruction
     request: LLMRequest
@@ -423,12 +425,19 @@ def _describe(m: _Measured, config: RunConfig, bins: Bins, acc: _Acc) -> _Prepar
     try:
         min_scores = {c.attribute: c.min_score for c in config.features.classifiers}
         features = resolve_attributes(m.features, clip.labels, m.predictions, min_scores)
-        attributes = attribute_words(features, bins, config.describe.attributes)
-        # The transcript is data: sanitised so it cannot forge a timestamp span, a label list or a role.
-        segments = ([seg.model_copy(update={"text": sanitize_transcript(seg.text)}) for seg in m.segments]
-                    if config.describe.segment_timestamps else None)
-        transcript = sanitize_transcript(m.transcript) if m.transcript else None
-        seed = seed_description(transcript, m.audio.duration_s, attributes, config.describe.format, segments)
+        segments: list[Segment] | None = m.segments if config.describe.segment_timestamps else None
+        if len(clip.spans) > 1:  # several supervisions (lhotse): one span each, with its own attributes
+            multi = describe_multi_span(features, clip.labels, clip.spans, m.audio.samples, m.audio.sampling_rate,
+                                        bins, config.describe.attributes, clip.seed_labels, config.features)
+            described, shown, segments = multi.merged, multi.clip.words, multi.spans
+            m.segments = multi.spans
+        else:
+            described = describe_attributes(features, clip.labels, bins, config.describe.attributes,
+                                            clip.seed_labels)
+            shown = described.words
+        attributes = described.words
+        # Transcript, names and values are data: seed_description sanitises every one of them.
+        seed = seed_description(m.transcript, m.audio.duration_s, shown, config.describe.format, segments)
         instruction = parse_instruction(
             pick_instruction(instruction_pool(config.describe), config.describe.seed, clip.id))
         system = config.llm.system_prompt or (DEFAULT_SYSTEM_PROMPT if config.llm.default_system_prompt else None)
@@ -440,8 +449,8 @@ def _describe(m: _Measured, config: RunConfig, bins: Bins, acc: _Acc) -> _Prepar
     acc.stage_seconds["describe"] += time.perf_counter() - t0
     request = LLMRequest(id=clip.id, messages=messages, seed=stable_int(config.llm.seed, clip.id) % (2**31),
                          attributes=attributes, transcript=m.transcript, duration_s=m.audio.duration_s)
-    return _Prepared(measured=m, features=features, attributes=attributes, seed=seed, instruction=instruction,
-                     request=request)
+    return _Prepared(measured=m, features=features, attributes=attributes, attribute_sources=described.sources,
+                     seed=seed, instruction=instruction, request=request)
 
 
 def rendered_prompt(backend: LLMBackend, config: RunConfig, request: LLMRequest) -> str | None:
@@ -481,6 +490,7 @@ def _finish(p: _Prepared, result: LLMResult | QuarantineError, config: RunConfig
         labels=m.clip.labels,
         features=p.features,
         attributes=p.attributes,
+        attribute_sources=p.attribute_sources,
         seed_description=p.seed,
         prompt=p.instruction.text,
         messages=p.request.messages,

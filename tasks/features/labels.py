@@ -27,6 +27,9 @@ __all__ = [
     "SOURCE_BELOW_THRESHOLD",
     "SOURCE_CORPUS",
     "corpus_label",
+    "corpus_label_key",
+    "is_attribute_label",
+    "is_no_label",
     "normalise_label",
     "resolve_attributes",
 ]
@@ -217,19 +220,42 @@ def normalise_label(attribute: str, raw: str | None) -> str | None:
     return text
 
 
-def corpus_label(attribute: str, labels: Mapping[str, str]) -> str | None:
-    """Normalised corpus label for `attribute` (keys matched case-insensitively; gender also `sex`)."""
-    by_key: dict[str, str] = {}
+def is_no_label(raw: object) -> bool:
+    """True for a value that says "no label" (`unk`, `n/a`, `other`, blank …), for any label column."""
+    return raw is None or _clean(str(raw)) in UNKNOWN_MARKERS
+
+
+def is_attribute_label(name: str) -> bool:
+    """True for a label column that feeds a canonical attribute (gender/sex, emotion, age, accent[s])."""
+    key = _key(name)
+    return any(key in keys for keys in LABEL_KEYS.values())
+
+
+def _corpus_match(attribute: str, labels: Mapping[str, str]) -> tuple[str, str] | None:
+    """(label column as written, normalised word) of the first column that gives `attribute` a word."""
+    by_key: dict[str, tuple[str, str]] = {}
     for key, value in labels.items():
-        by_key.setdefault(_key(key), value)
+        by_key.setdefault(_key(key), (key, value))
     for key in LABEL_KEYS[attribute]:
         found = by_key.get(key)
         if found is None:
             continue
-        word = normalise_label(attribute, str(found))
+        word = normalise_label(attribute, str(found[1]))
         if word is not None:
-            return word
+            return found[0], word
     return None
+
+
+def corpus_label(attribute: str, labels: Mapping[str, str]) -> str | None:
+    """Normalised corpus label for `attribute` (keys matched case-insensitively; gender also `sex`)."""
+    match = _corpus_match(attribute, labels)
+    return match[1] if match else None
+
+
+def corpus_label_key(attribute: str, labels: Mapping[str, str]) -> str | None:
+    """The label column `corpus_label` took `attribute` from (as written in `labels`), for provenance."""
+    match = _corpus_match(attribute, labels)
+    return match[0] if match else None
 
 
 def resolve_attributes(

@@ -164,7 +164,21 @@ def load_clip(ref: ClipRef, sources: list[SourceConfig]) -> Clip:
     if ref.duplicate and clip.ingest_error is None:
         msg = f"{clip.audio_uri}: id {ref.id!r} appears more than once in the sources; give each clip a unique id"
         clip = clip.model_copy(update={"ingest_error": (ReasonCode.duplicate_id, msg)})
-    return clip
+    return with_source_settings(clip, source)
+
+
+def with_source_settings(clip: Clip, source: SourceConfig) -> Clip:
+    """The source's `seed_labels` (when set) replace the adapter's default; with `multi_speaker:
+    quarantine` a clip whose spans name several speakers goes to quarantine as `multi_speaker`."""
+    update: dict[str, object] = {}
+    if source.seed_labels is not None:
+        update["seed_labels"] = list(source.seed_labels)
+    speakers = sorted({s.speaker for s in clip.spans if s.speaker})
+    if source.multi_speaker == "quarantine" and len(speakers) > 1 and clip.ingest_error is None:
+        message = (f"{clip.audio_uri}: {len(speakers)} speakers in one clip ({', '.join(speakers[:5])}); set "
+                   "sources[].multi_speaker: spans to describe each, or cut per supervision (trim_to_supervisions)")
+        update["ingest_error"] = (ReasonCode.multi_speaker, message)
+    return clip.model_copy(update=update) if update else clip
 
 
 __all__ = ["ADAPTERS", "Adapter", "ClipRef", "SourceError", "dataset_name", "iter_refs", "load_clip",

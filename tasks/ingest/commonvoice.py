@@ -7,6 +7,8 @@ locale folder (reads `validated.tsv`, else train+dev+test) or one of its .tsv fi
 unquoted (QUOTE_NONE), one row a line, so a row is located again by its byte offset.
 
 Labels, verbatim: speaker (client_id), gender, age, accent, and every other non-empty column.
+No seed labels by default: accent, age and gender (what DeSTA2.5's Common Voice seeds carry) are
+canonical attributes; the other columns are votes and bookkeeping.
 """
 
 from __future__ import annotations

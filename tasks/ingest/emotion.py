@@ -4,11 +4,14 @@ CREMA-D: `AudioWAV/<actor>_<sentence>_<emotion>_<level>.wav` (e.g. 1001_DFA_ANG_
 `VideoDemographics.csv` (ActorID, Age, Sex, Race, Ethnicity) at the top of the corpus. Labels,
 verbatim: emotion code (ANG, DIS, FEA, HAP, NEU, SAD), intensity (LO, MD, HI, XX = unspecified),
 sentence code, speaker, gender (Sex), age, race, ethnicity. The transcript is the sentence the code
-stands for (the corpus's 12 fixed sentences).
+stands for (the corpus's 12 fixed sentences). Seed labels by default: `intensity` as `Intensity`
+in the corpus's documented words (LO Low, MD Medium, HI High; XX, unspecified, left out) and
+`race` as `Race`, as DeSTA2.5's CREMA-D seeds do (emotion, gender, age are canonical).
 
 ESD (Emotional Speech Dataset): `<spk>/<Emotion>/[<split>/]<spk>_<n>.wav` (speakers 0001-0010
 Mandarin, 0011-0020 English) and `<spk>/<spk>.txt` ("<id>\\t<text>\\t<emotion>" lines). Labels:
-speaker, emotion (the folder name, verbatim), split (train/evaluation/test when present).
+speaker, emotion (the folder name, verbatim), split (train/evaluation/test when present). No seed
+labels by default: emotion is a canonical attribute, split is bookkeeping.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
+from schemas.attributes import SeedLabel
 from schemas.records import Clip
 from tasks.ingest.common import (
     ClipRef,
@@ -55,6 +59,10 @@ CREMAD_DEMOGRAPHICS = "VideoDemographics.csv"
 CREMAD_FIX = ("it ships at the top of the CREMA-D repository next to AudioWAV/: restore it from the corpus "
               "(github.com/CheyneyComputerScience/CREMA-D), or use kind: folder to ingest without speaker labels")
 CREMAD_COLUMNS = {"sex": "gender", "age": "age", "race": "race", "ethnicity": "ethnicity"}
+CREMAD_SEED_LABELS = [
+    SeedLabel(label="intensity", display="Intensity", values={"LO": "Low", "MD": "Medium", "HI": "High", "XX": ""}),
+    SeedLabel(label="race", display="Race"),
+]
 
 
 @lru_cache(maxsize=4)
@@ -96,7 +104,8 @@ def load_cremad_clip(root: Path, locator: str, *, clip_id: str, dataset: str, la
     labels = label_dict(extra_labels, [("speaker", actor), ("emotion", emotion), ("intensity", level),
                                        ("sentence", sentence), *person.items()])
     return Clip(id=clip_id, dataset=dataset, audio_uri=str(audio.resolve()),
-                transcript=CREMAD_SENTENCES.get(sentence.upper()), language=language or "en", labels=labels)
+                transcript=CREMAD_SENTENCES.get(sentence.upper()), language=language or "en", labels=labels,
+                seed_labels=CREMAD_SEED_LABELS)
 
 
 # ---------------------------------------------------------------- ESD

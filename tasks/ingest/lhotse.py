@@ -9,8 +9,20 @@ A source is one manifest file (`.jsonl` or `.jsonl.gz`) or a folder of them:
 
 Clip ids are the cut / supervision / recording ids. A clip that covers part of a recording (offset,
 duration shorter than the file, or one channel of several) is cut out when the clip is loaded and
-carried as embedded FLAC (`Clip.audio_bytes`); a whole-file clip just points at the file. Labels:
-speaker, gender, recording_id and every scalar in `custom`, verbatim; `language` as written.
+carried as embedded FLAC (`Clip.audio_bytes`); a whole-file clip just points at the file.
+
+Which supervisions speak for a cut: only those lying inside it (within SUPERVISION_TOLERANCE_S, on
+one of its channels). lhotse's `trim_to_supervisions()` keeps overlapping neighbours by default
+(`keep_overlapping=True`), and a `truncate`/`split` slice keeps the supervisions it cuts through;
+such partial ones never add text, speakers or labels. One supervision inside: its text and labels
+are the clip's. Several: the clip gets one span per supervision (`Clip.spans`, time order, each
+with its text, speaker and labels), the transcript is their texts joined, and a label is the
+clip's only when every span agrees on it (`sources[].multi_speaker: quarantine` drops clips with
+several speakers instead). Labels, verbatim: recording_id, the supervision's speaker, gender and
+every scalar in its `custom`, then every scalar in the cut's `custom`; `language` as written.
+Seed labels by default: every scalar supervision `custom` key that is not a canonical attribute
+(gender, emotion, age, accent), under its own name (`dialog_act` → `Dialog act`); cut-level
+`custom` is bookkeeping (splits, origins) and stays out of the seed unless `seed_labels` names it.
 
 Random access: each row is found again by its byte offset in the uncompressed stream. A `.jsonl.gz`
 is decompressed once per machine into a cache file (`$TMPDIR/speechpairs-lhotse/`, keyed by path,
@@ -33,7 +45,9 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 
-from schemas.records import Clip, ReasonCode
+from schemas.attributes import SeedLabel, display_name
+from schemas.records import Clip, ReasonCode, Segment
+from tasks.features.labels import is_attribute_label
 from tasks.ingest.common import (
     ClipRef,
     FileKey,
@@ -44,10 +58,12 @@ from tasks.ingest.common import (
     parse_json_object,
     prepare,
 )
+from tasks.llm.messages import sanitize_prompt_text
 
 MANIFEST_ENDINGS = (".jsonl.gz", ".jsonl")
 KINDS = ("cuts", "supervisions", "recordings")
 WHOLE_FILE_TOLERANCE_S = 0.025  # lhotse's own duration-mismatch tolerance
+SUPERVISION_TOLERANCE_S = 0.025  # how far a supervision may stick out of a cut and still be inside it
 
 
 def manifest_kind(name: str) -> str | None:
@@ -267,38 +283,104 @@ def _cut_clip(cut: dict[str, Any], base: Path, where: str, clip_id: str, dataset
                       cut.get("channel"), custom or {}, base, where, clip_id, dataset, language, extra_labels, bad)
 
 
-def _joined(values: list[Any]) -> str | None:
-    seen: list[str] = []
-    for v in values:
-        text = clean_label_value(v) if v is not None else ""
-        if text and text not in seen:
-            seen.append(text)
-    return ",".join(seen) or None
+def _scalars(custom: Any) -> dict[str, str]:
+    """The scalar entries of a lhotse `custom` dict as label text (lists and dicts are not labels)."""
+    out: dict[str, str] = {}
+    if isinstance(custom, dict):
+        for key, value in custom.items():
+            if isinstance(value, (str, int, float, bool)) and clean_label_value(value):
+                out[str(key)] = clean_label_value(value)
+    return out
+
+
+def _sup_labels(sup: dict[str, Any]) -> dict[str, str]:
+    labels = {key: clean_label_value(sup[key]) for key in ("speaker", "gender")
+              if sup.get(key) is not None and clean_label_value(sup[key])}
+    return labels | _scalars(sup.get("custom"))
+
+
+def _channels(value: Any) -> set[int] | None:
+    if value is None:
+        return None
+    try:
+        return {int(c) for c in (value if isinstance(value, list) else [value])}
+    except (TypeError, ValueError):
+        return None
+
+
+def inside(sups: list[dict[str, Any]], duration: float | None, channel: Any,
+           tolerance: float = SUPERVISION_TOLERANCE_S) -> list[dict[str, Any]]:
+    """The supervisions lying inside a clip of `duration` (starts relative to the clip) on one of its
+    channels, in time order; a partially overlapping neighbour is not inside."""
+    wanted = _channels(channel)
+    out = []
+    for sup in sups:
+        start, length = _float(sup.get("start")) or 0.0, _float(sup.get("duration"))
+        if start < -tolerance or (duration is not None and length is not None
+                                  and start + length > duration + tolerance):
+            continue
+        theirs = _channels(sup.get("channel"))
+        if wanted is not None and theirs is not None and not wanted & theirs:
+            continue
+        out.append(sup)
+    return sorted(out, key=lambda s: (_float(s.get("start")) or 0.0, str(s.get("id", ""))))
+
+
+def _span(sup: dict[str, Any], duration: float | None) -> Segment:
+    start = max(0.0, _float(sup.get("start")) or 0.0)
+    end = start + (_float(sup.get("duration")) or 0.0)
+    if duration is not None:
+        end = min(end, duration)
+    return Segment(start_s=start, end_s=end, text=one_line(str(sup.get("text") or "")) or "",
+                   speaker=clean_label_value(sup["speaker"]) if sup.get("speaker") is not None else None,
+                   labels=_sup_labels(sup))
+
+
+def _agreed(dicts: list[dict[str, str]]) -> dict[str, str]:
+    """The entries every dict has with the same value."""
+    if not dicts:
+        return {}
+    return {k: v for k, v in dicts[0].items() if all(d.get(k) == v for d in dicts[1:])}
+
+
+def default_seed_labels(sups: list[dict[str, Any]]) -> list[SeedLabel]:
+    """Every scalar supervision `custom` key that is no canonical attribute, under its own name."""
+    out: list[SeedLabel] = []
+    seen: set[str] = set()
+    for sup in sups:
+        for key in _scalars(sup.get("custom")):
+            if is_attribute_label(key) or key.lower() in seen:
+                continue
+            seen.add(key.lower())
+            try:
+                entry = SeedLabel(label=key, display=sanitize_prompt_text(display_name(key), "name"))
+            except ValueError:  # a key with no usable name (only punctuation): it stays a plain label
+                continue
+            if entry.display.lower() not in {e.display.lower() for e in out}:
+                out.append(entry)
+    return out
 
 
 def _make_clip(recording: dict[str, Any], sups: list[dict[str, Any]], start: float, duration: float | None,
                channel: Any, custom: dict[str, Any], base: Path, where: str, clip_id: str, dataset: str,
                language: str | None, extra_labels: dict[str, str], bad: Callable[[str], Clip]) -> Clip:
-    sups = sorted(sups, key=lambda s: float(s.get("start") or 0.0))
-    texts = [one_line(str(s["text"])) for s in sups if s.get("text")]
+    length = duration if duration is not None else _float(recording.get("duration"))
+    own = inside(sups, length, channel)
+    spans = [_span(s, length) for s in own]
     labels = dict(extra_labels)
-    for key, value in (("recording_id", recording.get("id")),
-                       ("speaker", _joined([s.get("speaker") for s in sups])),
-                       ("gender", _joined([s.get("gender") for s in sups]))):
-        if value:
-            labels[key] = str(value)
-    for extra in [*(s.get("custom") for s in sups), custom]:
-        if isinstance(extra, dict):
-            for key, value in extra.items():
-                if isinstance(value, (str, int, float, bool)) and clean_label_value(value):
-                    labels[str(key)] = clean_label_value(value)
-    lang = _joined([s.get("language") for s in sups]) or language
+    if recording.get("id"):
+        labels["recording_id"] = str(recording["id"])
+    labels |= _agreed([s.labels for s in spans]) | _scalars(custom)
+    languages = {clean_label_value(s["language"]) for s in own if s.get("language") is not None}
+    lang = languages.pop() if len(languages) == 1 else language
+    texts = [s.text for s in spans if s.text]
     audio = _audio(recording, start, duration, channel, base, where)
     if isinstance(audio, str):
         return bad(audio)
     uri, data = audio
     return Clip(id=clip_id, dataset=dataset, audio_uri=uri, audio_bytes=data,
-                transcript=" ".join(t for t in texts if t) or None, language=lang, labels=labels)
+                transcript=" ".join(texts) or None, language=lang, labels=labels,
+                seed_labels=default_seed_labels(own), spans=spans if len(spans) > 1 else [])
 
 
 def _resolve(source: str, base: Path) -> Path:

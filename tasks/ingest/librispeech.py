@@ -9,7 +9,8 @@ and `speakers.tsv` or `SPEAKERS.txt` at the top of `LibriTTS/`.
 
 The source path is either the corpus folder (holding the split folders) or one split folder; the
 speakers file is looked up there and one level up. Clip ids are the corpus's utterance ids
-(unique across splits); the locator is the audio path relative to the source folder.
+(unique across splits); the locator is the audio path relative to the source folder. No seed
+labels by default: gender is a canonical attribute, chapter and subset are bookkeeping.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ Layouts:
 and `speaker-info.txt` at the top ("ID AGE GENDER ACCENTS REGION [COMMENTS]", whitespace separated;
 0.80 writes ids without the `p`). Each utterance is one clip, id `<spk>_<utt>`: mic1 when present,
 else mic2 (label `mic`). Labels: speaker, gender, age, accent, region (and comment), verbatim.
+Seed labels by default: `region` as `Region` (gender, age and accent are canonical attributes).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
+from schemas.attributes import SeedLabel
 from schemas.records import Clip
 from tasks.ingest.common import (
     ClipRef,
@@ -31,6 +33,7 @@ from tasks.ingest.common import (
 AUDIO_DIRS = ("wav48_silence_trimmed", "wav48")
 AUDIO_NAME = re.compile(r"^([A-Za-z]*\d+)_(\d+)(?:_(mic\d))?\.(?:flac|wav)$", re.IGNORECASE)
 SPEAKER_INFO = "speaker-info.txt"
+SEED_LABELS = [SeedLabel(label="region", display="Region")]
 SPEAKER_INFO_FIX = ("it ships at the top of the VCTK corpus (next to txt/ and wav48*/): "
                     "restore it from the corpus archive, or use kind: folder to ingest without speaker labels")
 
@@ -101,7 +104,7 @@ def load_vctk_clip(root: Path, locator: str, *, clip_id: str, dataset: str, lang
                                        ("accent", info.get("accent")), ("region", info.get("region")),
                                        ("comment", info.get("comment")), ("mic", mic)])
     return Clip(id=clip_id, dataset=dataset, audio_uri=str(audio.resolve()), transcript=transcript,
-                language=language or "en", labels=labels)
+                language=language or "en", labels=labels, seed_labels=SEED_LABELS)
 
 
 def prepare_vctk(path: str | Path, dataset: str = "vctk") -> Iterator[Clip]:
