@@ -218,7 +218,7 @@ def _run(cmd: list[str], timeout: float, where: str, path: Path) -> subprocess.C
     try:
         return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:  # run() has killed the child
-        raise _fail(ReasonCode.unreadable, f"{where}: {Path(cmd[0]).name} did not finish within {timeout:.0f} s "
+        raise _fail(ReasonCode.unreadable, f"{where}: {Path(cmd[0]).name} did not finish within {timeout:g} s "
                                            f"(a malformed or hostile file?); {FIX}") from None
     except OSError as exc:
         raise _fail(ReasonCode.unreadable, f"{where}: cannot run {Path(cmd[0]).name} ({exc.strerror}); "

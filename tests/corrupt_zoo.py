@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,13 @@ def _tone_speech(seconds: float, sr: int = SR, f0: float = 140.0, seed: int = 0)
     sig = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in range(1, 6))
     envelope = 0.5 * (1 + np.sin(2 * np.pi * 3 * t))
     return (0.2 * sig * envelope + 0.002 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def ffmpeg_encode(src: Path, dst: Path, *args: str) -> Path:
+    """`dst` encoded from `src` by the ffmpeg binary (container from dst's suffix unless `-f` is given)."""
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(src), *args, str(dst)], check=True,
+                   timeout=120)
+    return dst
 
 
 def build_zoo(root: Path, good_corpus: Path) -> tuple[Path, dict[str, str | None]]:
@@ -61,6 +69,16 @@ def build_zoo(root: Path, good_corpus: Path) -> tuple[Path, dict[str, str | None
     sf.write(audio / "stereo8k.wav", stereo, 8000)
     add("stereo_8k", "stereo8k.wav", None)  # valid: mixed down and resampled, not quarantined
     add("missing_file", "does_not_exist.wav", "missing_file")
+    # Containers libsndfile cannot open go through ffmpeg: a good one decodes, broken ones are named.
+    ffmpeg_encode(audio / "arctic_slt_a0009.wav", audio / "slt.m4a", "-c:a", "aac", "-b:a", "64k")
+    add("m4a_aac", "slt.m4a", None)
+    ffmpeg_encode(audio / "arctic_slt_a0009.wav", audio / "slt.webm", "-c:a", "libopus", "-b:a", "32k")
+    add("webm_opus", "slt.webm", None)
+    m4a = (audio / "slt.m4a").read_bytes()
+    (audio / "half.m4a").write_bytes(m4a[:len(m4a) // 2])  # ffmpeg writes the index (moov) last: it is gone
+    add("truncated_m4a", "half.m4a", "unreadable")
+    (audio / "text.m4a").write_text("this is not audio, just text renamed to .m4a\n" * 20)
+    add("text_as_m4a", "text.m4a", "unreadable")
     rows.append({"id": "no_path_column", "transcript": "row without audio"})
     expected["no_path_column"] = "bad_row"
 

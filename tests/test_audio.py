@@ -1,16 +1,19 @@
 import io
 import json
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
+import tasks.audio
 from schemas.config import AudioConfig, SourceConfig
 from schemas.records import Clip, QuarantineError, Stage
 from tasks.audio import encode_audio, load_audio
 from tasks.ingest import iter_refs, load_clip
-from tests.corrupt_zoo import build_zoo
+from tests.corrupt_zoo import build_zoo, ffmpeg_encode
 
 CFG = AudioConfig()
 
@@ -34,6 +37,7 @@ def test_corrupt_zoo_each_clip_gets_its_reason(tmp_path: Path, sample_corpus: Pa
         except QuarantineError as exc:
             assert exc.stage is Stage.audio
             assert clip.audio_uri in exc.message  # names the file
+            assert "object at 0x" not in exc.message and "@ 0x" not in exc.message  # no Python/C reprs
             seen[local] = exc.reason.value
         else:
             assert audio.sampling_rate == 16000 and audio.samples.dtype == np.float32
@@ -89,3 +93,151 @@ def test_embedded_audio_bytes_are_decoded_without_reading_the_uri(sample_corpus:
     clip = Clip(id="t/x", dataset="t", audio_uri="hf://corpus/train-0.parquet#row=3", audio_bytes=data)
     audio = load_audio(clip, CFG)
     assert abs(audio.duration_s - 3.095) < 0.01
+
+
+SLT = "arctic_slt_a0009.wav"  # 3.095 s, 16 kHz mono
+
+
+def _aligned_correlation(ref: np.ndarray, got: np.ndarray, max_lag: int = 4000) -> tuple[float, int]:
+    """Pearson correlation of two 16 kHz signals after the best shift (codec delay / priming)."""
+    n = len(ref) + len(got)
+    xcorr = np.fft.irfft(np.fft.rfft(got, n) * np.conj(np.fft.rfft(ref, n)), n)
+    lags = np.r_[np.arange(0, max_lag + 1), np.arange(-max_lag, 0)]
+    lag = int(lags[np.argmax(xcorr[lags])])
+    a, b = (ref, got[lag:]) if lag >= 0 else (ref[-lag:], got)
+    m = min(len(a), len(b))
+    return float(np.corrcoef(a[:m], b[:m])[0, 1]), lag
+
+
+@pytest.mark.parametrize("suffix,args,source_rate,via_ffmpeg", [
+    ("m4a", ["-c:a", "aac", "-b:a", "96k"], 16000, True),
+    ("aac", ["-c:a", "aac", "-b:a", "96k"], 16000, True),  # raw ADTS: no container header duration
+    ("mp4", ["-c:a", "libopus", "-b:a", "48k"], 48000, True),  # Opus in MP4
+    ("webm", ["-c:a", "libopus", "-b:a", "48k"], 48000, True),
+    ("wma", ["-c:a", "wmav2", "-b:a", "64k"], 16000, True),
+    ("opus", ["-c:a", "libopus", "-b:a", "48k"], 16000, False),  # Ogg Opus: libsndfile reads it
+])
+def test_containers_decode_to_the_source_samples(tmp_path: Path, sample_corpus: Path, suffix: str,
+                                                 args: list[str], source_rate: int, via_ffmpeg: bool) -> None:
+    src = sample_corpus / "audio" / SLT
+    ref = load_audio(_clip(src), CFG)
+    path = ffmpeg_encode(src, tmp_path / f"slt.{suffix}", *args)
+    if via_ffmpeg:  # the fallback is what is under test: libsndfile must really refuse the file
+        with pytest.raises(sf.LibsndfileError):
+            sf.info(str(path))
+    audio = load_audio(_clip(path), CFG)
+    assert audio.sampling_rate == 16000 and audio.samples.dtype == np.float32 and audio.samples.ndim == 1
+    assert audio.source_sampling_rate == source_rate and audio.source_channels == 1
+    assert abs(audio.duration_s - ref.duration_s) < 0.12, (audio.duration_s, ref.duration_s)
+    corr, lag = _aligned_correlation(ref.samples, audio.samples)
+    assert corr > 0.98, (suffix, corr, lag)
+    assert abs(lag) < 1600  # under 0.1 s of codec delay
+    assert audio.sha256 != ref.sha256
+
+
+def test_stereo_44k_m4a_is_mixed_down_and_resampled(tmp_path: Path, sample_corpus: Path) -> None:
+    ref = load_audio(_clip(sample_corpus / "audio" / SLT), CFG)
+    stereo = np.stack([ref.samples, np.zeros_like(ref.samples)], axis=1)  # speech left, silence right
+    sf.write(tmp_path / "st.wav", stereo, 16000, subtype="FLOAT")
+    path = ffmpeg_encode(tmp_path / "st.wav", tmp_path / "st.m4a", "-ar", "44100", "-c:a", "aac", "-b:a", "128k")
+    audio = load_audio(_clip(path), CFG)
+    assert (audio.source_channels, audio.source_sampling_rate, audio.sampling_rate) == (2, 44100, 16000)
+    corr, _ = _aligned_correlation(ref.samples, audio.samples)
+    assert corr > 0.95
+    # Mixed down by us as the mean of the channels (as for WAV), not by ffmpeg's -3 dB downmix: half level.
+    rms = float(np.sqrt(np.mean(audio.samples ** 2)) / np.sqrt(np.mean(ref.samples ** 2)))
+    assert rms == pytest.approx(0.5, abs=0.05)
+
+
+def test_embedded_m4a_bytes_decode_through_a_temporary_file(tmp_path: Path, sample_corpus: Path) -> None:
+    path = ffmpeg_encode(sample_corpus / "audio" / SLT, tmp_path / "e.m4a", "-c:a", "aac")
+    clip = Clip(id="t/e", dataset="t", audio_uri="hf://corpus/train-0.parquet#row=7", audio_bytes=path.read_bytes())
+    audio = load_audio(clip, CFG)
+    assert abs(audio.duration_s - 3.095) < 0.12 and audio.source_sampling_rate == 16000
+    broken = clip.model_copy(update={"audio_bytes": path.read_bytes()[:2000]})
+    with pytest.raises(QuarantineError) as err:
+        load_audio(broken, CFG)
+    assert err.value.reason.value == "unreadable"
+    assert err.value.message.startswith("hf://corpus/train-0.parquet#row=7: ")
+    assert "speechpairs-" not in err.value.message  # the temporary file's name is not the clip's
+
+
+def _sine(seconds: float, dst: Path, *args: str) -> None:
+    source = f"sine=frequency=220:duration={seconds}:sample_rate=16000"
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi", "-i", source, *args, str(dst)],
+                   check=True, timeout=60)
+
+
+def test_three_hour_m4a_is_refused_from_its_header(tmp_path: Path) -> None:
+    """Stream-copied 3 h file (made in seconds): refused by ffprobe's header, nothing decoded."""
+    ten = tmp_path / "ten.m4a"
+    _sine(10, ten, "-c:a", "aac", "-b:a", "16k")
+    (tmp_path / "list.txt").write_text("file 'ten.m4a'\n" * 1080)
+    long = tmp_path / "long.m4a"
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-f", "concat", "-safe", "0", "-i",
+                    str(tmp_path / "list.txt"), "-c", "copy", str(long)], check=True, timeout=120)
+    started = time.perf_counter()
+    with pytest.raises(QuarantineError) as err:
+        load_audio(_clip(long), CFG)
+    assert time.perf_counter() - started < 15  # decoding 3 h would take far longer on this machine
+    assert err.value.reason.value == "too_long"
+    assert err.value.message.startswith(f"{long}: 10800.") and "(container header)" in err.value.message
+    assert "audio.max_duration_s=30.0" in err.value.message
+
+
+def test_headerless_stream_is_refused_after_decoding_the_cap_only(tmp_path: Path) -> None:
+    """Raw ADTS declares no reliable duration: decoding stops at max_duration_s + 1 s."""
+    path = tmp_path / "long.aac"
+    _sine(8, path, "-c:a", "aac", "-f", "adts")
+    with pytest.raises(QuarantineError) as err:
+        load_audio(_clip(path), AudioConfig(max_duration_s=5.0))
+    assert err.value.reason.value == "too_long" and str(path) in err.value.message
+    assert load_audio(_clip(path), AudioConfig(max_duration_s=10.0)).duration_s == pytest.approx(8.0, abs=0.1)
+
+
+@pytest.mark.parametrize("case", ["moov_missing", "faststart_cut", "text", "no_audio_stream"])
+def test_broken_containers_are_quarantined_naming_the_file(tmp_path: Path, sample_corpus: Path, case: str) -> None:
+    src = sample_corpus / "audio" / SLT
+    path = tmp_path / f"{case}.m4a"
+    if case == "text":
+        path.write_text("not audio at all, a text file renamed .m4a\n" * 50)
+        expect = "not decodable audio"
+    elif case == "no_audio_stream":
+        subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi", "-i", "color=size=32x32:duration=1",
+                        "-c:v", "mpeg4", str(path)], check=True, timeout=60)
+        expect = "holds no audio stream"
+    else:
+        flags = ["-movflags", "+faststart"] if case == "faststart_cut" else []
+        full = ffmpeg_encode(src, tmp_path / "full.m4a", "-c:a", "aac", *flags).read_bytes()
+        path.write_bytes(full[: len(full) // 2])
+        expect = "moov atom not found" if case == "moov_missing" else "truncated or corrupt: decoded 1."
+    with pytest.raises(QuarantineError) as err:
+        load_audio(_clip(path), CFG)
+    msg = err.value.message
+    assert err.value.reason.value == "unreadable" and err.value.stage is Stage.audio
+    assert msg.startswith(f"{path}: ") and expect in msg, msg
+    assert "@ 0x" not in msg and "file:" not in msg  # no ffmpeg context pointers, no ffmpeg-side path
+    assert "re-encode" in msg  # and the fix
+
+
+def test_a_hung_decoder_is_killed_at_the_timeout(tmp_path: Path, sample_corpus: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    path = ffmpeg_encode(sample_corpus / "audio" / SLT, tmp_path / "t.m4a", "-c:a", "aac")
+    monkeypatch.setattr(tasks.audio, "PROBE_TIMEOUT_S", 0.001)  # no real ffprobe finishes in 1 ms
+    with pytest.raises(QuarantineError) as err:
+        load_audio(_clip(path), CFG)
+    assert err.value.reason.value == "unreadable"
+    assert err.value.message.startswith(f"{path}: ffprobe did not finish within 0.001 s")
+
+
+def test_libsndfile_errors_carry_no_python_repr(tmp_path: Path) -> None:
+    """libsndfile opens a cut FLAC (header intact) but fails reading it: the message keeps libsndfile's
+    own words and the file name (an open failure's str() holds a BytesIO repr: see the zoo test)."""
+    sf.write(tmp_path / "full.flac", 0.3 * np.sin(np.arange(48000) / 5.0), 16000)
+    data = (tmp_path / "full.flac").read_bytes()
+    (tmp_path / "cut.flac").write_bytes(data[: len(data) // 3])
+    with pytest.raises(QuarantineError) as err:
+        load_audio(_clip(tmp_path / "cut.flac"), CFG)
+    assert err.value.reason.value == "unreadable"
+    assert err.value.message.startswith(f"{tmp_path / 'cut.flac'}: decoding failed (")
+    assert "object at 0x" not in err.value.message and "BytesIO" not in err.value.message
