@@ -10,6 +10,7 @@ import pytest
 from flows.generate import run_generate
 from schemas.config import S3Config, load_config
 from storage.objectstore import open_store
+from storage.reader import open_dataset
 from storage.versions import read_manifest
 from tests.seaweedfs import SeaweedS3
 
@@ -46,6 +47,20 @@ def test_flow_writes_to_s3_with_credentials_from_a_block(seaweedfs: SeaweedS3, t
     assert table.num_rows == manifest.shards[0].rows
     text = manifest.model_dump_json() + caplog.text + str(summary.model_dump())
     assert seaweedfs.secret_key not in text and seaweedfs.access_key not in text
+
+    # The reader with the endpoint only in the environment and the keys only in the block: pyarrow,
+    # s3fs and DuckDB are handed the block's keys (they cannot see a Prefect block), never shown.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", seaweedfs.endpoint_url)
+    handle = open_dataset(f"{root}/sample", summary.version, s3=S3Config(credentials_block="seaweed-test"))
+    ids = [i for b in handle.iter_batches(columns=["id"]) for i in b.column("id").to_pylist()]
+    assert len(ids) == 10 and ids == handle.to_arrow(["id"]).column("id").to_pylist()
+    opts = handle.hf_storage_options()
+    assert (opts["key"], opts["secret"]) == (seaweedfs.access_key, seaweedfs.secret_key)
+    assert opts["client_kwargs"]["endpoint_url"] == seaweedfs.endpoint_url
+    secret = handle.duckdb_secret()
+    assert secret is not None and f"SECRET '{seaweedfs.secret_key}'" in secret.sql()
+    shown = str(secret) + repr(secret) + repr(handle) + repr(handle.store.access)  # type: ignore[attr-defined]
+    assert seaweedfs.secret_key not in shown and seaweedfs.access_key not in shown
 
 
 def test_unknown_block_is_a_clear_error() -> None:

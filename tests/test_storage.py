@@ -40,6 +40,7 @@ from schemas.records import (
 )
 from storage.objectstore import LocalStore, NotFound, ObjectStore, PreconditionFailed, S3Store, open_store
 from storage.reader import manifest_summary, open_manifest, parse_dataset_uri
+from storage.s3 import ProfileDefaults, resolve_s3
 from storage.shards import read_marker, write_marker, write_parquet_shard
 from storage.versions import (
     CommitError,
@@ -244,6 +245,82 @@ def test_open_store_roots(tmp_path: Path) -> None:
     assert LocalStore(str(tmp_path)).uri("a/b") == str(tmp_path / "a" / "b")
     with pytest.raises(ValueError):
         open_store("gs://bucket/x")
+
+
+# --------------------------------------------------------------------------------------------
+# the one S3 resolution (storage/s3.py)
+# --------------------------------------------------------------------------------------------
+
+
+def test_s3_resolution_order() -> None:
+    """config → AWS_ENDPOINT_URL_S3 → AWS_ENDPOINT_URL → profile → AWS; region likewise; auto
+    addressing becomes path for a custom endpoint and virtual for AWS."""
+    env = {"AWS_ENDPOINT_URL": "http://global:1", "AWS_ENDPOINT_URL_S3": "http://s3only:2/",
+           "AWS_REGION": "eu-west-3", "AWS_DEFAULT_REGION": "ap-south-1"}
+    profile = ProfileDefaults(endpoint_url="http://profile:3", region="ca-central-1")
+    cfg = S3Config(endpoint_url="http://configured:4", region="us-west-2")
+    s = resolve_s3(cfg, environ=env, profile=profile)
+    assert (s.endpoint_url, s.region, s.addressing_style, s.endpoint_from) == (
+        "http://configured:4", "us-west-2", "path", "s3.endpoint_url")
+    s = resolve_s3(None, environ=env, profile=profile)
+    assert (s.endpoint_url, s.region, s.endpoint_from) == ("http://s3only:2", "eu-west-3", "AWS_ENDPOINT_URL_S3")
+    s = resolve_s3(None, environ={"AWS_ENDPOINT_URL": "http://global:1", "AWS_DEFAULT_REGION": "ap-south-1"},
+                   profile=profile)
+    assert (s.endpoint_url, s.region, s.endpoint_from) == ("http://global:1", "ap-south-1", "AWS_ENDPOINT_URL")
+    s = resolve_s3(None, environ={}, profile=profile)
+    assert (s.endpoint_url, s.region, s.endpoint_from) == ("http://profile:3", "ca-central-1", "AWS profile")
+    s = resolve_s3(None, environ={})
+    assert (s.endpoint_url, s.region, s.addressing_style) == (None, "us-east-1", "virtual")
+    # AWS_IGNORE_CONFIGURED_ENDPOINT_URLS (as boto3): environment and profile endpoints are skipped.
+    s = resolve_s3(None, environ={**env, "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS": "true"}, profile=profile)
+    assert s.endpoint_url is None and s.addressing_style == "virtual"
+    # explicit addressing is kept; a bare host gets https; resolved settings are a fixed point.
+    s = resolve_s3(S3Config(endpoint_url="minio.local:9000", addressing_style="virtual"), environ={})
+    assert (s.endpoint_url, s.addressing_style) == ("https://minio.local:9000", "virtual")
+    assert resolve_s3(s) is s and resolve_s3(s.as_config(), environ=env) == s.model_copy(
+        update={"endpoint_from": "s3.endpoint_url"})
+    with pytest.raises(ValueError, match="AWS_ENDPOINT_URL.*http\\(s\\)://host"):
+        resolve_s3(None, environ={"AWS_ENDPOINT_URL": "ftp://x"})
+
+
+def test_s3_clients_get_the_resolved_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """boto3, pyarrow, fsspec and DuckDB get the same endpoint/region/addressing; the AWS profile's
+    endpoint_url counts too (boto3 would follow it; pyarrow would not by itself). No connection made."""
+    import pyarrow.fs as pafs
+
+    from storage.s3 import S3Access
+
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    config = tmp_path / "aws-config"
+    config.write_text("[default]\nregion = eu-north-1\nendpoint_url = http://127.0.0.1:9/\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDTEST")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-a-real-secret")
+    access = S3Access()
+    assert (access.settings.endpoint_url, access.settings.region, access.settings.addressing_style) == (
+        "http://127.0.0.1:9", "eu-north-1", "path")
+    client = access.client()
+    assert client.meta.endpoint_url == "http://127.0.0.1:9" and client.meta.region_name == "eu-north-1"
+    assert client.meta.config.s3["addressing_style"] == "path"
+    fs = access.arrow_filesystem()
+    assert isinstance(fs, pafs.S3FileSystem) and fs.region == "eu-north-1"
+    state = fs.__reduce__()[1][0]
+    assert (state["endpoint_override"], state["scheme"], state["force_virtual_addressing"]) == (
+        "127.0.0.1:9", "http", False)
+    assert state["access_key"] is None  # env keys: pyarrow reads them itself, none handed over
+    assert access.fsspec_options() == {"client_kwargs": {"region_name": "eu-north-1",
+                                                         "endpoint_url": "http://127.0.0.1:9"},
+                                       "config_kwargs": {"s3": {"addressing_style": "path"}}}
+    secret = access.duckdb_secret()
+    assert "ENDPOINT '127.0.0.1:9'" in str(secret) and "not-a-real-secret" not in str(secret) + repr(access)
+    assert "SECRET 'not-a-real-secret'" in secret.sql()
+    store = open_store("s3://bucket/prefix", S3Config(region="us-west-1"))
+    assert isinstance(store, S3Store)
+    assert (store.settings.endpoint_url, store.settings.region) == ("http://127.0.0.1:9", "us-west-1")
+    assert store.client.meta.endpoint_url == "http://127.0.0.1:9"
+    assert store.arrow_fs()[1] == "bucket/prefix"
 
 
 # --------------------------------------------------------------------------------------------
