@@ -138,10 +138,11 @@ def write_audio(target: Path, data: bytes) -> bool:
 
     No fsync: a file cut short by a crash differs from the row's bytes, so the next run rewrites it.
     """
+    tmp = target.with_name(target.name + ".part")
     if _same_bytes(target, data):
+        tmp.unlink(missing_ok=True)  # a temporary file a crash left behind
         return False
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".part")
     tmp.write_bytes(data)
     os.replace(tmp, target)
     return True

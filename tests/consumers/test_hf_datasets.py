@@ -1,0 +1,86 @@
+"""`datasets.load_dataset(<version folder>)` reads the dataset card's YAML without a warning and
+decodes rows equal to the stored ones."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import yaml
+
+from tests.consumers.conftest import LocalVersion
+
+datasets = pytest.importorskip("datasets")
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def load_capturing(folder: Path, cache: Path) -> tuple[object, list[str]]:
+    """load_dataset(folder) with Python warnings and the `datasets` logger's warnings captured."""
+    handler = _Records()
+    logger = logging.getLogger("datasets")
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = datasets.load_dataset(str(folder), split="train", cache_dir=str(cache))
+    finally:
+        logger.removeHandler(handler)
+    return ds, handler.messages + [str(w.message) for w in caught]
+
+
+def about_card(messages: list[str]) -> list[str]:
+    return [m for m in messages if any(k in m for k in ("split", "num_bytes", "dataset_info", "card", "YAML"))]
+
+
+def test_version_folder_loads_without_card_warnings(local_version: LocalVersion, tmp_path: Path) -> None:
+    ds, messages = load_capturing(local_version.version_dir, tmp_path / "hf")
+    assert about_card(messages) == [], messages
+    manifest = local_version.handle().manifest
+    card = yaml.safe_load((local_version.version_dir / "README.md").read_text()[4:].partition("\n---\n")[0])
+    assert card["dataset_info"]["splits"] == [
+        {"name": "train", "num_bytes": sum(s.bytes for s in manifest.shards), "num_examples": 10}]
+    assert ds.info.splits["train"].num_examples == 10 and ds.num_rows == 10
+
+    stored = {r["id"]: r for r in local_version.table(["id", "response", "audio", "labels"]).to_pylist()}
+    assert ds["id"] == list(stored)  # every row once, in shard order
+    assert ds["response"] == [r["response"] for r in stored.values()]
+    for i in (0, 5, 9):
+        row = ds[i]
+        assert row["labels"] == json.loads(stored[row["id"]]["labels"])
+        audio = row["audio"]
+        if isinstance(audio, dict):  # datasets < 4
+            got, rate = np.asarray(audio["array"], dtype=np.float32), audio["sampling_rate"]
+        else:  # torchcodec AudioDecoder
+            samples = audio.get_all_samples()
+            got, rate = samples.data.numpy()[0], samples.sample_rate
+        want, want_rate = sf.read(io.BytesIO(stored[row["id"]]["audio"]["bytes"]), dtype="float32")
+        assert rate == want_rate == 16_000 and np.array_equal(got, want)
+
+
+def test_the_warning_is_seen_when_splits_lack_num_bytes(local_version: LocalVersion, tmp_path: Path) -> None:
+    """Control: the capture above does see the warning a card without num_bytes gives."""
+    folder = tmp_path / "old-card"
+    shutil.copytree(local_version.version_dir, folder)
+    text = (folder / "README.md").read_text()
+    header, _, body = text[4:].partition("\n---\n")
+    meta = yaml.safe_load(header)
+    for split in meta["dataset_info"]["splits"]:
+        del split["num_bytes"]
+    (folder / "README.md").write_text("---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n" + body)
+    _, messages = load_capturing(folder, tmp_path / "hf")
+    assert any("num_bytes" in m for m in about_card(messages)), messages
