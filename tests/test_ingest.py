@@ -95,3 +95,140 @@ def test_manifest_is_read_lazily(tmp_path: Path) -> None:
     tracemalloc.stop()
     assert count == 200_000
     assert peak < 1_000_000, f"peak {peak} bytes while streaming a {path.stat().st_size} byte manifest"
+
+
+# --------------------------------------------------------------------------- encodings and line numbers
+
+def _manifest_bytes(fmt: str, rows: list[tuple[str, str] | None]) -> bytes:
+    """A manifest of (path, transcript) rows (None: a blank line), transcripts encoded as Latin-1."""
+    sep = b"," if fmt == "csv" else b"\t"
+    out = b"" if fmt == "jsonl" else sep.join([b"path", b"transcript"]) + b"\n"
+    for row in rows:
+        if row is None:
+            out += b"\n"
+        elif fmt == "jsonl":
+            out += b'{"path": "' + row[0].encode() + b'", "transcript": "' + row[1].encode("latin-1") + b'"}\n'
+        else:
+            out += row[0].encode() + sep + row[1].encode("latin-1") + b"\n"
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "tsv"])
+def test_a_latin1_byte_spoils_only_its_row_naming_file_and_line(tmp_path: Path, fmt: str) -> None:
+    """Before: one Latin-1 byte aborted the whole run with UnicodeDecodeError."""
+    from tasks.ingest.manifest import iter_manifest_records
+
+    path = tmp_path / f"m.{fmt}"
+    data = _manifest_bytes(fmt, [("a.wav", "hello"), None, ("b.wav", "un caf\xe9 noir"), ("c.wav", "bye")])
+    path.write_bytes(data)
+    bad_offset = data.index(b"b.wav") - (len(b'{"path": "') if fmt == "jsonl" else 0)
+    bad_line = 3 if fmt == "jsonl" else 4  # a blank line before it; CSV/TSV: the header is line 1
+    column = data.index(b"\xe9") - bad_offset + 1
+    want = f"{path} line {bad_line} (byte {bad_offset}): not valid UTF-8 (byte 0xe9 at column {column})"
+
+    walked = dict(iter_manifest_records(path))  # the planning walk
+    assert isinstance(walked[bad_offset], str) and walked[bad_offset].startswith(want), walked[bad_offset]
+    clips = _clips([SourceConfig(path=str(path), dataset="d")])  # read_record_at, per row
+    assert [c.id for c in clips] == ["d/a", f"d/row@{bad_offset}", "d/c"]
+    assert [c.transcript for c in clips if c.ingest_error is None] == ["hello", "bye"]
+    bad = clips[1].ingest_error
+    assert bad is not None and bad[0] == ReasonCode.bad_row
+    assert bad[1].startswith(want) and "save the manifest as UTF-8" in bad[1]
+    assert "codec can't decode" not in bad[1]
+
+
+def test_line_numbers_count_physical_lines_of_multiline_csv_fields(tmp_path: Path) -> None:
+    path = tmp_path / "m.csv"
+    data = b'path,transcript\nx.wav,"two\nlines"\ny.wav,too,many\n'
+    path.write_bytes(data)
+    clips = _clips([SourceConfig(path=str(path), dataset="d")])
+    assert clips[0].transcript == "two lines"
+    assert clips[1].ingest_error is not None
+    offset = data.index(b"y.wav")
+    assert clips[1].ingest_error[1].startswith(f"{path} line 4 (byte {offset}): row has 3 fields, header has 2")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "tsv"])
+def test_bom_and_crlf_give_clean_column_names_and_values(tmp_path: Path, fmt: str) -> None:
+    path = tmp_path / f"m.{fmt}"
+    if fmt == "jsonl":
+        path.write_bytes(b'\xef\xbb\xbf{"path": "a.wav", "transcript": "hello", "note": "one\\ntwo"}\r\n'
+                         b'{"path": "b.wav", "transcript": "bye", "note": "plain"}\r\n')
+    else:
+        sep = b"," if fmt == "csv" else b"\t"
+        path.write_bytes(b"\xef\xbb\xbf" + sep.join([b"path", b"transcript", b"note"]) + b"\r\n"
+                         + sep.join([b"a.wav", b"hello", b'"one\r\ntwo"']) + b"\r\n"
+                         + sep.join([b"b.wav", b"bye", b"plain"]) + b"\r\n")
+    clips = _clips([SourceConfig(path=str(path), dataset="d")])
+    assert [c.ingest_error for c in clips] == [None, None]  # `path` found: the BOM is not in its name
+    assert [c.audio_uri for c in clips] == [str(tmp_path / "a.wav"), str(tmp_path / "b.wav")]
+    assert [c.transcript for c in clips] == ["hello", "bye"]
+    assert [c.labels for c in clips] == [{"note": "one\ntwo"}, {"note": "plain"}]
+    assert [c.id for c in clips] == ["d/a", "d/b"]
+
+
+def test_a_header_that_is_not_utf8_fails_the_source_up_front(tmp_path: Path) -> None:
+    path = tmp_path / "m.csv"
+    path.write_bytes(b"path,transcripci\xf3n\nx.wav,hola\n")
+    with pytest.raises(SourceError, match=r"m\.csv line 1 \(the header\): not valid UTF-8 \(byte 0xf3"):
+        list(iter_refs([SourceConfig(path=str(path), dataset="d")]))
+
+
+# --------------------------------------------------------------------------- folders: what is not audio
+
+def _mixed_folder(root: Path, sample_corpus: Path) -> Path:
+    from tests.corrupt_zoo import ffmpeg_encode
+
+    (root / "spk" / ".git").mkdir(parents=True)
+    wav = sample_corpus / "audio" / "arctic_slt_a0009.wav"
+    (root / "spk" / "a.wav").write_bytes(wav.read_bytes())
+    (root / "spk" / "a.txt").write_text("he turned sharply")  # a sidecar: neither a clip nor skipped
+    ffmpeg_encode(wav, root / "spk" / "b.M4A", "-c:a", "aac", "-f", "mp4")  # suffixes match case-blind
+    for name in ["notes.pdf", "spk/scan.PDF", "spk/consent.docx"]:
+        (root / name).write_bytes(b"%not audio")
+    (root / ".DS_Store").write_bytes(b"x")  # hidden files and folders are never counted
+    (root / "spk" / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    return root
+
+
+def test_plan_counts_skipped_non_audio_files_by_extension(tmp_path: Path, sample_corpus: Path) -> None:
+    from schemas.config import parse_config
+    from storage.objectstore import open_store
+    from tasks.plan import load_plan, plan_run, skipped_text
+
+    folder = _mixed_folder(tmp_path / "corpus", sample_corpus)
+    (folder / "README").write_text("no extension")
+    config = parse_config({"sources": [{"path": str(folder), "dataset": "mixed"}],
+                           "output": {"root": str(tmp_path / "out"), "dataset": "mixed"}}, environ={})
+    store = open_store(str(tmp_path / "out"))
+    plan = plan_run(config, store, "mixed/_staging/r1", "r1")
+    assert plan.clips == 2  # a.wav and b.M4A
+    assert plan.skipped_files == {".pdf": 2, "(no extension)": 1, ".docx": 1}
+    assert skipped_text(plan.skipped_files) == "4 (.pdf=2, (no extension)=1, .docx=1)"
+    reloaded = load_plan(store, "mixed/_staging/r1")
+    assert reloaded is not None and reloaded.skipped_files == plan.skipped_files  # a resumed run reports them too
+    assert [c.id for c in _clips(config.sources)] == ["mixed/spk/a", "mixed/spk/b"]
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_run_summary_names_the_skipped_files(tmp_path: Path, sample_corpus: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.cli import main
+    from flows.generate import run_generate, summary_table
+    from schemas.config import load_config
+    from storage.objectstore import open_store
+    from storage.versions import read_manifest
+
+    folder = _mixed_folder(tmp_path / "corpus", sample_corpus)
+    quickstart = Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"
+    sets = [f"sources.0.path={folder}", "sources.0.dataset=mixed", f"output.root={tmp_path / 'out'}",
+            "output.dataset=mixed"]
+    assert main(["run", str(quickstart), *(a for s in sets for a in ("--set", s)), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped non-audio files: 3 (.pdf=2, .docx=1)" in out
+    assert "rows written: 2" in out and "quarantined:  0" in out  # the m4a went through ffmpeg to a row
+    summary = run_generate(load_config(quickstart, sets, environ={}))  # already committed: same plan
+    assert summary.already_committed and summary.skipped_files == {".pdf": 2, ".docx": 1}
+    stats = read_manifest(open_store(str(tmp_path / "out")), "mixed", summary.version).stats
+    table = summary_table(summary, stats)
+    assert {"metric": "skipped non-audio files", "value": "3 (.pdf=2, .docx=1)"} in table
