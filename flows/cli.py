@@ -5,7 +5,7 @@ that failed after starting (the staging area keeps finished shards for the re-ru
 finished but was not committed (no row, too many quarantined, or a service outage: the message
 names the top reasons; staging is kept).
 `datasets …`: 2 for a bad URI, tag name or duration and for a version/ref that does not exist;
-1 for a version that fails verification, a pull or export that hits a corrupt shard (named), or
+1 for a version that fails verification, a pull or export that hits a corrupt shard or row (named), or
 a store that cannot be reached.
 """
 

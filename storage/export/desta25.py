@@ -25,6 +25,8 @@ from storage.export.core import AudioFile, RowError
 AUDIO_MARKER = "<|AUDIO|>"
 AUDIO_START = "<start_audio>"
 AUDIO_END = "<end_audio>"
+NO_TRANSCRIPT = " "  # what the trainer expects in `text` when a clip has no transcript
+
 
 def default_system(audio_start: str = AUDIO_START, audio_end: str = AUDIO_END) -> str:
     """Our system turn, naming the tags the clips are wrapped in (the trainer's example does too)."""
@@ -32,8 +34,6 @@ def default_system(audio_start: str = AUDIO_START, audio_end: str = AUDIO_END) -
     if audio_start and audio_end:
         text += f" Each audio clip is given between {audio_start} and {audio_end} tags."
     return text
-
-NO_TRANSCRIPT = " "  # what the trainer expects in `text` when a clip has no transcript
 
 
 class Desta25Options(BaseModel):
