@@ -19,10 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from schemas.config import AudioConfig, RunConfig, SourceConfig
-from schemas.records import Clip, QuarantineError, ReasonCode, Stage
+from schemas.config import DEFAULT_ATTRIBUTES, AudioConfig, RunConfig, SourceConfig
+from schemas.records import Clip, Features, QuarantineError, ReasonCode, Stage
 from storage.objectstore import LocalStore
 from tasks.audio import load_audio
+from tasks.describe import describe_attributes, load_bins
+from tasks.features.labels import resolve_attributes
 from tasks.ingest import SourceError, iter_refs, load_clip, source_fingerprint, source_kind
 from tasks.ingest.vctk import prepare_vctk
 from tasks.plan import load_shard_plan, plan_run
@@ -389,6 +391,36 @@ def test_esd_emotion_folders_and_transcripts(tmp_path: Path) -> None:
     assert angry.labels == {"speaker": "0011", "emotion": "Angry", "split": "train"}
     assert clips["esd/0011_000001"].labels == {"speaker": "0011", "emotion": "Neutral"}
     assert all(decodes(c) > 0.5 for c in clips.values())
+
+
+def _seed_words(clip: Clip) -> dict[str, str]:
+    """What a run writes into this clip's seed from its labels (no audio features measured)."""
+    features = resolve_attributes(Features(), clip.labels, {}, {})
+    return describe_attributes(features, clip.labels, load_bins(None), DEFAULT_ATTRIBUTES, clip.seed_labels).words
+
+
+def test_adapter_default_seed_labels_and_source_override(tmp_path: Path) -> None:
+    vctk = clips_of(SourceConfig(kind="vctk", path=str(vctk_tree(tmp_path)), dataset="vctk"))
+    assert _seed_words(vctk["vctk/p225_001"]) == {"Gender": "Female", "Age": "23", "Accent": "English",
+                                                   "Region": "Southern England"}
+    crema_root = cremad_tree(tmp_path)
+    crema = clips_of(SourceConfig(kind="cremad", path=str(crema_root), dataset="crema"))
+    assert _seed_words(crema["crema/1091_IEO_HAP_HI"]) == {"Gender": "Female", "Emotion": "Happy", "Age": "29",
+                                                           "Intensity": "High", "Race": "Asian"}
+    assert "Intensity" not in _seed_words(crema["crema/1001_DFA_ANG_XX"])  # XX: intensity unspecified
+    cv = clips_of(SourceConfig(kind="commonvoice", path=str(commonvoice_tree(tmp_path)), dataset="cv"))
+    assert set(_seed_words(cv["cv/common_voice_en_41236"])) == {"Gender", "Age", "Accent"}  # no votes, no segment
+    esd = clips_of(SourceConfig(kind="esd", path=str(esd_tree(tmp_path)), dataset="esd"))
+    assert _seed_words(esd["esd/0011_000351"]) == {"Emotion": "Angry"}  # split is bookkeeping
+    ls = clips_of(SourceConfig(kind="librispeech", path=str(librispeech_tree(tmp_path) / "dev-clean"), dataset="ls"))
+    assert set(_seed_words(ls["ls/1919-142785-0005"])) == {"Gender"}
+    # The source's setting replaces the default: other columns, or none.
+    mine = clips_of(SourceConfig(kind="cremad", path=str(crema_root), dataset="crema",
+                                 seed_labels=["ethnicity: Ethnicity", "sentence"]))
+    assert list(_seed_words(mine["crema/1091_IEO_HAP_HI"]).items())[-2:] == [("Ethnicity", "Not Hispanic"),
+                                                                             ("Sentence", "IEO")]
+    none = clips_of(SourceConfig(kind="cremad", path=str(crema_root), dataset="crema", seed_labels=[]))
+    assert set(_seed_words(none["crema/1091_IEO_HAP_HI"])) == {"Gender", "Emotion", "Age"}
 
 
 def test_lhotse_cuts_whole_segment_mixed_and_missing(tmp_path: Path) -> None:

@@ -148,3 +148,22 @@ def test_unknown_prediction_is_ignored() -> None:
                              {"gender": 0.5, "emotion": 0.5}, MODELS)
     assert (out.gender, out.gender_source) == ("male", "pitch_heuristic")
     assert (out.emotion, out.emotion_score, out.emotion_source) == (None, None, None)
+
+
+def test_corpus_label_key_names_the_column_that_won() -> None:
+    from tasks.features.labels import corpus_label_key
+
+    labels = {"Sex": "F", "gender": "unk", "Accents": "United States English|Southern", "age": "n/a"}
+    # `gender` comes first in LABEL_KEYS but says "no label", so `Sex` (as written) gives the word.
+    assert corpus_label_key("gender", labels) == "Sex" and corpus_label("gender", labels) == "female"
+    assert corpus_label_key("accent", labels) == "Accents"
+    assert corpus_label_key("age", labels) is None and corpus_label_key("emotion", labels) is None
+
+
+def test_no_label_markers_and_attribute_columns() -> None:
+    from tasks.features.labels import is_attribute_label, is_no_label
+
+    assert all(is_no_label(v) for v in (None, "", " N/A ", "unk", "<unk>", "Not specified"))
+    assert not any(is_no_label(v) for v in ("Inform", "0", "positive"))
+    assert all(is_attribute_label(k) for k in ("gender", "Sex", "emotion", "AGE", "accents"))
+    assert not any(is_attribute_label(k) for k in ("act", "sentiment", "speaker", "region"))

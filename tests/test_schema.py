@@ -1,6 +1,7 @@
 import io
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -73,3 +74,70 @@ def test_quarantine_table_and_schema_roundtrip() -> None:
     assert q.schema.equals(QUARANTINE_SCHEMA)
     assert q.column("reason_code").to_pylist() == ["too_long"]
     assert schema_from_b64(schema_to_b64(ROW_SCHEMA)).equals(ROW_SCHEMA, check_metadata=True)
+
+
+def _spans_row() -> Row:
+    from schemas.records import Segment
+
+    spans = [Segment(start_s=0.0, end_s=1.5, text="hi", speaker="a", labels={"speaker": "a", "act": "greet"},
+                     attributes={"Gender": "Male", "Act": "greet"}),
+             Segment(start_s=1.5, end_s=3.0, text="yes", speaker="b", labels={"speaker": "b"},
+                     attributes={"Gender": "Female"})]
+    return make_row("d/multi").model_copy(update={
+        "segments": spans, "attributes": {"Gender": "Male, Female", "Act": "greet"},
+        "attribute_sources": {"Gender": "labels.gender", "Act": "labels.act"}})
+
+
+def test_attribute_sources_and_span_fields_are_sorted_json() -> None:
+    table = rows_to_table([_spans_row(), make_row()])
+    assert table.schema.equals(ROW_SCHEMA, check_metadata=True)
+    assert table.column("attribute_sources").to_pylist() == ['{"Act": "labels.act", "Gender": "labels.gender"}', "{}"]
+    first = table.column("segments")[0].as_py()
+    assert [s["speaker"] for s in first] == ["a", "b"]
+    assert first[0]["labels"] == '{"act": "greet", "speaker": "a"}'
+    assert json.loads(first[1]["attributes"]) == {"Gender": "Female"}
+    assert table.column("segments")[1].as_py() == []
+    feats = json.loads(ROW_SCHEMA.metadata[b"huggingface"])["info"]["features"]
+    assert feats["attribute_sources"] == {"_type": "Json"}
+    assert feats["segments"]["feature"]["attributes"] == {"_type": "Json"}
+    assert feats["segments"]["feature"]["speaker"] == {"dtype": "string", "_type": "Value"}
+
+
+def test_versions_written_before_attribute_sources_still_read(tmp_path: Path) -> None:
+    """A version committed with the previous row schema (no attribute_sources, text-only segments) reads
+    through the consumer API next to a new one: readers follow each version's own manifest schema."""
+    from schemas.arrow import hf_features
+    from schemas.manifest import Stats
+    from storage.objectstore import open_store
+    from storage.reader import open_dataset
+    from storage.shards import write_parquet_shard
+    from storage.versions import commit_version
+
+    old_segment = pa.struct([pa.field("start_s", pa.float32()), pa.field("end_s", pa.float32()),
+                             pa.field("text", pa.string())])
+    old_fields = [f.with_type(pa.list_(old_segment)) if f.name == "segments" else f
+                  for f in ROW_SCHEMA if f.name != "attribute_sources"]
+    old_schema = pa.schema(old_fields, metadata={
+        b"huggingface": json.dumps({"info": {"features": hf_features(old_fields)}}).encode()})
+    new = rows_to_table([_spans_row()])
+    old = new.drop_columns(["attribute_sources"]).set_column(
+        new.schema.get_field_index("segments"), "segments",
+        pa.array([[{"start_s": 0.0, "end_s": 1.5, "text": "hi"}]], type=pa.list_(old_segment)))
+    old = old.cast(old_schema)
+    store = open_store(str(tmp_path))
+    lineage = {"run_id": "r", "code_version": "t", "config_hash": "h", "bins_version": "b", "prompt_pool_hash": "p"}
+    for table in (old, new):
+        shard = write_parquet_shard(store, f"_staging/x/{len(table.schema)}.parquet", table)
+        commit_version(store, dataset="d", staged_shards=[shard], staged_quarantine=[], lineage=lineage,
+                       stats=Stats(clips_in=1, rows=1, quarantined=0), arrow_schema_b64=schema_to_b64(table.schema),
+                       hf_features=hf_features(list(table.schema)))
+    before, after = open_dataset(f"{tmp_path}/d@v0001"), open_dataset(f"{tmp_path}/d@v0002")
+    assert before.verify().ok and after.verify().ok
+    assert "attribute_sources" not in before.schema.names and "attribute_sources" in after.schema.names
+    old_row = next(iter(before.torch_dataset()))
+    assert old_row["segments"] == [{"start_s": 0.0, "end_s": 1.5, "text": "hi"}]
+    assert old_row["attributes"] == {"Act": "greet", "Gender": "Male, Female"}
+    new_row = next(iter(after.torch_dataset()))
+    assert new_row["attribute_sources"] == {"Act": "labels.act", "Gender": "labels.gender"}
+    assert new_row["segments"][1]["attributes"] == {"Gender": "Female"}
+    assert before.to_arrow(columns=["id", "segments"]).num_rows == 1
