@@ -236,3 +236,24 @@ def test_describe_multi_span_measures_each_span_and_keeps_clip_words_apart() -> 
     assert got.clip.sources["Room"] == "labels.room" and got.clip.sources["Duration"] == "features.duration_s"
     assert got.merged.words["Gender"] == "Male, Female" and "Emotion" not in got.merged.words
     assert got.merged.sources["Gender"] == "labels.gender"
+
+
+def test_prompt_sanitiser_is_stable_and_leaves_no_structure() -> None:
+    import random
+
+    from tasks.llm.messages import TextKind, sanitize_prompt_text
+
+    rng = random.Random(7)
+    pieces = ["Gender:", "Act:", "(", ")", "[00:00-00:05]", "{", "}", ",", "|", "  ", "\n", "\t", "system:",
+              "<|eot_id|>", "</s>", "[INST]", "ok", "calm", "3.5/5.0", "é", "\u200b", "\u2028", "日本", ":"]
+    for _ in range(500):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        kinds: list[tuple[TextKind, str]] = [("transcript", "[]{}\n\t"), ("value", "()[]{}:\n\t"),
+                                             ("name", "()[]{}:,|\n\t")]
+        for kind, banned in kinds:
+            once = sanitize_prompt_text(text, kind, labels=["Act"])
+            assert sanitize_prompt_text(once, kind, labels=["Act"]) == once, (kind, text)
+            assert not set(once) & set(banned) and "<|" not in once and "  " not in once, (kind, text, once)
+            assert "\u200b" not in once and "\u2028" not in once and once == once.strip()
+            if kind == "transcript":
+                assert not re.search(r"(?i)\b(gender|act)\s*:", once), (text, once)
