@@ -37,6 +37,7 @@ from schemas.records import (
 from storage.objectstore import ObjectStore
 from storage.shards import ParquetShardWriter, read_marker, write_marker, write_parquet_shard
 from tasks.audio import DecodedAudio, encode_audio, load_audio
+from tasks.commit_gate import EXAMPLE_CHARS, QuarantineExample, shard_needs_redo
 from tasks.describe import (
     Bins,
     describe_attributes,
@@ -80,7 +81,7 @@ def report_total(clips: int) -> None:
         _progress_hook("total", clips)
 
 
-def _progress(n: int) -> None:
+def report_done(n: int) -> None:
     if _progress_hook is not None and n:
         _progress_hook("done", n)
 
@@ -94,6 +95,9 @@ class RunContext(BaseModel):
     pipeline_version: str
     bins_version: str
     extractor_versions: dict[str, str]
+    # An earlier attempt of this run was refused at commit: shards with clips quarantined at a model
+    # stage are redone too (commit_gate.shard_needs_redo), not only those with transient failures.
+    after_refusal: bool = False
 
 
 class ShardOutcome(BaseModel):
@@ -109,6 +113,8 @@ class ShardOutcome(BaseModel):
     qc_failures: dict[str, int] = Field(default_factory=dict)
     tokens_prompt: int = 0  # summed over the shard's rows (0 where the backend reports none)
     tokens_completion: int = 0
+    rows_without_transcript: int = 0  # labels-only seeds
+    examples: dict[str, QuarantineExample] = Field(default_factory=dict)  # the first clip per reason
     shard: ShardInfo | None = None
     quarantine: ShardInfo | None = None
     config_hash: str
@@ -136,6 +142,8 @@ class _Acc:
     qc_failures: Counter[str] = field(default_factory=Counter)
     tokens_prompt: int = 0
     tokens_completion: int = 0
+    rows_without_transcript: int = 0
+    examples: dict[str, QuarantineExample] = field(default_factory=dict)
     shard: int = -1  # the shard's index, for log lines
     # The run's planned-at time, stamped on every row: redoing a shard gives byte-identical output.
     created_at: datetime = field(default_factory=utc_now)
@@ -154,13 +162,22 @@ def marker_key(ctx: RunContext, index: int) -> str:
     return f"{ctx.staging}/markers/shard-{index:05d}.json"
 
 
-def finished_outcome(store: ObjectStore, ctx: RunContext, index: int) -> ShardOutcome | None:
-    """The outcome recorded by an earlier attempt of this shard with the same config, if any."""
+def finished_outcome(store: ObjectStore, ctx: RunContext, index: int, *, redo: bool = True) -> ShardOutcome | None:
+    """The outcome recorded by an earlier attempt of this shard with the same config, if any.
+
+    With `redo`, a shard whose clips a re-run should retry (transient failures; model-stage failures
+    after a refused commit) counts as unfinished, so it is processed again."""
     payload = read_marker(store, marker_key(ctx, index))
     if payload is None:
         return None
     outcome = ShardOutcome.model_validate(payload)
-    return outcome if outcome.config_hash == ctx.config_hash else None
+    if outcome.config_hash != ctx.config_hash:
+        return None
+    if redo and shard_needs_redo(outcome.by_reason, outcome.by_stage, ctx.after_refusal):
+        log.info("shard %05d: redoing it, an earlier attempt quarantined clips a re-run retries (%s)",
+                 index, ", ".join(f"{k}={v}" for k, v in sorted(outcome.by_reason.items())))
+        return None
+    return outcome
 
 
 def process_shard(plan: ShardPlan, config: RunConfig, store: ObjectStore, ctx: RunContext,
@@ -174,7 +191,7 @@ def process_shard(plan: ShardPlan, config: RunConfig, store: ObjectStore, ctx: R
     batch_size = batch_size or max(64, 2 * config.llm.concurrency)
     done = finished_outcome(store, ctx, plan.index)
     if done is not None:
-        _progress(done.clips)
+        report_done(done.clips)
         return done.model_copy(update={"skipped": True})
     bins = load_bins(config.describe.bins)
     models = load_models(config.features)
@@ -197,7 +214,7 @@ def process_shard(plan: ShardPlan, config: RunConfig, store: ObjectStore, ctx: R
             writer.write(rows_to_table(rows))  # streamed: the shard is never held in memory
             acc.n_rows += len(rows)
             acc.stage_seconds["write"] += time.perf_counter() - t0
-            _progress(len(batch))
+            report_done(len(batch))
         t0 = time.perf_counter()
         shard = writer.close()
         acc.stage_seconds["write"] += time.perf_counter() - t0
@@ -289,6 +306,8 @@ def _quarantine(acc: _Acc, clip: Clip, stage: Stage, reason: ReasonCode, message
     acc.quarantine.append(QuarantineRow(id=clip.id, dataset=clip.dataset, audio_uri=clip.audio_uri,
                                         stage=stage, reason_code=reason, message=message,
                                         created_at=acc.created_at))
+    if reason.value not in acc.examples:
+        acc.examples[reason.value] = QuarantineExample(id=clip.id, message=message[:EXAMPLE_CHARS])
     # One line per quarantined clip (never per good clip), so ops find it from the run's logs.
     where = f"shard {acc.shard:05d}" if acc.shard >= 0 else "measuring"
     log.warning("%s clip %s: quarantined at %s (%s): %s", where, clip.id, stage.value,
@@ -502,6 +521,7 @@ def _finish(p: _Prepared, result: LLMResult | QuarantineError, config: RunConfig
                               run_id=ctx.run_id, created_at=acc.created_at),
     )
     acc.audio_seconds += m.audio.duration_s
+    acc.rows_without_transcript += not m.transcript
     acc.tokens_prompt += result.generation.prompt_tokens or 0
     acc.tokens_completion += result.generation.completion_tokens or 0
     for key, word in p.attributes.items():
@@ -533,6 +553,8 @@ def _write_outcome(plan: ShardPlan, store: ObjectStore, ctx: RunContext, config:
         qc_failures=dict(acc.qc_failures),
         tokens_prompt=acc.tokens_prompt,
         tokens_completion=acc.tokens_completion,
+        rows_without_transcript=acc.rows_without_transcript,
+        examples=acc.examples,
         shard=shard,
         quarantine=quarantine,
         config_hash=ctx.config_hash,
