@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import threading
 import time
@@ -59,6 +60,77 @@ def _progress_bar(enabled: bool):
     return hook, bar.close
 
 
+STOP_GRACE_S = 20.0  # after a stop request, exit anyway once this long has passed
+
+
+def _stop_on_signals() -> Callable[[], None]:
+    """SIGTERM/SIGINT ask the run to stop (tasks/stopping.py): no new clip starts, shards in flight
+    are abandoned, and the command exits 128+signal. A second signal, or work still running
+    STOP_GRACE_S later (a model call that cannot be cut short), exits at once. Returns a function
+    that puts the previous handlers back."""
+    from tasks.stopping import request_stop, stop_requested
+
+    def exit_later(signum: int) -> None:
+        time.sleep(STOP_GRACE_S)
+        print(f"speechpairs: still busy {STOP_GRACE_S:.0f} s after the stop request; exiting now", file=sys.stderr,
+              flush=True)
+        os._exit(128 + signum)
+
+    def handler(signum: int, _frame: Any) -> None:
+        if stop_requested():
+            os._exit(128 + signum)
+        request_stop(signum)
+        print(f"speechpairs: {signal.Signals(signum).name} received: stopping (no new clip starts; shards in "
+              "flight are abandoned and redone by the next run; a second signal exits at once)",
+              file=sys.stderr, flush=True)
+        threading.Thread(target=exit_later, args=(signum,), daemon=True, name="stop-deadline").start()
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    return restore
+
+
+def _in_flow_thread(run: Callable[[], Any]) -> Any:
+    """Run the flow in a thread while the main thread keeps the signal handlers: in the main thread
+    Prefect swaps in its own SIGTERM handler, which tears the flow down first and waits for the shard
+    threads (minutes, on slow model calls) before our stop request could reach them."""
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out["result"] = run()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread as is
+            out["error"] = exc
+
+    thread = threading.Thread(target=target, name="speechpairs-flow", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)  # short waits: signal handlers run in between
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
+
+
+def _resume_hint(config: Any) -> str:
+    """Say "run it again" only when a re-run has finished shards to build on."""
+    from flows.generate import finished_shards
+
+    try:
+        done, total = finished_shards(config)
+    except Exception:  # noqa: BLE001 - a hint must never hide the error it follows
+        return ""
+    if done:
+        return (f"{done} of {total} shards are finished and kept in staging; run the same command again "
+                "to resume from there.")
+    return "No shard was finished; fix the cause above before running again."
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     from schemas.config import ConfigError, load_config
@@ -81,19 +153,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.generate import run_generate
     from tasks.commit_gate import CommitRefused
     from tasks.pipeline import set_progress_hook
+    from tasks.stopping import stop_signal
 
     hook, close = _progress_bar(not args.no_progress and sys.stderr.isatty() or args.progress)
     set_progress_hook(hook)
+    restore_signals = _stop_on_signals()
     try:
-        summary = run_generate(config)
+        summary = _in_flow_thread(lambda: run_generate(config))
     except CommitRefused as exc:
         print(f"speechpairs: not committed ({exc.kind}): {exc}", file=sys.stderr)
         return EXIT_NOT_COMMITTED
-    except Exception as exc:  # noqa: BLE001 - a CLI reports, it does not dump a traceback at users
-        print(f"speechpairs: run failed: {exc.__class__.__name__}: {exc}\n"
-              "Finished shards are kept in staging; run the same command again to resume.", file=sys.stderr)
+    except BaseException as exc:
+        signum = stop_signal()
+        if signum is None and not isinstance(exc, Exception):
+            raise
+        close()
+        if signum is not None:
+            print(f"speechpairs: interrupted ({signal.Signals(signum).name}). {_resume_hint(config)}",
+                  file=sys.stderr)
+            return 128 + signum
+        print(f"speechpairs: run failed: {exc.__class__.__name__}: {exc}\n{_resume_hint(config)}", file=sys.stderr)
         return EXIT_FAILED
     finally:
+        restore_signals()
         set_progress_hook(None)
         close()
     word = "already committed as" if summary.already_committed else "committed"

@@ -28,10 +28,12 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext, TaskRunContext
+from prefect.exceptions import CancelledRun
 from prefect.futures import PrefectFuture, as_completed
 from prefect.logging.handlers import APILogHandler
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_UI_URL
+from prefect.states import Cancelled, Failed
 from pydantic import BaseModel, Field
 
 from flows.runners import ensure_gpu_limit, flow_options, stage_gate, task_options
@@ -58,7 +60,8 @@ from tasks.pipeline import (
     report_total,
     run_backend,
 )
-from tasks.plan import RunPlan, load_shard_plan, plan_run, skipped_text
+from tasks.plan import RunPlan, load_plan, load_shard_plan, plan_run, skipped_text
+from tasks.stopping import RunInterrupted, check_stop, stop_requested
 
 
 class RunSummary(BaseModel):
@@ -117,19 +120,28 @@ def _store(config: RunConfig) -> ObjectStore:
     return open_store(config.output.root, config.s3)
 
 
-@task(name="plan-shards", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def _unless_stopping(*_: Any) -> bool:
+    """Task retry condition: never retry once the run was asked to stop (SIGTERM/SIGINT)."""
+    return not stop_requested()
+
+
+@task(name="plan-shards", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
+      retry_condition_fn=_unless_stopping)
 def plan_task(config: RunConfig, ctx: RunContext) -> RunPlan:
     return plan_run(config, _store(config), ctx.staging, ctx.run_id)
 
 
 @task(name="process-shard", task_run_name="shard-{index:05d}", retries=2, retry_delay_seconds=5,
-      cache_policy=NO_CACHE)
+      cache_policy=NO_CACHE, retry_condition_fn=_unless_stopping)
 def shard_task(config: RunConfig, ctx: RunContext, index: int) -> ShardOutcome:
     store = _store(config)
     backend = run_backend(config, store, ctx)
     try:
         return process_shard(load_shard_plan(store, ctx.staging, index), config, store, ctx, backend,
                              gate=stage_gate(config))
+    except RunInterrupted as exc:
+        # Cancelled, not failed: no retry, no traceback; the shard has no marker and is redone next run.
+        return cast(ShardOutcome, Cancelled(message=str(exc)))
     finally:
         close = getattr(backend, "close", None)
         if callable(close):
@@ -190,6 +202,7 @@ def run_plain(config: RunConfig) -> Manifest:
     refusal = commit_refusal(config, plan, outcomes)
     if refusal is not None:
         refuse(store, ctx, refusal)
+    check_stop("before commit")
     return publish(config, ctx, plan, outcomes)
 
 
@@ -223,6 +236,16 @@ def committed_version(store: ObjectStore, ctx: RunContext) -> str | None:
         return None
 
 
+def finished_shards(config: RunConfig) -> tuple[int, int]:
+    """(shards with a completion marker, shards planned) of this config's run, for resume hints."""
+    ctx = run_context(config)
+    store = _store(config)
+    plan = load_plan(store, ctx.staging)
+    if plan is None:
+        return 0, 0
+    return len(list(store.list(f"{ctx.staging}/markers/shard-"))), plan.shards
+
+
 def recorded_outcomes(store: ObjectStore, ctx: RunContext, plan: RunPlan) -> list[ShardOutcome] | None:
     """Every shard's recorded outcome (a committed run's), or None if one is missing."""
     outcomes = []
@@ -234,7 +257,8 @@ def recorded_outcomes(store: ObjectStore, ctx: RunContext, plan: RunPlan) -> lis
     return outcomes
 
 
-@task(name="commit-version", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="commit-version", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
+      retry_condition_fn=_unless_stopping)
 def commit_task(config: RunConfig, ctx: RunContext, plan: RunPlan, outcomes: list[ShardOutcome]) -> Manifest:
     return publish(config, ctx, plan, outcomes, str(flow_run.id) if flow_run.id else None)
 
@@ -310,6 +334,10 @@ def gather_shards(futures: list[PrefectFuture[ShardOutcome]], progress: UUID) ->
         i = index[future]
         try:
             outcome = future.result()
+        except CancelledRun:
+            if stop_requested():
+                raise RunInterrupted(f"shard {i:05d} abandoned") from None
+            raise
         except Exception as exc:
             logger.error("shard %05d failed (task run shard-%05d): %s: %s", i, i, type(exc).__name__, exc)
             raise
@@ -415,7 +443,20 @@ def publish_artifacts(summary: RunSummary, stats: Stats) -> None:
 
 @flow(name="generate-dataset", flow_run_name="generate-{config.output.dataset}", validate_parameters=True)
 def generate_dataset(config: RunConfig) -> RunSummary:
-    """Corpus → committed dataset version. Re-running the same config resumes, never duplicates."""
+    """Corpus → committed dataset version. Re-running the same config resumes, never duplicates.
+
+    A refused commit ends the flow run Failed and a stop request Cancelled, each with its message
+    and no traceback; the caller gets the CommitRefused / RunInterrupted exception."""
+    try:
+        return _generate(config)
+    except CommitRefused as exc:
+        return cast(RunSummary, Failed(message=str(exc), data=exc))
+    except RunInterrupted as exc:
+        get_run_logger().warning("stopped: %s; unfinished shards are redone by the next run", exc)
+        return cast(RunSummary, Cancelled(message=str(exc), data=exc))
+
+
+def _generate(config: RunConfig) -> RunSummary:
     started = time.perf_counter()
     logger = get_run_logger()
     progress = cast(UUID, create_progress_artifact(progress=0.0, key="shard-progress",
@@ -446,6 +487,7 @@ def generate_dataset(config: RunConfig) -> RunSummary:
                               combine_stats(plan, outcomes))
             logger.error("not committed (%s): %s", refusal.kind, refusal.message)
             refuse(store, ctx, refusal)
+        check_stop("before commit")
         version = task_options(commit_task, config)(config, ctx, plan, outcomes).lineage.version
     name_flow_run(f"generate-{config.output.dataset}-{version}")
     summary = summarize(config, ctx, plan, outcomes, version, started, already)

@@ -26,6 +26,17 @@ def prefect_harness() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
+def prefect_api(prefect_harness: None) -> str:
+    """The session harness's server: `speechpairs` subprocesses talk to it instead of each starting
+    their own temporary one."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    assert url and url.startswith("http://127.0.0.1:"), url
+    return str(url)
+
+
+@pytest.fixture(scope="session")
 def sample_corpus() -> Path:
     return SAMPLE_CORPUS
 

@@ -249,16 +249,6 @@ def assert_one_version_nothing_lost(sc: Scenario, context: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def prefect_api(prefect_harness: None) -> str:
-    """The session harness's server: subprocesses talk to it instead of each starting their own."""
-    from prefect.settings import PREFECT_API_URL
-
-    url = PREFECT_API_URL.value()
-    assert url and url.startswith("http://127.0.0.1:"), url
-    return str(url)
-
-
-@pytest.fixture(scope="module")
 def cli_env(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     home = tmp_path_factory.mktemp("resume-env")
     (home / "tmp").mkdir()  # a killed run's temp files land here, not in /tmp

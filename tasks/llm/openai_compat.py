@@ -59,6 +59,7 @@ import httpx
 from schemas.config import LLMConfig
 from schemas.records import Generation, QuarantineError, ReasonCode, Stage
 from tasks.llm.base import LLMRequest, LLMResult, OnResult
+from tasks.stopping import RunInterrupted, until_stopped
 
 log = logging.getLogger(__name__)
 
@@ -179,14 +180,23 @@ class OpenAICompatBackend:
                 return res
 
             tasks = [asyncio.ensure_future(run(i, r)) for i, r in enumerate(requests)]
+            batch: asyncio.Future[Any] = asyncio.gather(*tasks)
+            stopped: asyncio.Future[Any] = asyncio.ensure_future(until_stopped())
             try:
-                return list(await asyncio.gather(*tasks))
+                # A stop request (SIGTERM/SIGINT) abandons the requests in flight at once; the
+                # finished ones were already handed to `on_result` (the request cache keeps them).
+                await asyncio.wait([batch, stopped], return_when=asyncio.FIRST_COMPLETED)
+                if not batch.done():
+                    raise RunInterrupted("LLM requests in flight abandoned")
+                return list(batch.result())
             except BaseException:
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
+                await asyncio.gather(batch, return_exceptions=True)  # its outcome retrieved: no "never retrieved"
                 raise
             finally:
+                stopped.cancel()
                 await asyncio.gather(*(pool.aclose() for pool in slots.values()), return_exceptions=True)
                 self.slot_leases += sum(pool.acquisitions for pool in slots.values())
 
