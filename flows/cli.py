@@ -134,6 +134,8 @@ def _resume_hint(config: Any) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     from schemas.config import ConfigError, load_config
+    from storage.objectstore import open_store
+    from storage.preflight import StorageProblem, check_writable
     from tasks.features.models import ModelLoadError, load_models
     from tasks.ingest import SourceError, iter_refs
     from tasks.llm import make_backend
@@ -144,8 +146,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         # Fail before any work on a missing, unknown or empty source (reads one clip reference).
         if next(iter_refs(config.sources), None) is None:
             raise SourceError("the sources list no clips: " + ", ".join(s.path for s in config.sources))
+        check_writable(open_store(config.output.root, config.s3), config.output.dataset)
         make_backend(config.llm).preflight()
         load_models(config.features)  # a missing Whisper/classifier model fails here, naming the setting
+    except StorageProblem as exc:
+        print(f"speechpairs: output.root: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (ConfigError, SourceError, LLMUnavailable, ModelLoadError) as exc:
         print(f"speechpairs: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -172,7 +178,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"speechpairs: interrupted ({signal.Signals(signum).name}). {_resume_hint(config)}",
                   file=sys.stderr)
             return 128 + signum
-        print(f"speechpairs: run failed: {exc.__class__.__name__}: {exc}\n{_resume_hint(config)}", file=sys.stderr)
+        from storage.preflight import explain
+
+        problem = explain(exc)
+        failure = f"storage error: {problem}" if problem else f"{exc.__class__.__name__}: {exc}"
+        print(f"speechpairs: run failed: {failure}\n{_resume_hint(config)}", file=sys.stderr)
         return EXIT_FAILED
     finally:
         restore_signals()
@@ -186,6 +196,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         from tasks.plan import skipped_text
 
         print(f"  skipped non-audio files: {skipped_text(summary.skipped_files)}")
+    if summary.unentered_folders:
+        from tasks.plan import skipped_text
+
+        print(f"  folders not entered: {skipped_text(summary.unentered_folders)} "
+              "(quarantined as <dataset>/<folder>/)")
     print(f"  rows written: {summary.rows}")
     reasons = ", ".join(f"{k}={v}" for k, v in summary.quarantine_by_reason.items()) or "none"
     print(f"  quarantined:  {summary.quarantined} ({reasons})")
@@ -250,7 +265,10 @@ def _datasets_command(func: Callable[[argparse.Namespace], Any]) -> Callable[[ar
             print(f"speechpairs: {exc}", file=sys.stderr)
             return EXIT_USAGE
         except (BotoCoreError, ClientError, OSError) as exc:
-            print(f"speechpairs: storage error: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+            from storage.preflight import explain
+
+            problem = explain(exc)
+            print(f"speechpairs: storage error: {problem or f'{exc.__class__.__name__}: {exc}'}", file=sys.stderr)
             return EXIT_FAILED
 
     wrapper.__name__ = func.__name__

@@ -41,6 +41,23 @@ def _flow_names(path: Path = PREFECT_YAML) -> dict[str, str]:
             for d in data.get("deployments") or []}
 
 
+def check_parameters(path: Path = PREFECT_YAML, names: list[str] | None = None) -> None:
+    """Validate every deployment's `config` parameter as a RunConfig before it is registered: a bad
+    key, or a secret inside a URL, is refused here (naming the deployment), not stored in the Prefect
+    database and found at the first scheduled run."""
+    from schemas.config import ConfigError, parse_config
+
+    data = yaml.safe_load(path.read_text()) or {}
+    for dep in data.get("deployments") or []:
+        config = (dep.get("parameters") or {}).get("config")
+        if config is None or (names is not None and dep.get("name") not in names):
+            continue
+        try:
+            parse_config(config, environ={})
+        except ConfigError as exc:
+            raise DeployError(f"deployment {dep.get('name')!r} in {path}: {exc}") from None
+
+
 def ensure_work_pool(api_url: str | None, pool: str = DEFAULT_POOL) -> bool:
     """Create a `process` work pool named `pool` unless it exists. True when it was created."""
     from prefect.client.orchestration import SyncPrefectClient, get_client
@@ -79,6 +96,7 @@ def deploy(api_url: str | None = None, pool: str = DEFAULT_POOL, names: list[str
     if unknown:
         raise DeployError(f"no deployment named {', '.join(unknown)} in {PREFECT_YAML} "
                           f"(declared: {', '.join(declared)})")
+    check_parameters(names=wanted)
     ensure_work_pool(api_url, pool)
     cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy"]
     cmd += ["--all"] if names is None else [arg for n in wanted for arg in ("--name", n)]

@@ -41,6 +41,7 @@ from schemas.arrow import ROW_SCHEMA, hf_features, schema_to_b64
 from schemas.config import RunConfig
 from schemas.manifest import Manifest, Stats
 from storage.objectstore import NotFound, ObjectStore, open_store
+from storage.preflight import StorageProblem, check_writable
 from storage.versions import commit_version, read_manifest, resolve_version, staging_prefix
 from tasks.audio import AUDIO_VERSION
 from tasks.commit_gate import CommitRefused, QuarantineExample, Refusal, check_commit
@@ -71,6 +72,7 @@ class RunSummary(BaseModel):
     run_id: str
     clips_in: int
     skipped_files: dict[str, int] = Field(default_factory=dict)  # folder files that are not audio, by extension
+    unentered_folders: dict[str, int] = Field(default_factory=dict)  # folders a walk could not enter, by reason
     rows: int
     quarantined: int
     quarantine_by_reason: dict[str, int] = Field(default_factory=dict)
@@ -386,6 +388,7 @@ def summarize(config: RunConfig, ctx: RunContext, plan: RunPlan, outcomes: list[
         run_id=ctx.run_id,
         clips_in=plan.clips,
         skipped_files=plan.skipped_files,
+        unentered_folders=plan.unentered_folders,
         rows=sum(o.rows for o in outcomes),
         quarantined=sum(o.quarantined for o in outcomes),
         quarantine_by_reason=dict(sorted(by_reason.items())),
@@ -408,6 +411,8 @@ def summary_table(summary: RunSummary, stats: Stats) -> list[dict[str, Any]]:
         {"metric": "clips in", "value": summary.clips_in},
         *([{"metric": "skipped non-audio files", "value": skipped_text(summary.skipped_files)}]
           if summary.skipped_files else []),
+        *([{"metric": "folders not entered", "value": skipped_text(summary.unentered_folders)}]
+          if summary.unentered_folders else []),
         {"metric": "rows out", "value": summary.rows},
         {"metric": "quarantined", "value": summary.quarantined},
         {"metric": "rows without transcript", "value": summary.rows_without_transcript},
@@ -449,7 +454,7 @@ def generate_dataset(config: RunConfig) -> RunSummary:
     and no traceback; the caller gets the CommitRefused / RunInterrupted exception."""
     try:
         return _generate(config)
-    except CommitRefused as exc:
+    except (CommitRefused, StorageProblem) as exc:
         return cast(RunSummary, Failed(message=str(exc), data=exc))
     except RunInterrupted as exc:
         get_run_logger().warning("stopped: %s; unfinished shards are redone by the next run", exc)
@@ -462,6 +467,7 @@ def _generate(config: RunConfig) -> RunSummary:
     progress = cast(UUID, create_progress_artifact(progress=0.0, key="shard-progress",
                                                    description=f"{config.output.dataset}: % of shards done"))
     make_backend(config.llm).preflight()  # an unreachable endpoint fails the run, not every clip
+    check_writable(_store(config), config.output.dataset)  # a bad output root too, in one clear line
     ctx = run_context(config)  # loads Whisper/classifiers: a missing model fails here, before any clip
     store = _store(config)
     slots = ensure_gpu_limit(config)

@@ -26,7 +26,9 @@ DEFAULT_ATTRIBUTES = ["gender", "emotion", "age", "accent", "pitch", "speed", "v
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Inputs stay out of error texts: a refused URL may hold a password, and Prefect logs (and stores)
+    # the validation errors of flow parameters. `_format_errors` quotes only literal choices.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, hide_input_in_errors=True)
 
 
 _USERINFO = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*@")
@@ -58,6 +60,13 @@ class SourceConfig(_Strict):
     multi_speaker: Literal["spans", "quarantine"] = Field(
         default="spans", description="A clip holding supervisions of several speakers (lhotse cuts): one "
         "[start-end] span per supervision in the seed, or quarantine it as multi_speaker.")
+    allowed_roots: list[str] = Field(
+        default_factory=list, description="Folders (or s3:// prefixes) outside the source's own root that its "
+        "audio paths may point into (e.g. where lhotse recordings live); relative to the config file. "
+        "Anything else is quarantined as path_outside_root.")
+    speech: bool = Field(
+        default=True, description="false: a non-speech corpus (sound, music): its clips are never quarantined "
+        "as no_speech, get no transcript or Whisper, and a labels-only seed without voice attributes.")
 
     @field_validator("seed_labels")
     @classmethod
@@ -71,6 +80,12 @@ class AudioConfig(_Strict):
     max_duration_s: float = Field(default=30.0, gt=0)
     silence_dbfs: float = Field(default=-60.0, description="Peak level below which a clip is `silent`.")
     clip_level: float = Field(default=0.999, gt=0, le=1.0, description="|sample| at or above this counts as clipped.")
+    max_file_bytes: int = Field(default=2 * 1024**3, gt=0, description="A source file larger than this is "
+                                "quarantined as too_large before it is read.")
+    min_speech_s: float = Field(default=0.2, ge=0, description="Less speech than this (VAD seconds) in a clip of "
+                                "a speech source is `no_speech`; 0 = never.")
+    max_peak: float = Field(default=4.0, gt=1.0, description="|sample| above this (4.0 = +12 dBFS) is "
+                            "`out_of_range`: float files may exceed full scale a little, not by orders of magnitude.")
 
     @model_validator(mode="after")
     def _order(self) -> AudioConfig:
@@ -136,6 +151,8 @@ class DescribeConfig(_Strict):
     instruction: str = DEFAULT_INSTRUCTION
     instruction_pool: str | None = Field(default=None, description="Text file, one instruction a line.")
     segment_timestamps: bool = Field(default=False, description="One [start-end] span per Whisper segment.")
+    max_transcript_chars: int = Field(default=2000, ge=1, description="A longer transcript (corpus or Whisper) "
+                                      "is quarantined `transcript_too_long` before any processing.")
     seed: int = 0
 
     @field_validator("attributes")
@@ -402,4 +419,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = (),
     for src in data.get("sources") or []:
         if isinstance(src, dict) and isinstance(src.get("path"), str) and "://" not in src["path"]:
             src["path"] = str((base / src["path"]).resolve()) if not Path(src["path"]).is_absolute() else src["path"]
+        if isinstance(src, dict) and isinstance(src.get("allowed_roots"), list):
+            src["allowed_roots"] = [str((base / r).resolve()) if isinstance(r, str) and "://" not in r
+                                    and "\0" not in r and not Path(r).is_absolute() else r
+                                    for r in src["allowed_roots"]]
     return parse_config(data, overrides, environ)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -36,7 +37,7 @@ from schemas.records import (
 )
 from storage.objectstore import ObjectStore
 from storage.shards import ParquetShardWriter, read_marker, write_marker, write_parquet_shard
-from tasks.audio import DecodedAudio, encode_audio, load_audio
+from tasks.audio import DecodedAudio, encode_audio, load_audio, require_speech
 from tasks.commit_gate import EXAMPLE_CHARS, QuarantineExample, shard_needs_redo
 from tasks.describe import (
     Bins,
@@ -45,8 +46,10 @@ from tasks.describe import (
     instruction_pool,
     load_bins,
     pick_instruction,
+    prompt_transcript,
     seed_description,
     stable_int,
+    without_voice,
 )
 from tasks.features import extract_features
 from tasks.features.labels import resolve_attributes
@@ -54,13 +57,14 @@ from tasks.features.models import LoadedModels, load_models
 from tasks.features.phonemes import phoneme_counts, phoneme_rate
 from tasks.features.rate import speaking_rates
 from tasks.gpu import StageGate, no_gate
-from tasks.ingest import load_clip
+from tasks.ingest import dataset_name, load_clip
 from tasks.llm import LLMBackend, LLMRequest, LLMResult, build_messages, make_backend
 from tasks.llm.base import OnResult, generate_reporting
 from tasks.llm.cache import CachedBackend
-from tasks.llm.messages import DEFAULT_SYSTEM_PROMPT
+from tasks.llm.messages import DEFAULT_SYSTEM_PROMPT, transcript_too_long
 from tasks.llm.qc import Instruction, QCVerdict, check_response, parse_instruction
 from tasks.plan import ShardPlan
+from tasks.stopping import check_stop
 
 # Not Prefect's logger (this module stays plain Python): the flow forwards "speechpairs" records to
 # the Prefect API, so each quarantined clip shows in the run's logs with its shard and clip id.
@@ -144,6 +148,8 @@ class _Acc:
     tokens_completion: int = 0
     rows_without_transcript: int = 0
     examples: dict[str, QuarantineExample] = field(default_factory=dict)
+    unlogged: Counter[str] = field(default_factory=Counter)  # quarantined beyond the log budget
+    run_id: str = ""
     shard: int = -1  # the shard's index, for log lines
     # The run's planned-at time, stamped on every row: redoing a shard gives byte-identical output.
     created_at: datetime = field(default_factory=utc_now)
@@ -197,10 +203,11 @@ def process_shard(plan: ShardPlan, config: RunConfig, store: ObjectStore, ctx: R
     models = load_models(config.features)
     if isinstance(backend, CachedBackend):  # a resumed shard reads its own cached results, not the run's
         backend = backend.scoped(f"shard-{plan.index:05d}")
-    acc = _Acc(shard=plan.index, created_at=plan.created_at or utc_now(), gate=gate)
+    acc = _Acc(shard=plan.index, run_id=ctx.run_id, created_at=plan.created_at or utc_now(), gate=gate)
     key = f"{ctx.staging}/shards/train-{plan.index:05d}.parquet"
     with ParquetShardWriter(store, key, ROW_SCHEMA, compression=config.output.compression) as writer:
         for batch in _batches((load_clip(ref, config.sources) for ref in plan.refs), batch_size):
+            check_stop(f"shard {plan.index:05d}")
             prepared = _prepare_batch(batch, config, bins, acc, models)
             t0 = time.perf_counter()
             results: list[LLMResult | QuarantineError] = []
@@ -274,8 +281,9 @@ def generate_with_qc(prepared: list[_Prepared], backend: LLMBackend, config: Run
 
 
 def _check(p: _Prepared, result: LLMResult, qc: QCConfig) -> QCVerdict:
+    # The transcript as the seed shows it (sanitised), not the raw one: what the model could quote.
     return check_response(result.text, seed_description=p.seed, attributes=p.attributes,
-                          transcript=p.measured.transcript, instruction=p.instruction,
+                          transcript=p.request.transcript, instruction=p.instruction,
                           finish_reason=result.generation.finish_reason, config=qc)
 
 
@@ -308,10 +316,37 @@ def _quarantine(acc: _Acc, clip: Clip, stage: Stage, reason: ReasonCode, message
                                         created_at=acc.created_at))
     if reason.value not in acc.examples:
         acc.examples[reason.value] = QuarantineExample(id=clip.id, message=message[:EXAMPLE_CHARS])
-    # One line per quarantined clip (never per good clip), so ops find it from the run's logs.
+    # A line per quarantined clip for the first few of each reason, so ops find them from the run's
+    # logs; then only counted (a line per shard): 200k log records would take minutes to flush and
+    # bloat the Prefect database, and the quarantine Parquet lists every clip anyway.
+    if not _log_budget.take(acc.run_id, reason.value):
+        acc.unlogged[reason.value] += 1
+        return
     where = f"shard {acc.shard:05d}" if acc.shard >= 0 else "measuring"
     log.warning("%s clip %s: quarantined at %s (%s): %s", where, clip.id, stage.value,
                 reason.value, message if len(message) <= 500 else message[:500] + "…")
+
+
+QUARANTINE_LOG_PER_REASON = 20
+
+
+class _LogBudget:
+    """How many quarantine lines each (run, reason) may still log in this process."""
+
+    def __init__(self, per_reason: int) -> None:
+        self.per_reason = per_reason
+        self._used: Counter[tuple[str, str]] = Counter()
+        self._lock = threading.Lock()
+
+    def take(self, run_id: str, reason: str) -> bool:
+        with self._lock:
+            if self._used[run_id, reason] >= self.per_reason:
+                return False
+            self._used[run_id, reason] += 1
+            return True
+
+
+_log_budget = _LogBudget(QUARANTINE_LOG_PER_REASON)
 
 
 @dataclass
@@ -326,6 +361,7 @@ class _Measured:
     language: str | None
     segments: list[Segment] = field(default_factory=list)
     predictions: dict[str, tuple[str, float]] = field(default_factory=dict)
+    speech: bool = True  # False: a clip of a `sources[].speech: false` source (sound, music)
 
 
 def _prepare_batch(batch: list[Clip], config: RunConfig, bins: Bins, acc: _Acc,
@@ -347,10 +383,19 @@ def measure_clips(clips: list[Clip], config: RunConfig, bins: Bins, models: Load
 
 
 def _measure(clip: Clip, config: RunConfig, acc: _Acc) -> _Measured | None:
+    check_stop(f"shard {acc.shard:05d}")  # outside the per-clip `except`: a stop is not a bad clip
     if clip.ingest_error is not None:
         reason, message = clip.ingest_error
         _quarantine(acc, clip, Stage.ingest, reason, message)
         return None
+    cap = config.describe.max_transcript_chars
+    if transcript_too_long(clip.transcript, cap):  # its raw length, before any work is spent on it
+        _quarantine(acc, clip, Stage.ingest, ReasonCode.transcript_too_long,
+                    f"{clip.audio_uri}: transcript of {len(clip.transcript or '')} characters > "
+                    f"describe.max_transcript_chars={cap}; fix the corpus row (a whole text pasted into one "
+                    "transcript?) or raise the limit")
+        return None
+    speech = _speech_source(clip, config)
     stage = Stage.audio
     try:
         t0 = time.perf_counter()
@@ -359,6 +404,8 @@ def _measure(clip: Clip, config: RunConfig, acc: _Acc) -> _Measured | None:
         stage = Stage.features
         features = extract_features(audio.samples, audio.sampling_rate, clip.transcript, clip.labels, config.features)
         features = features.model_copy(update={"clipping_ratio": audio.clipping_ratio})
+        if speech:  # a sound or music source keeps its clips whatever the VAD says
+            require_speech(features.speech_duration_s, clip.audio_uri, config.audio)
     except QuarantineError as exc:
         _quarantine(acc, clip, exc.stage, exc.reason, exc.message)
         return None
@@ -369,12 +416,18 @@ def _measure(clip: Clip, config: RunConfig, acc: _Acc) -> _Measured | None:
     acc.stage_seconds["audio"] += t1 - t0
     acc.stage_seconds["features"] += time.perf_counter() - t1
     return _Measured(clip=clip, audio=audio, features=features, transcript=clip.transcript,
-                     transcript_source="corpus" if clip.transcript else None, language=clip.language)
+                     transcript_source="corpus" if clip.transcript else None, language=clip.language, speech=speech)
+
+
+def _speech_source(clip: Clip, config: RunConfig) -> bool:
+    """False for a clip of a source declared `speech: false` (found by the dataset name a clip
+    carries; the common case, every source speech, costs one pass over the sources list)."""
+    return not any(not s.speech and dataset_name(s) == clip.dataset for s in config.sources)
 
 
 def _transcribe(measured: list[_Measured], models: LoadedModels, config: RunConfig, acc: _Acc) -> list[_Measured]:
     """Whisper for the clips without a corpus transcript; a failed or hallucinated one is quarantined."""
-    todo = [m for m in measured if not m.transcript]
+    todo = [m for m in measured if not m.transcript and m.speech]  # Whisper on sound only hallucinates
     if models.transcriber is None or not todo:
         return measured
     t0 = time.perf_counter()
@@ -441,11 +494,21 @@ def _classify(measured: list[_Measured], models: LoadedModels, acc: _Acc) -> lis
 def _describe(m: _Measured, config: RunConfig, bins: Bins, acc: _Acc) -> _Prepared | None:
     t0 = time.perf_counter()
     clip = m.clip
+    cap = config.describe.max_transcript_chars
+    if transcript_too_long(m.transcript, cap):  # a Whisper transcript (corpus ones were checked on entry)
+        _quarantine(acc, clip, Stage.describe, ReasonCode.transcript_too_long,
+                    f"{clip.audio_uri}: {m.transcript_source} transcript of {len(m.transcript or '')} characters > "
+                    f"describe.max_transcript_chars={cap}")
+        return None
+    # A non-speech source: a labels-only seed (no transcript, no voice attributes), as DeSTA2.5 for sound.
+    transcript = m.transcript if m.speech else None
     try:
         min_scores = {c.attribute: c.min_score for c in config.features.classifiers}
         features = resolve_attributes(m.features, clip.labels, m.predictions, min_scores)
-        segments: list[Segment] | None = m.segments if config.describe.segment_timestamps else None
-        if len(clip.spans) > 1:  # several supervisions (lhotse): one span each, with its own attributes
+        if not m.speech:
+            features = without_voice(features)
+        segments: list[Segment] | None = m.segments if config.describe.segment_timestamps and m.speech else None
+        if len(clip.spans) > 1 and m.speech:  # several supervisions (lhotse): one span each, with its own attributes
             multi = describe_multi_span(features, clip.labels, clip.spans, m.audio.samples, m.audio.sampling_rate,
                                         bins, config.describe.attributes, clip.seed_labels, config.features)
             described, shown, segments = multi.merged, multi.clip.words, multi.spans
@@ -456,7 +519,8 @@ def _describe(m: _Measured, config: RunConfig, bins: Bins, acc: _Acc) -> _Prepar
             shown = described.words
         attributes = described.words
         # Transcript, names and values are data: seed_description sanitises every one of them.
-        seed = seed_description(m.transcript, m.audio.duration_s, shown, config.describe.format, segments)
+        seed = seed_description(transcript, m.audio.duration_s, shown, config.describe.format, segments)
+        shown_transcript = prompt_transcript(transcript, shown, segments)
         instruction = parse_instruction(
             pick_instruction(instruction_pool(config.describe), config.describe.seed, clip.id))
         system = config.llm.system_prompt or (DEFAULT_SYSTEM_PROMPT if config.llm.default_system_prompt else None)
@@ -467,7 +531,7 @@ def _describe(m: _Measured, config: RunConfig, bins: Bins, acc: _Acc) -> _Prepar
         return None
     acc.stage_seconds["describe"] += time.perf_counter() - t0
     request = LLMRequest(id=clip.id, messages=messages, seed=stable_int(config.llm.seed, clip.id) % (2**31),
-                         attributes=attributes, transcript=m.transcript, duration_s=m.audio.duration_s)
+                         attributes=attributes, transcript=shown_transcript, duration_s=m.audio.duration_s)
     return _Prepared(measured=m, features=features, attributes=attributes, attribute_sources=described.sources,
                      seed=seed, instruction=instruction, request=request)
 
@@ -532,6 +596,10 @@ def _finish(p: _Prepared, result: LLMResult | QuarantineError, config: RunConfig
 
 def _write_outcome(plan: ShardPlan, store: ObjectStore, ctx: RunContext, config: RunConfig,
                    acc: _Acc, shard: ShardInfo | None) -> ShardOutcome:
+    if acc.unlogged:
+        log.warning("shard %05d: %d more quarantined clips not logged one by one (%s); the quarantine Parquet "
+                    "lists every clip", plan.index, sum(acc.unlogged.values()),
+                    ", ".join(f"{k}={v}" for k, v in sorted(acc.unlogged.items())))
     t0 = time.perf_counter()
     compression = config.output.compression
     quarantine = None

@@ -23,6 +23,9 @@ import pytest
 
 ACCESS_KEY = "speechpairs-test-key"
 SECRET_KEY = "speechpairs-test-secret"  # a throwaway identity for a server bound to 127.0.0.1
+# A second identity that may only read and list: access-denied cases without touching the main key.
+READER_ACCESS_KEY = "speechpairs-test-reader"
+READER_SECRET_KEY = "speechpairs-test-reader-secret"
 REGION = "us-east-1"
 BUCKET = "speechpairs-test"
 START_TIMEOUT_S = 60.0
@@ -121,6 +124,10 @@ class WeedServer:
             "name": "speechpairs-test",
             "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }, {
+            "name": "speechpairs-reader",
+            "credentials": [{"accessKey": READER_ACCESS_KEY, "secretKey": READER_SECRET_KEY}],
+            "actions": ["Read", "List"],
         }]}))
         self.ports = _free_ports(10)
         self.info = SeaweedS3(f"http://127.0.0.1:{self.ports[6]}", ACCESS_KEY, SECRET_KEY, REGION, BUCKET)
