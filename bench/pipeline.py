@@ -45,7 +45,7 @@ def make_config(manifest: Path, root: Path, dataset: str, shard_size: int):
     from schemas.config import parse_config
 
     return parse_config({
-        "sources": [{"path": str(manifest), "dataset": "bench"}],
+        "sources": [{"path": str(manifest), "dataset": "bench", "allowed_roots": [str(SAMPLE)]}],
         "output": {"root": str(root), "dataset": dataset, "shard_size": shard_size},
         "runner": "sequential",
     }, environ={})

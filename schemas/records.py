@@ -55,6 +55,11 @@ class ReasonCode(str, Enum):
     # Transient: the clip is fine, a service was not (see TRANSIENT_REASONS).
     llm_unavailable = "llm_unavailable"
     storage_error = "storage_error"
+    # Hostile or misplaced input: a FIFO/device/link that is no file, a file above audio.max_file_bytes,
+    # a path that leads outside the source's root and sources[].allowed_roots.
+    not_a_file = "not_a_file"
+    too_large = "too_large"
+    path_outside_root = "path_outside_root"
     # Response QC (a response that still fails after the allowed regenerations): one per rule.
     qc_empty = "qc_empty"
     qc_refusal = "qc_refusal"
@@ -66,6 +71,11 @@ class ReasonCode(str, Enum):
     qc_wrong_language = "qc_wrong_language"
     qc_format = "qc_format"
     qc_injection = "qc_injection"
+    # Audio content and corpus text (hostile input): no speech in a speech corpus, samples far beyond
+    # full scale, a transcript longer than describe.max_transcript_chars.
+    no_speech = "no_speech"
+    out_of_range = "out_of_range"
+    transcript_too_long = "transcript_too_long"
 
 
 # Reasons that say nothing about the clip: a re-run of the same config retries these clips, and a

@@ -2,6 +2,9 @@
 
 Cheap checks run first (missing, zero bytes, header duration) so a 2-hour file or a text file
 renamed .wav costs almost nothing. Clipping is measured and recorded, never a reason to drop.
+Sample values are checked before anything is measured: NaN/Inf (`non_finite`), a peak far above
+full scale (`out_of_range`), silence once the DC offset is removed (`silent`); the pipeline adds
+`no_speech` from the VAD (`require_speech`) for speech sources.
 
 libsndfile (soundfile) is the fast, in-process path for WAV/FLAC/OGG/MP3. Everything it cannot
 open (m4a/aac, wma, webm, opus in mp4, …) goes to the `ffmpeg` binary in a child process: a
@@ -11,17 +14,20 @@ ffprobe reads the container header first so a 3-hour file is refused as `too_lon
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import soundfile as sf
@@ -30,7 +36,7 @@ import soxr
 from schemas.config import AudioConfig
 from schemas.records import Clip, QuarantineError, ReasonCode, Stage
 
-AUDIO_VERSION = "soundfile-ffmpeg-soxr/2"
+AUDIO_VERSION = "soundfile-ffmpeg-soxr/3"  # 3: DC offset removed, out_of_range
 
 PROBE_TIMEOUT_S = 15.0
 DECODE_TIMEOUT_S = 30.0  # plus a tenth of a second per second of audio decoded
@@ -40,6 +46,11 @@ FFMPEG_FORMATS = ("mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,asf,aac,ogg,mp3,wav,w64
 MAX_CHANNELS = 64
 MAX_SAMPLING_RATE = 768_000
 FIX = "check it with `ffprobe <file>` and re-encode it (e.g. to FLAC) or remove it from the corpus"
+DEFAULT_MAX_FILE_BYTES = 2 * 1024**3  # AudioConfig.max_file_bytes' default
+SF_COUNT_MAX = 2**63 - 1  # libsndfile's frame count for a stream whose header holds no length
+# More samples per byte than any codec reaches on real audio: a header claiming that is not trusted.
+MAX_SAMPLES_PER_BYTE = 4096
+NOT_A_FILE_FIX = "only regular audio files are read: remove it from the corpus or put the audio file in its place"
 
 
 @dataclass(frozen=True)
@@ -61,27 +72,166 @@ def _local_path(uri: str) -> Path:
     return Path(uri.removeprefix("file://"))
 
 
-def read_source_bytes(uri: str) -> bytes:
-    """Bytes of a local clip (`file://` or plain path)."""
+def _file_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    return "not a regular file"
+
+
+@lru_cache(maxsize=1)
+def _pseudo_devices() -> frozenset[int]:
+    """Device ids of /proc, /sys and /dev when they are mounts of their own (their files lie about
+    their size: /proc/self/environ says 0 bytes and holds the environment)."""
+    try:
+        root = os.stat("/").st_dev
+    except OSError:
+        return frozenset()
+    devices = set()
+    for mount in ("/proc", "/sys", "/dev"):
+        try:
+            device = os.stat(mount).st_dev
+        except OSError:
+            continue
+        if device != root:
+            devices.add(device)
+    return frozenset(devices)
+
+
+def _refuse_special(st: os.stat_result, path: Path, where: str) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise _fail(ReasonCode.not_a_file, f"{where}: {_file_kind(st.st_mode)}, not a regular file; {NOT_A_FILE_FIX}")
+    real = os.path.realpath(path)
+    if st.st_dev in _pseudo_devices() or real.startswith(("/proc/", "/sys/", "/dev/")):
+        raise _fail(ReasonCode.not_a_file, f"{where}: a kernel pseudo-file ({real}), not audio; {NOT_A_FILE_FIX}")
+
+
+def open_regular(path: Path, where: str, max_bytes: int | None = DEFAULT_MAX_FILE_BYTES) -> tuple[BinaryIO, int]:
+    """(open binary file, its size) for a regular file of at most `max_bytes`, else QuarantineError.
+
+    Never blocks and never reads a special file: the path is stat'ed first (a FIFO, device, socket,
+    /proc or /sys entry is `not_a_file`, a dangling link too), then opened with O_NONBLOCK and the
+    descriptor checked again, so a file swapped for a FIFO in between is refused as well.
+    """
+    if "\0" in str(path):
+        raise _fail(ReasonCode.unreadable, f"{where}: the path contains a NUL byte; fix the path")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.lexists(path):
+            raise _fail(ReasonCode.not_a_file, f"{where}: a dangling symbolic link (to {_link_target(path)!r}, "
+                                               "which does not exist); fix or remove the link") from None
+        raise _fail(ReasonCode.missing_file, f"{where}: file not found; fix the path in the manifest") from None
+    except OSError as exc:
+        raise _os_fail(exc, where) from None
+    _refuse_special(st, path, where)
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise _too_large(st.st_size, max_bytes, where)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise _fail(ReasonCode.missing_file, f"{where}: file not found; fix the path in the manifest") from None
+    except OSError as exc:
+        raise _os_fail(exc, where) from None
+    try:
+        st = os.fstat(fd)
+        _refuse_special(st, path, where)
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise _too_large(st.st_size, max_bytes, where)
+        return os.fdopen(fd, "rb"), st.st_size
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _link_target(path: Path) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return "?"
+
+
+def _too_large(size: int, limit: int, where: str) -> QuarantineError:
+    return _fail(ReasonCode.too_large, f"{where}: {size:,} bytes > audio.max_file_bytes={limit:,}; not read: split "
+                                       "or re-encode the file, or raise audio.max_file_bytes")
+
+
+def _os_fail(exc: OSError, where: str) -> QuarantineError:
+    if exc.errno == errno.ELOOP:
+        return _fail(ReasonCode.not_a_file, f"{where}: a symbolic-link loop; fix or remove the link")
+    return _fail(ReasonCode.unreadable, f"{where}: cannot read ({exc.__class__.__name__}: "
+                                        f"{exc.strerror or 'I/O error'}); check the path and its permissions")
+
+
+def _read_all(f: BinaryIO, size: int, where: str) -> bytes:
+    """The file's `size` bytes (what fstat said: never more, whatever a growing file holds by now)."""
+    try:
+        return f.read(size)
+    except OSError as exc:
+        raise _os_fail(exc, where) from None
+
+
+def read_source_bytes(uri: str, max_bytes: int | None = DEFAULT_MAX_FILE_BYTES) -> bytes:
+    """Bytes of a local clip (`file://` or plain path): a regular file of at most `max_bytes`."""
     path = _local_path(uri)
     if "://" in str(path):
         raise _fail(ReasonCode.unreadable, f"{uri}: remote audio URIs are not supported yet; copy the corpus locally")
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise _fail(ReasonCode.missing_file, f"{uri}: file not found; fix the path in the manifest") from None
-    except (IsADirectoryError, PermissionError, OSError) as exc:
-        raise _fail(ReasonCode.unreadable,
-                    f"{uri}: cannot read ({exc.__class__.__name__}: {exc.strerror or 'I/O error'}); "
-                    "check the path and its permissions") from None
+    f, size = open_regular(path, uri, max_bytes)
+    with f:
+        return _read_all(f, size, uri)
 
 
 def load_audio(clip: Clip, config: AudioConfig) -> DecodedAudio:
-    """Decode, check and resample; raises QuarantineError(Stage.audio, reason) for a bad clip."""
+    """Decode, check and resample; raises QuarantineError(Stage.audio, reason) for a bad clip.
+
+    A file is read only when it is a regular file within `audio.max_file_bytes`, and only after its
+    libsndfile header (when it has one that states a length) is within `audio.max_duration_s`.
+    """
     if clip.audio_bytes is not None:
+        if len(clip.audio_bytes) > config.max_file_bytes:
+            raise _too_large(len(clip.audio_bytes), config.max_file_bytes, clip.audio_uri)
         return decode_bytes(clip.audio_bytes, clip.audio_uri, config)
-    data = read_source_bytes(clip.audio_uri)
-    return decode_bytes(data, clip.audio_uri, config, path=_local_path(clip.audio_uri))
+    path = _local_path(clip.audio_uri)
+    if "://" in str(path):
+        raise _fail(ReasonCode.unreadable,
+                    f"{clip.audio_uri}: remote audio URIs are not supported yet; copy the corpus locally")
+    f, size = open_regular(path, clip.audio_uri, config.max_file_bytes)
+    with f:
+        _check_header_first(f, size, clip.audio_uri, config)
+        f.seek(0)
+        data = _read_all(f, size, clip.audio_uri)
+    return decode_bytes(data, clip.audio_uri, config, path=path)
+
+
+def _check_header_first(f: BinaryIO, size: int, where: str, config: AudioConfig) -> None:
+    """`too_long` from a libsndfile header alone, before the file's body is read."""
+    try:
+        info = sf.info(f)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError):
+        return  # not a libsndfile format: decode_bytes hands it to ffmpeg, which probes first
+    if info.samplerate > 0 and _plausible_length(info, size):
+        _refuse_long_header(info, where, config)
+
+
+def _plausible_length(info: Any, size: int) -> bool:
+    """Whether a libsndfile header's frame count can be trusted. A FLAC written through a pipe has
+    none (libsndfile says SF_COUNT_MAX frames, "209146758205323.72 s"); such a file is measured
+    by decoding at most max_duration_s + 1 s instead of being called too long."""
+    return 0 < info.frames < SF_COUNT_MAX and info.frames * max(1, info.channels) <= max(size, 1) * MAX_SAMPLES_PER_BYTE
+
+
+def _refuse_long_header(info: Any, where: str, config: AudioConfig) -> None:
+    header_duration = info.frames / info.samplerate
+    if header_duration > config.max_duration_s:
+        raise _fail(ReasonCode.too_long,
+                    f"{where}: {header_duration:.2f} s > audio.max_duration_s={config.max_duration_s}; split the clip")
 
 
 def decode_bytes(data: bytes, where: str, config: AudioConfig, path: Path | None = None) -> DecodedAudio:
@@ -95,21 +245,13 @@ def decode_bytes(data: bytes, where: str, config: AudioConfig, path: Path | None
     samples, sr = decoded
     if samples.shape[0] == 0:
         raise _fail(ReasonCode.empty, f"{where}: no audio frames")
-    if not np.isfinite(samples).all():
-        bad = int((~np.isfinite(samples)).sum())
-        raise _fail(ReasonCode.non_finite, f"{where}: {bad} NaN/Inf samples")
-    channels = samples.shape[1]
-    mono = samples.mean(axis=1, dtype=np.float32) if channels > 1 else samples[:, 0]
+    mono, channels, clipping = _check_samples(samples, where, config)
     duration = mono.shape[0] / sr
     if duration < config.min_duration_s:
         raise _fail(ReasonCode.too_short, f"{where}: {duration:.3f} s < audio.min_duration_s={config.min_duration_s}")
     if duration > config.max_duration_s:
         raise _fail(ReasonCode.too_long, f"{where}: {duration:.2f} s > audio.max_duration_s={config.max_duration_s}")
-    peak = float(np.max(np.abs(mono)))
-    peak_db = 20 * np.log10(peak) if peak > 0 else -np.inf
-    if peak_db < config.silence_dbfs:
-        raise _fail(ReasonCode.silent, f"{where}: peak {peak_db:.1f} dBFS < audio.silence_dbfs={config.silence_dbfs}")
-    clipping = float(np.mean(np.abs(mono) >= config.clip_level))
+    mono = _remove_dc(mono, where, config)
     target = config.sampling_rate
     out = mono if sr == target else soxr.resample(mono, sr, target, quality="HQ").astype(np.float32, copy=False)
     return DecodedAudio(
@@ -123,6 +265,60 @@ def decode_bytes(data: bytes, where: str, config: AudioConfig, path: Path | None
     )
 
 
+def _check_samples(samples: np.ndarray, where: str, config: AudioConfig) -> tuple[np.ndarray, int, float]:
+    """(mono, source channels, clipping ratio) of finite samples within `audio.max_peak`.
+
+    Non-finite samples are `non_finite`; a peak far beyond full scale (a float file holding 1e30)
+    is `out_of_range`, where it would otherwise be measured as +577 LUFS. Clipping is measured on
+    the samples as stored, before the DC offset is removed.
+    """
+    finite = np.isfinite(samples)
+    if not finite.all():
+        raise _fail(ReasonCode.non_finite, f"{where}: {int((~finite).sum())} NaN/Inf samples")
+    peak = float(np.max(np.abs(samples)))
+    if peak > config.max_peak:
+        raise _fail(ReasonCode.out_of_range,
+                    f"{where}: sample peak {peak:.3g} ({20 * np.log10(peak):+.0f} dBFS) > audio.max_peak="
+                    f"{config.max_peak:g} ({20 * np.log10(config.max_peak):+.0f} dBFS): float samples are not "
+                    "scaled to [-1, 1]; re-export the file normalised (e.g. `sox in.wav -b 16 out.wav gain -n`)")
+    channels = samples.shape[1]
+    mono = samples.mean(axis=1, dtype=np.float32) if channels > 1 else samples[:, 0]
+    return mono, int(channels), float(np.mean(np.abs(mono) >= config.clip_level))
+
+
+DC_MIN = 1e-3  # -60 dBFS: a smaller offset is inaudible and stays in the stored samples
+
+
+def _remove_dc(mono: np.ndarray, where: str, config: AudioConfig) -> np.ndarray:
+    """`mono` less its mean, or `silent` when what is left peaks below `audio.silence_dbfs`.
+
+    A DC offset is not signal: left in, a constant file would pass the silence check at its offset's
+    level and a VAD would count it as energy. A pure-DC file (or DC plus a whisper of noise) is
+    therefore `silent`, and every later stage measures the audio without its offset. An offset
+    under DC_MIN is only left out of the decision: subtracting it would turn stretches of digital
+    silence into a faint constant, which blind SNR estimators read as noise.
+    """
+    offset = float(np.mean(mono, dtype=np.float64))
+    centred = (mono - np.float32(offset)).astype(np.float32, copy=False)
+    peak = float(np.max(np.abs(centred)))
+    peak_db = 20 * np.log10(peak) if peak > 0 else -np.inf
+    if peak_db < config.silence_dbfs:
+        dc = f" after removing a DC offset of {offset:+.3g}" if abs(offset) >= 1e-4 else ""
+        raise _fail(ReasonCode.silent,
+                    f"{where}: peak {peak_db:.1f} dBFS{dc} < audio.silence_dbfs={config.silence_dbfs}")
+    return centred if abs(offset) >= DC_MIN else mono
+
+
+def require_speech(speech_s: float | None, where: str, config: AudioConfig) -> None:
+    """`no_speech` when the VAD found less than `audio.min_speech_s` of speech (a click in digital
+    silence, hum, a tone burst). Called for clips of speech sources only (`sources[].speech`)."""
+    found = speech_s or 0.0
+    if found < config.min_speech_s:
+        raise _fail(ReasonCode.no_speech,
+                    f"{where}: the VAD found {found:.2f} s of speech < audio.min_speech_s={config.min_speech_s}; "
+                    "if this source is not speech (sound, music), set sources[].speech: false")
+
+
 def _read_soundfile(data: bytes, where: str, config: AudioConfig) -> tuple[np.ndarray, int] | None:
     """(frames × channels float32, rate) via libsndfile, or None when it does not know the format."""
     try:
@@ -131,10 +327,13 @@ def _read_soundfile(data: bytes, where: str, config: AudioConfig) -> tuple[np.nd
         return None  # not a libsndfile format (or not audio): ffmpeg's turn
     if info.frames <= 0 or info.samplerate <= 0:
         raise _fail(ReasonCode.empty, f"{where}: no audio frames")
-    header_duration = info.frames / info.samplerate
-    if header_duration > config.max_duration_s:
-        raise _fail(ReasonCode.too_long,
-                    f"{where}: {header_duration:.2f} s > audio.max_duration_s={config.max_duration_s}; split the clip")
+    if not _plausible_length(info, len(data)):
+        if _ffmpeg() is None:
+            raise _fail(ReasonCode.unreadable,
+                        f"{where}: its header states no length (written through a pipe?) and ffmpeg is not installed "
+                        "to measure it; install ffmpeg, or re-encode the file (e.g. `sox in.flac out.flac`)")
+        return None  # ffmpeg decodes at most max_duration_s + 1 s and measures it
+    _refuse_long_header(info, where, config)
     try:
         samples, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, ValueError) as exc:

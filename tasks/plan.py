@@ -18,7 +18,7 @@ from schemas.config import RunConfig
 from schemas.records import utc_now
 from storage.objectstore import NotFound, ObjectStore, PreconditionFailed
 from tasks.ingest import ClipRef, SourceError, iter_refs, source_kind
-from tasks.ingest.common import AUDIO_SUFFIXES
+from tasks.ingest.common import AUDIO_SUFFIXES, PROBLEM
 from tasks.ingest.folder import skipped_files
 
 PLAN_FORMAT = "speechpairs/plan@1"
@@ -34,6 +34,9 @@ class RunPlan(BaseModel):
     duplicates: int = 0
     # Folder sources' files that are not audio (nor .txt/.lab sidecars), by extension: reported, not clips.
     skipped_files: dict[str, int] = Field(default_factory=dict)
+    # Folders a walk could not enter (unreadable, a link loop, a link outside the roots), by reason:
+    # each is also one quarantine row `<dataset>/<relative dir>/` (counted in `clips`).
+    unentered_folders: dict[str, int] = Field(default_factory=dict)
     created_at: datetime = Field(default_factory=utc_now)
 
 
@@ -76,8 +79,10 @@ def plan_run(config: RunConfig, store: ObjectStore, prefix: str, run_id: str) ->
                 for j, k in enumerate(keys[start:start + size])]
         shard = ShardPlan(index=index, of=count, refs=refs, created_at=planned_at)
         store.put_bytes(shard_plan_key(prefix, index), shard.model_dump_json().encode())
+    unentered = Counter(k[3].split(PROBLEM, 2)[1] for k in keys if k[3].startswith(PROBLEM))
     plan = RunPlan(run_id=run_id, config_hash=config.config_hash(), clips=len(keys), shards=count,
-                   shard_size=size, duplicates=sum(is_dup), skipped_files=skipped, created_at=planned_at)
+                   shard_size=size, duplicates=sum(is_dup), skipped_files=skipped, created_at=planned_at,
+                   unentered_folders=dict(sorted(unentered.items(), key=lambda kv: (-kv[1], kv[0]))))
     try:
         store.put_bytes(plan_key(prefix), plan.model_dump_json(indent=2).encode(), if_none_match=True)
     except PreconditionFailed:
@@ -102,7 +107,8 @@ def count_skipped_files(config: RunConfig) -> dict[str, int]:
 
 
 def skipped_text(counts: dict[str, int]) -> str:
-    """`3 (.pdf=2, .docx=1)`: the run summary's line for files a folder source skipped."""
+    """`3 (.pdf=2, .docx=1)`: the run summary's line for files a folder source skipped (and, by
+    reason, for folders a walk could not enter)."""
     total = sum(counts.values())
     return f"{total} ({', '.join(f'{ext}={n}' for ext, n in counts.items())})" if total else "0"
 

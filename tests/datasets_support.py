@@ -30,7 +30,8 @@ def sample_config(root: str, dataset: str, *, repeat: int = 1, shard_size: int =
         extra += [f"s3.endpoint_url={s3_endpoint}", "s3.addressing_style=path"]
     if s3_region:
         extra.append(f"s3.region={s3_region}")
-    return parse_config({"sources": [{"path": str(manifest), "dataset": "sample", "language": "en"}],
+    return parse_config({"sources": [{"path": str(manifest), "dataset": "sample", "language": "en",
+                                      "allowed_roots": [str(SAMPLE)]}],  # the manifest lists the sample's files
                          "output": {"root": root, "dataset": dataset, "shard_size": shard_size}},
                         extra, environ={})
 

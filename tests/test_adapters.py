@@ -425,7 +425,8 @@ def test_adapter_default_seed_labels_and_source_override(tmp_path: Path) -> None
 
 def test_lhotse_cuts_whole_segment_mixed_and_missing(tmp_path: Path) -> None:
     manifest = lhotse_tree(tmp_path)
-    source = SourceConfig(path=str(manifest))  # auto: a gzipped *cuts* JSONL is unambiguous
+    # auto: a gzipped *cuts* JSONL is unambiguous; one recording holds an absolute path to the sample corpus
+    source = SourceConfig(path=str(manifest), allowed_roots=[str(SAMPLE_AUDIO)])
     assert source_kind(source) == "lhotse"
     clips = clips_of(source)
     assert list(clips) == ["cuts_train/goforward-0", "cuts_train/meeting-1", "cuts_train/mix-0", "cuts_train/gone-0"]
@@ -448,7 +449,9 @@ def test_lhotse_cuts_whole_segment_mixed_and_missing(tmp_path: Path) -> None:
 
 def test_lhotse_recordings_with_supervisions_folder(tmp_path: Path) -> None:
     folder = lhotse_pair_tree(tmp_path)
-    clips = clips_of(SourceConfig(kind="lhotse", path=str(folder), dataset="demo"))
+    # The recordings' paths are relative to where lhotse ran (the manifests' parent): allowed explicitly.
+    clips = clips_of(SourceConfig(kind="lhotse", path=str(folder), dataset="demo",
+                                  allowed_roots=[str(tmp_path / "download")]))
     assert list(clips) == ["demo/talk-0001", "demo/talk-0000", "demo/orphan-0000"]
     late, early = clips["demo/talk-0001"], clips["demo/talk-0000"]
     assert late.transcript == "later words" and late.labels["gender"] == "F" and late.labels["speaker"] == "s1"
@@ -465,7 +468,9 @@ def test_lhotse_recordings_with_supervisions_folder(tmp_path: Path) -> None:
 def test_hf_parquet_audio_column_by_row_groups(tmp_path: Path) -> None:
     root = hf_parquet_tree(tmp_path)
     assert pq.ParquetFile(root / "train-00000-of-00001.parquet").metadata.num_row_groups == 2
-    clips = clips_of(SourceConfig(kind="hf_parquet", path=str(root.parent), dataset="hf"))
+    # Row 3's path lies outside the source folder (tmp_path/missing.wav): allowed explicitly.
+    clips = clips_of(SourceConfig(kind="hf_parquet", path=str(root.parent), dataset="hf",
+                                  allowed_roots=[str(tmp_path)]))
     assert list(clips) == ["hf/utt-b", "hf/utt-a", "hf/data/train-00000-of-00001/000000",
                            "hf/data/train-00000-of-00001/000001", "hf/data/train-00000-of-00001/000002",
                            "hf/data/train-00000-of-00001/000003"]

@@ -102,7 +102,7 @@ def _manifest(path: Path, good: int, missing: int, marker: bool = False) -> Path
 
 
 def _config(tmp_path: Path, manifest: Path, *overrides: str) -> RunConfig:
-    return parse_config({"sources": [{"path": str(manifest), "dataset": "g"}],
+    return parse_config({"sources": [{"path": str(manifest), "dataset": "g", "allowed_roots": [str(SAMPLE)]}],
                          "output": {"root": str(tmp_path / "out"), "dataset": "gate", "shard_size": 3}},
                         list(overrides), environ={})
 
@@ -178,7 +178,8 @@ def test_cli_exits_3_and_names_the_reasons_when_nothing_survives(tmp_path: Path,
 
     manifest = _manifest(tmp_path / "m.jsonl", good=1, missing=3)
     rc = main(["run", str(REPO / "examples" / "quickstart.yaml"), "--no-progress",
-               "--set", f"sources.0.path={manifest}", "--set", f"output.root={tmp_path / 'out'}",
+               "--set", f"sources.0.path={manifest}", "--set", f"sources.0.allowed_roots=[{SAMPLE}]",
+               "--set", f"output.root={tmp_path / 'out'}",
                "--set", "output.dataset=gate"])
     err = capsys.readouterr().err
     assert rc == 3, err

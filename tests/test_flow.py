@@ -200,7 +200,8 @@ def test_flow_with_openai_backend_retries_faults_and_loses_nothing(tmp_path: Pat
     server = FakeLLMServer(sleep_s=1.0, scripts={"flaky": ["500", "429", "malformed", "ok"],
                                                  "slow": ["sleep", "ok"], "bad": ["400"]}).start()
     try:
-        config = quickstart(tmp_path / "out", f"sources.0.path={tmp_path / 'm.jsonl'}", "llm.backend=openai",
+        config = quickstart(tmp_path / "out", f"sources.0.path={tmp_path / 'm.jsonl'}",
+                            f"sources.0.allowed_roots=[{sample_corpus}]", "llm.backend=openai",
                             f"llm.base_url={server.base_url}", "llm.model=fake-served-model",
                             "llm.timeout_s=0.5", "llm.backoff_s=0.01", "llm.concurrency=4")
         summary = run_generate(config)
@@ -269,7 +270,7 @@ def test_duplicate_ids_keep_one_row_and_quarantine_the_rest(tmp_path: Path, samp
     body.append(dup)
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in body))
     summary = run_generate(quickstart(tmp_path / "out", f"sources.0.path={tmp_path / 'm.jsonl'}",
-                                      "output.dataset=dups"))
+                                      f"sources.0.allowed_roots=[{sample_corpus}]", "output.dataset=dups"))
     n = len(body)
     assert (summary.clips_in, summary.rows, summary.quarantine_by_reason) == (n, n - 1, {"duplicate_id": 1})
     rows = committed_rows(tmp_path / "out", "dups", summary.version)

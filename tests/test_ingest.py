@@ -21,7 +21,8 @@ def test_jsonl_manifest_columns_labels_and_relative_paths(tmp_path: Path) -> Non
         {"audio_filepath": "/abs/three.wav", "speaker": "s3"},
     ]
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    clips = _clips([SourceConfig(path=str(tmp_path / "m.jsonl"), dataset="c", labels={"corpus": "test"})])
+    clips = _clips([SourceConfig(path=str(tmp_path / "m.jsonl"), dataset="c", labels={"corpus": "test"},
+                                 allowed_roots=["/abs"])])  # absolute paths outside the manifest's folder
     assert [c.id for c in clips] == ["c/u1", "c/two", "c//abs/three"]
     assert clips[0].audio_uri == str((tmp_path / "a" / "one.wav").resolve())
     assert clips[0].transcript == "hello there"

@@ -39,6 +39,7 @@ def corpus_with_a_missing_file(tmp_path: Path, sample_corpus: Path) -> Path:
 def config_for(tmp_path: Path, manifest: Path, dataset: str) -> RunConfig:
     return load_config(REPO / "examples" / "quickstart.yaml",
                        [f"output.root={tmp_path / 'out'}", f"sources.0.path={manifest}", "sources.0.dataset=mon",
+                        f"sources.0.allowed_roots=[{REPO / 'examples' / 'sample_corpus'}]",
                         f"output.dataset={dataset}", "output.shard_size=4"], environ={})
 
 

@@ -79,7 +79,7 @@ def write_corpus(path: Path, *, copies: int, missing: int = 0) -> dict[str, str 
 def write_config(path: Path, *, manifest: Path, root: Path, dataset: str, server: FakeLLMServer,
                  shard_size: int, max_workers: int, concurrency: int, cache: bool) -> Path:
     config = {
-        "sources": [{"path": str(manifest), "dataset": SOURCE, "language": "en"}],
+        "sources": [{"path": str(manifest), "dataset": SOURCE, "language": "en", "allowed_roots": [str(SAMPLE)]}],
         "output": {"root": str(root), "dataset": dataset, "shard_size": shard_size},
         "llm": {"backend": "openai", "base_url": server.base_url, "model": "fake-served-model",
                 "concurrency": concurrency, "timeout_s": 10, "backoff_s": 0.01, "cache": cache,

@@ -4,7 +4,9 @@ One module per source layout; this package only dispatches on `SourceConfig.kind
 `manifest` and `folder` (and `auto`, which picks between them and also recognises a gzipped lhotse
 manifest), `lhotse`, `hf_parquet`, and the named corpora `librispeech`, `libritts` (LibriTTS and
 LibriTTS-R), `vctk`, `commonvoice`, `cremad`, `esd`. Each adapter yields light `ClipRef`s in a sorted
-walk and re-loads one clip from its locator.
+walk and re-loads one clip from its locator, reading audio only below the source's `Roots` (its
+root plus `sources[N].allowed_roots`). A ref for a folder a walk could not enter carries its
+reason in the locator and loads as a quarantined clip.
 """
 
 from __future__ import annotations
@@ -18,17 +20,23 @@ from typing import cast
 from schemas.config import SourceConfig
 from schemas.records import Clip, ReasonCode
 from tasks.ingest import commonvoice, emotion, hf_parquet, lhotse, librispeech, vctk
-from tasks.ingest.common import ClipRef, SourceError, iter_files
-from tasks.ingest.folder import folder_clip, iter_audio_files, iter_folder_refs
-from tasks.ingest.manifest import MANIFEST_SUFFIXES, iter_manifest_refs, read_record_at, record_to_clip
+from tasks.ingest.common import ClipRef, Roots, SourceError, ref_problem, stat_key, walk
+from tasks.ingest.folder import folder_clip, is_audio_name, iter_folder_refs
+from tasks.ingest.manifest import (
+    MANIFEST_SUFFIXES,
+    iter_manifest_refs,
+    read_record_at,
+    record_to_clip,
+    row_locator,
+)
 
 
 @dataclass(frozen=True)
 class Adapter:
     """One source layout: its refs (planning), its clip loader (shards) and what its path must be."""
 
-    iter_refs: Callable[[Path, int, str], Iterator[ClipRef]]
-    load: Callable[..., Clip]  # (root, locator, *, clip_id, dataset, language, extra_labels) -> Clip
+    iter_refs: Callable[..., Iterator[ClipRef]]  # (root, source index, dataset, *, roots) -> refs
+    load: Callable[..., Clip]  # (root, locator, *, clip_id, dataset, language, extra_labels, roots) -> Clip
     needs: str  # "dir", "file" or "any"
     files: Callable[[Path], list[Path]] | None = None  # what the fingerprint stats; None: every file below
 
@@ -52,8 +60,11 @@ def source_kind(source: SourceConfig) -> str:
             return source.kind
         raise SourceError(f"source {source.path}: only local paths are supported as corpus sources for now "
                           "(and s3:// for kind hf_parquet)")
-    if not path.exists():
-        raise SourceError(f"source {source.path}: no such file or directory; fix sources[].path in the config")
+    if "\0" in source.path or not path.exists():
+        raise SourceError(f"source {source.path!r}: no such file or directory; fix sources[].path in the config")
+    if not path.is_dir() and not path.is_file():  # never open a FIFO or device as a manifest
+        raise SourceError(f"source {source.path}: not a regular file or folder (a FIFO or device?); "
+                          "fix sources[].path in the config")
     if source.kind != "auto":
         if source.kind == "folder" and not path.is_dir():
             raise SourceError(f"source {source.path}: kind 'folder' needs a directory")
@@ -86,17 +97,24 @@ def dataset_name(source: SourceConfig) -> str:
     return path.stem if is_manifest else path.name
 
 
+def source_roots(source: SourceConfig, index: int | None = None) -> Roots:
+    """Where a source may read: its own root (a manifest's folder, the corpus folder, an s3://
+    prefix) plus `allowed_roots`; `index` names `sources[index]` in messages."""
+    return Roots.of(source.path, source.allowed_roots, index)
+
+
 def iter_refs(sources: list[SourceConfig]) -> Iterator[ClipRef]:
     """Every clip reference of every source, lazily."""
     for index, source in enumerate(sources):
         kind = source_kind(source)
         name = dataset_name(source)
+        roots = source_roots(source, index)
         if kind == "folder":
-            yield from iter_folder_refs(Path(source.path), index, name)
+            yield from iter_folder_refs(Path(source.path), index, name, roots)
         elif kind == "manifest":
             yield from iter_manifest_refs(Path(source.path), index, name)
         else:
-            yield from ADAPTERS[kind].iter_refs(_root(source), index, name)
+            yield from ADAPTERS[kind].iter_refs(_root(source), index, name, roots=roots)
 
 
 def _root(source: SourceConfig) -> Path:
@@ -116,9 +134,7 @@ def source_fingerprint(sources: list[SourceConfig]) -> str:
         path = Path(source.path)
         kind = source_kind(source)
         if kind == "folder":
-            for rel in iter_audio_files(path):
-                st = (path / rel).stat()
-                digest.update(f"{rel}\x1f{st.st_size}\x1f{st.st_mtime_ns}\n".encode())
+            _walk_digest(digest, path, is_audio_name, source_roots(source, index))
         elif kind == "manifest":
             with path.open("rb") as f:
                 while chunk := f.read(1 << 20):
@@ -127,21 +143,31 @@ def source_fingerprint(sources: list[SourceConfig]) -> str:
             for ref in hf_parquet.parquet_files(source.path):
                 digest.update(f"{ref.rel}\x1f{ref.size}\x1f{ref.mtime_ns}\n".encode())
         else:
-            _stat_digest(digest, path, ADAPTERS[kind])
+            _stat_digest(digest, path, ADAPTERS[kind], source_roots(source, index))
     return digest.hexdigest()[:16]
 
 
-def _stat_digest(digest: hashlib._Hash, path: Path, adapter: Adapter) -> None:
+def _walk_digest(digest: hashlib._Hash, path: Path, match: Callable[[str], bool], roots: Roots) -> None:
+    """Names, sizes and mtimes of the files a walk finds (stat only: FIFOs and devices are never
+    opened, a dangling link does not fail the run), and the folders it could not enter."""
+    for item in walk(path, match, roots):
+        if isinstance(item, str):
+            digest.update(f"{item}\x1f{stat_key(path / item)}\n".encode())
+        else:
+            digest.update(f"{item.rel}/\x1f{item.reason.value}\n".encode())
+
+
+def _stat_digest(digest: hashlib._Hash, path: Path, adapter: Adapter, roots: Roots) -> None:
     """Names, sizes and mtimes of every file a corpus source reads (audio and metadata alike)."""
     if adapter.files is not None:
         files = [(p.name, p) for p in adapter.files(path)]
     elif path.is_dir():
-        files = [(rel, path / rel) for rel in iter_files(path, lambda _: True)]
+        _walk_digest(digest, path, lambda _: True, roots)
+        return
     else:
         files = [(path.name, path)]
     for rel, file in files:
-        st = file.stat()
-        digest.update(f"{rel}\x1f{st.st_size}\x1f{st.st_mtime_ns}\n".encode())
+        digest.update(f"{rel}\x1f{stat_key(file)}\n".encode())
 
 
 def load_clip(ref: ClipRef, sources: list[SourceConfig]) -> Clip:
@@ -149,18 +175,24 @@ def load_clip(ref: ClipRef, sources: list[SourceConfig]) -> Clip:
     source = sources[ref.source]
     name = dataset_name(source)
     path = Path(source.path)
+    problem = ref_problem(ref.locator)
+    if problem is not None:  # a folder the walk could not enter
+        reason, rel, message = problem
+        return Clip(id=ref.id, dataset=name, audio_uri=str(path / rel), ingest_error=(reason, message))
     kind = source_kind(source)
+    roots = source_roots(source, ref.source)
     if kind == "folder":
         clip = folder_clip(path, ref.locator, clip_id=ref.id, dataset=name, language=source.language,
-                           extra_labels=source.labels)
+                           extra_labels=source.labels, roots=roots)
     elif kind in ADAPTERS:
         clip = ADAPTERS[kind].load(_root(source), ref.locator, clip_id=ref.id, dataset=name,
-                                   language=source.language, extra_labels=source.labels)
+                                   language=source.language, extra_labels=source.labels, roots=roots)
     else:
         offset = int(ref.locator)
         record = read_record_at(path, offset)
         clip = record_to_clip(record, clip_id=ref.id, dataset=name, base=path.parent, language=source.language,
-                              extra_labels=source.labels, where=f"{path} at byte {offset}")
+                              extra_labels=source.labels, where=f"{path} at byte {offset}", roots=roots,
+                              locate=row_locator(path, offset))
     if ref.duplicate and clip.ingest_error is None:
         msg = f"{clip.audio_uri}: id {ref.id!r} appears more than once in the sources; give each clip a unique id"
         clip = clip.model_copy(update={"ingest_error": (ReasonCode.duplicate_id, msg)})
@@ -181,5 +213,5 @@ def with_source_settings(clip: Clip, source: SourceConfig) -> Clip:
     return clip.model_copy(update=update) if update else clip
 
 
-__all__ = ["ADAPTERS", "Adapter", "ClipRef", "SourceError", "dataset_name", "iter_refs", "load_clip",
-           "source_fingerprint", "source_kind"]
+__all__ = ["ADAPTERS", "Adapter", "ClipRef", "Roots", "SourceError", "dataset_name", "iter_refs", "load_clip",
+           "source_fingerprint", "source_kind", "source_roots"]

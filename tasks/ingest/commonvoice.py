@@ -13,12 +13,25 @@ canonical attributes; the other columns are votes and bookkeeping.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
 
 from schemas.records import Clip, ReasonCode
-from tasks.ingest.common import ClipRef, FileKey, SourceError, label_dict, metadata_key, one_line, prepare
+from tasks.ingest.common import (
+    ClipRef,
+    FileKey,
+    Rejected,
+    Roots,
+    SourceError,
+    label_dict,
+    make_id,
+    metadata_key,
+    one_line,
+    prepare,
+    read_line,
+    too_long_line,
+)
 
 DEFAULT_TSVS = ("validated.tsv",)
 FALLBACK_TSVS = ("train.tsv", "dev.tsv", "test.tsv")
@@ -44,7 +57,9 @@ def tsv_files(path: Path) -> tuple[Path, list[str]]:
 def _header(key: FileKey) -> tuple[list[str], int]:
     """(column names, byte offset of the first row)."""
     with open(key[0], "rb") as f:
-        line = f.readline()
+        line, size = read_line(f)
+        if size and not line:
+            raise SourceError(f"{key[0]} line 1 (the header): {too_long_line(size)}")
         columns = [c.strip() for c in line.decode("utf-8-sig").rstrip("\r\n").split("\t")]
         return columns, f.tell()
 
@@ -66,7 +81,8 @@ def _local_id(path_value: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else name
 
 
-def iter_commonvoice_refs(root: Path, source_index: int, dataset: str) -> Iterator[ClipRef]:
+def iter_commonvoice_refs(root: Path, source_index: int, dataset: str, *,
+                          roots: Roots | None = None) -> Iterator[ClipRef]:
     base, names = tsv_files(root)
     if not (base / "clips").is_dir():
         raise SourceError(f"{base / 'clips'}: missing Common Voice audio folder; " + TSV_FIX)
@@ -76,17 +92,20 @@ def iter_commonvoice_refs(root: Path, source_index: int, dataset: str) -> Iterat
         with open(base / name, "rb") as f:
             f.seek(start)
             offset = start
-            for line in iter(f.readline, b""):
-                if line.strip():
+            while True:
+                line, size = read_line(f)
+                if not size:
+                    break
+                if line.strip() or not line:  # an over-long line is a ref too: its load reports it
                     fields = _fields(line)
                     local = _local_id(fields[i_path]) if len(fields) > i_path and fields[i_path].strip() else None
-                    yield ClipRef(id=f"{dataset}/{local or f'{name}@{offset}'}", source=source_index,
+                    yield ClipRef(id=make_id(dataset, local or f"{name}@{offset}"), source=source_index,
                                   locator=f"{name}:{offset}")
-                offset += len(line)
+                offset += size
 
 
 def load_commonvoice_clip(root: Path, locator: str, *, clip_id: str, dataset: str, language: str | None,
-                          extra_labels: dict[str, str]) -> Clip:
+                          extra_labels: dict[str, str], roots: Roots | None = None) -> Clip:
     base = root.parent if root.is_file() else root
     name, _, off = locator.rpartition(":")
     tsv = base / name
@@ -95,7 +114,11 @@ def load_commonvoice_clip(root: Path, locator: str, *, clip_id: str, dataset: st
     where = f"{tsv} at byte {offset}"
     with open(tsv, "rb") as f:
         f.seek(offset)
-        fields = _fields(f.readline())
+        line, size = read_line(f)
+    if size and not line:
+        msg = f"{where}: {too_long_line(size)}"
+        return Clip(id=clip_id, dataset=dataset, audio_uri=where, ingest_error=(ReasonCode.bad_row, msg))
+    fields = _fields(line)
     if len(fields) != len(columns):
         msg = f"{where}: row has {len(fields)} fields, header has {len(columns)}; fix or remove the row"
         return Clip(id=clip_id, dataset=dataset, audio_uri=where, ingest_error=(ReasonCode.bad_row, msg))
@@ -104,12 +127,16 @@ def load_commonvoice_clip(root: Path, locator: str, *, clip_id: str, dataset: st
     if not audio:
         msg = f"{where}: empty `path`; every row needs the clip's file name in clips/"
         return Clip(id=clip_id, dataset=dataset, audio_uri=where, ingest_error=(ReasonCode.bad_row, msg))
+    real = (roots or Roots.of(base)).check(str(base / "clips" / audio), where)
+    if isinstance(real, Rejected):
+        return real.clip(clip_id, dataset, where)
     labels = label_dict(extra_labels, [(RENAMED.get(k, k), v) for k, v in row.items() if k not in NOT_LABELS])
-    return Clip(id=clip_id, dataset=dataset, audio_uri=str((base / "clips" / audio).resolve()),
+    return Clip(id=clip_id, dataset=dataset, audio_uri=real,
                 transcript=one_line(row.get("sentence")), language=(row.get("locale") or "").strip() or language,
                 labels=labels)
 
 
-def prepare_commonvoice(path: str | Path, dataset: str = "commonvoice") -> Iterator[Clip]:
-    """Every clip of the corpus at `path`, lazily (what a run ingests, without planning or shards)."""
-    return prepare(iter_commonvoice_refs, load_commonvoice_clip, Path(path), dataset)
+def prepare_commonvoice(path: str | Path, dataset: str = "commonvoice", allowed_roots: Iterable[str] = ()) -> Iterator[Clip]:
+    """Every clip of the corpus at `path`, lazily (what a run ingests, without planning or shards);
+    audio is read below `path` and `allowed_roots` only."""
+    return prepare(iter_commonvoice_refs, load_commonvoice_clip, Path(path), dataset, allowed_roots)

@@ -20,7 +20,7 @@ import csv
 import io
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,13 +29,17 @@ from schemas.records import Clip
 from tasks.ingest.common import (
     ClipRef,
     FileKey,
+    Rejected,
+    Roots,
     SourceError,
-    iter_files,
+    WalkProblem,
     label_dict,
+    make_id,
     metadata_key,
     one_line,
     prepare,
     read_text,
+    walk,
 )
 
 # ---------------------------------------------------------------- CREMA-D
@@ -77,33 +81,43 @@ def _demographics(key: FileKey) -> dict[str, dict[str, str]]:
     return out
 
 
-def iter_cremad_refs(root: Path, source_index: int, dataset: str) -> Iterator[ClipRef]:
+def iter_cremad_refs(root: Path, source_index: int, dataset: str, *,
+                     roots: Roots | None = None) -> Iterator[ClipRef]:
     metadata_key(root / CREMAD_DEMOGRAPHICS, "CREMA-D speaker demographics", CREMAD_FIX)
     audio_dir = root / "AudioWAV"
     if not audio_dir.is_dir():
         raise SourceError(f"{audio_dir}: missing CREMA-D audio folder; point sources[].path at the CREMA-D "
                           "folder holding AudioWAV/ and VideoDemographics.csv")
+    try:
+        names = sorted(os.listdir(audio_dir))
+    except OSError as exc:
+        raise SourceError(f"{audio_dir}: cannot list the CREMA-D audio folder ({exc.strerror}); "
+                          "make it readable (chmod a+rx)") from None
     count = 0
-    for name in sorted(os.listdir(audio_dir)):
+    for name in names:
         if CREMAD_AUDIO.match(name):
             count += 1
-            yield ClipRef(id=f"{dataset}/{name.rsplit('.', 1)[0]}", source=source_index, locator=f"AudioWAV/{name}")
+            yield ClipRef(id=make_id(dataset, name.rsplit('.', 1)[0]), source=source_index,
+                          locator=f"AudioWAV/{name}")
     if count == 0:
         raise SourceError(f"{audio_dir}: no CREMA-D clips named <actor>_<sentence>_<emotion>_<level>.wav")
 
 
 def load_cremad_clip(root: Path, locator: str, *, clip_id: str, dataset: str, language: str | None,
-                     extra_labels: dict[str, str]) -> Clip:
+                     extra_labels: dict[str, str], roots: Roots | None = None) -> Clip:
     audio = root / locator
     m = CREMAD_AUDIO.match(audio.name)
     if m is None:
         raise SourceError(f"{audio}: not a CREMA-D clip name")
+    real = (roots or Roots.of(root)).check(str(audio))
+    if isinstance(real, Rejected):
+        return real.clip(clip_id, dataset, str(audio))
     actor, sentence, emotion, level = m.groups()
     people = _demographics(metadata_key(root / CREMAD_DEMOGRAPHICS, "CREMA-D speaker demographics", CREMAD_FIX))
     person = people.get(actor, {})
     labels = label_dict(extra_labels, [("speaker", actor), ("emotion", emotion), ("intensity", level),
                                        ("sentence", sentence), *person.items()])
-    return Clip(id=clip_id, dataset=dataset, audio_uri=str(audio.resolve()),
+    return Clip(id=clip_id, dataset=dataset, audio_uri=real,
                 transcript=CREMAD_SENTENCES.get(sentence.upper()), language=language or "en", labels=labels,
                 seed_labels=CREMAD_SEED_LABELS)
 
@@ -129,21 +143,28 @@ def _esd_transcripts(key: FileKey) -> dict[str, tuple[str, str]]:
     return out
 
 
-def iter_esd_refs(root: Path, source_index: int, dataset: str) -> Iterator[ClipRef]:
+def iter_esd_refs(root: Path, source_index: int, dataset: str, *, roots: Roots | None = None) -> Iterator[ClipRef]:
     speakers = sorted(d.name for d in os.scandir(root) if d.is_dir() and ESD_SPEAKER.match(d.name))
     if not speakers:
         raise SourceError(f"{root}: no ESD speaker folders (0001/ ... 0020/); point sources[].path at the folder "
                           "holding them (`Emotion Speech Dataset/`)")
+    roots = roots or Roots.of(root)
     for speaker in speakers:
         metadata_key(root / speaker / f"{speaker}.txt", "ESD transcript file", _esd_transcript_fix(speaker))
-        for rel in iter_files(root / speaker, lambda name: ESD_AUDIO.match(name) is not None):
-            if "/" in rel:  # audio lives in <Emotion>/ folders; ignore stray files next to <spk>.txt
-                yield ClipRef(id=f"{dataset}/{rel.rsplit('/', 1)[1].rsplit('.', 1)[0]}", source=source_index,
+        for rel in walk(root / speaker, lambda name: ESD_AUDIO.match(name) is not None, roots):
+            if isinstance(rel, WalkProblem):
+                yield WalkProblem(f"{speaker}/{rel.rel}".rstrip("/"), rel.reason, rel.message).ref(
+                    dataset, source_index)
+            elif "/" in rel:  # audio lives in <Emotion>/ folders; ignore stray files next to <spk>.txt
+                yield ClipRef(id=make_id(dataset, rel.rsplit('/', 1)[1].rsplit('.', 1)[0]), source=source_index,
                               locator=f"{speaker}/{rel}")
 
 
 def load_esd_clip(root: Path, locator: str, *, clip_id: str, dataset: str, language: str | None,
-                  extra_labels: dict[str, str]) -> Clip:
+                  extra_labels: dict[str, str], roots: Roots | None = None) -> Clip:
+    real = (roots or Roots.of(root)).check(str(root / locator))
+    if isinstance(real, Rejected):
+        return real.clip(clip_id, dataset, str(root / locator))
     parts = locator.split("/")
     speaker, emotion, utt = parts[0], parts[1], parts[-1].rsplit(".", 1)[0]
     split = parts[2] if len(parts) > 3 else None
@@ -152,15 +173,17 @@ def load_esd_clip(root: Path, locator: str, *, clip_id: str, dataset: str, langu
         utt, (None, None))
     corpus_language = "zh" if speaker.isdigit() and int(speaker) <= 10 else "en"
     labels = label_dict(extra_labels, [("speaker", speaker), ("emotion", emotion), ("split", split)])
-    return Clip(id=clip_id, dataset=dataset, audio_uri=str((root / locator).resolve()), transcript=one_line(text),
+    return Clip(id=clip_id, dataset=dataset, audio_uri=real, transcript=one_line(text),
                 language=language or corpus_language, labels=labels)
 
 
-def prepare_cremad(path: str | Path, dataset: str = "cremad") -> Iterator[Clip]:
-    """Every clip of the corpus at `path`, lazily (what a run ingests, without planning or shards)."""
-    return prepare(iter_cremad_refs, load_cremad_clip, Path(path), dataset)
+def prepare_cremad(path: str | Path, dataset: str = "cremad", allowed_roots: Iterable[str] = ()) -> Iterator[Clip]:
+    """Every clip of the corpus at `path`, lazily (what a run ingests, without planning or shards);
+    audio is read below `path` and `allowed_roots` only."""
+    return prepare(iter_cremad_refs, load_cremad_clip, Path(path), dataset, allowed_roots)
 
 
-def prepare_esd(path: str | Path, dataset: str = "esd") -> Iterator[Clip]:
-    """Every clip of the corpus at `path`, lazily (what a run ingests, without planning or shards)."""
-    return prepare(iter_esd_refs, load_esd_clip, Path(path), dataset)
+def prepare_esd(path: str | Path, dataset: str = "esd", allowed_roots: Iterable[str] = ()) -> Iterator[Clip]:
+    """Every clip of the corpus at `path`, lazily (what a run ingests, without planning or shards);
+    audio is read below `path` and `allowed_roots` only."""
+    return prepare(iter_esd_refs, load_esd_clip, Path(path), dataset, allowed_roots)

@@ -1,9 +1,12 @@
 """Audio folders: every audio file below a directory, with optional sidecar transcripts.
 
 A sidecar is `<name>.txt` or `<name>.lab` next to the audio. The clip id is the path relative to
-the folder without its extension (stable across runs and machines). Walks lazily in sorted order.
-Files that are neither audio nor sidecars are not clips, but they are counted (`skipped_files`)
-so a run names what it left out instead of dropping a folder of .m4b or .pdf files silently.
+the folder without its extension (stable across runs and machines; control characters
+percent-encoded). Walks lazily in sorted order, opening no file (see `common.walk`): a folder it
+cannot enter (unreadable, a link loop, a link to a folder outside the allowed roots) becomes a
+quarantine row `<dataset>/<relative dir>/`. Files that are neither audio nor sidecars are not
+clips, but they are counted (`skipped_files`) so a run names what it left out instead of dropping
+a folder of .m4b or .pdf files silently.
 """
 
 from __future__ import annotations
@@ -15,7 +18,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from schemas.records import Clip
-from tasks.ingest.common import AUDIO_SUFFIXES, ClipRef, iter_files
+from tasks.ingest.common import (
+    AUDIO_SUFFIXES,
+    ClipRef,
+    Rejected,
+    Roots,
+    SourceError,
+    iter_files,
+    make_id,
+    read_small,
+    walk,
+)
 
 SIDECAR_SUFFIXES = (".txt", ".lab")
 NO_EXTENSION = "(no extension)"
@@ -25,15 +38,17 @@ def is_audio_name(name: str) -> bool:
     return name.lower().endswith(AUDIO_SUFFIXES)
 
 
-def iter_audio_files(root: Path) -> Iterator[str]:
+def iter_audio_files(root: Path, roots: Roots | None = None) -> Iterator[str]:
     """Relative posix paths of audio files, depth-first in sorted order, without a full listing."""
-    return iter_files(root, is_audio_name)
+    return iter_files(root, is_audio_name, roots)
 
 
-def iter_folder_refs(root: Path, source_index: int, dataset: str) -> Iterator[ClipRef]:
-    for rel in iter_audio_files(root):
-        local = rel.rsplit(".", 1)[0]
-        yield ClipRef(id=f"{dataset}/{local}", source=source_index, locator=rel)
+def iter_folder_refs(root: Path, source_index: int, dataset: str, roots: Roots | None = None) -> Iterator[ClipRef]:
+    for item in walk(root, is_audio_name, roots):
+        if isinstance(item, str):
+            yield ClipRef(id=make_id(dataset, item.rsplit(".", 1)[0]), source=source_index, locator=item)
+        else:
+            yield item.ref(dataset, source_index)
 
 
 def skipped_files(root: Path) -> Counter[str]:
@@ -52,23 +67,35 @@ def skipped_files(root: Path) -> Counter[str]:
     return counts
 
 
-def read_sidecar(audio_path: Path) -> str | None:
+MAX_SIDECAR_BYTES = 1024 * 1024
+
+
+def read_sidecar(audio_path: Path, roots: Roots | None = None) -> str | None:
+    """The transcript next to the audio: a regular file inside the roots, else none."""
+    roots = roots or Roots.of(audio_path.parent)
     for suffix in SIDECAR_SUFFIXES:
         side = audio_path.with_suffix(suffix)
-        if side.is_file():
-            text = " ".join(side.read_text(encoding="utf-8", errors="replace").split())
+        if side.is_file() and isinstance(roots.check(str(side)), str):
+            try:
+                text = " ".join(read_small(side, MAX_SIDECAR_BYTES).decode("utf-8", errors="replace").split())
+            except (OSError, SourceError):
+                return None
             return text or None
     return None
 
 
 def folder_clip(root: Path, rel: str, *, clip_id: str, dataset: str, language: str | None,
-                extra_labels: dict[str, str]) -> Clip:
+                extra_labels: dict[str, str], roots: Roots | None = None) -> Clip:
     audio_path = root / rel
+    roots = roots or Roots.of(root)
+    real = roots.check(str(audio_path))
+    if isinstance(real, Rejected):
+        return real.clip(clip_id, dataset, str(audio_path))
     return Clip(
         id=clip_id,
         dataset=dataset,
-        audio_uri=str(audio_path.resolve()),
-        transcript=read_sidecar(audio_path),
+        audio_uri=real,
+        transcript=read_sidecar(audio_path, roots),
         language=language,
         labels=dict(extra_labels),
     )

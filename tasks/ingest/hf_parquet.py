@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import bisect
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -32,7 +32,16 @@ import pyarrow.parquet as pq
 
 from schemas.records import Clip, ReasonCode
 from storage.s3 import shared_arrow_filesystem
-from tasks.ingest.common import ClipRef, SourceError, clean_label_value, one_line, prepare
+from tasks.ingest.common import (
+    ClipRef,
+    Rejected,
+    Roots,
+    SourceError,
+    clean_label_value,
+    make_id,
+    one_line,
+    prepare,
+)
 
 TRANSCRIPT_COLUMNS = ("text", "sentence", "transcript", "transcription")
 ID_COLUMN = "id"
@@ -168,21 +177,22 @@ def _stem(rel: str) -> str:
     return rel[: -len(".parquet")] if rel.lower().endswith(".parquet") else rel
 
 
-def iter_hf_parquet_refs(root: Path | str, source_index: int, dataset: str) -> Iterator[ClipRef]:
+def iter_hf_parquet_refs(root: Path | str, source_index: int, dataset: str, *,
+                         roots: Roots | None = None) -> Iterator[ClipRef]:
     for ref in parquet_files(str(root)):
         meta = _meta_of(ref)
         width = max(6, len(str(max(meta.num_rows - 1, 0))))
         if meta.id is None:
             for row in range(meta.num_rows):
-                yield ClipRef(id=f"{dataset}/{_stem(ref.rel)}/{row:0{width}d}", source=source_index,
+                yield ClipRef(id=make_id(dataset, f"{_stem(ref.rel)}/{row:0{width}d}"), source=source_index,
                               locator=f"{ref.rel}#{row}")
             continue
         row = 0
         for batch in _open(ref.uri).iter_batches(columns=[meta.id], batch_size=4096):
             for value in batch.column(0).to_pylist():
                 local = clean_label_value(value) if value is not None else ""
-                yield ClipRef(id=f"{dataset}/{local or f'{_stem(ref.rel)}/{row:0{width}d}'}", source=source_index,
-                              locator=f"{ref.rel}#{row}")
+                yield ClipRef(id=make_id(dataset, local or f"{_stem(ref.rel)}/{row:0{width}d}"),
+                              source=source_index, locator=f"{ref.rel}#{row}")
                 row += 1
 
 
@@ -216,7 +226,7 @@ def _remote_base(root: str) -> str:
 
 
 def load_hf_parquet_clip(root: Path | str, locator: str, *, clip_id: str, dataset: str, language: str | None,
-                         extra_labels: dict[str, str]) -> Clip:
+                         extra_labels: dict[str, str], roots: Roots | None = None) -> Clip:
     rel, _, row_text = locator.rpartition("#")
     root = str(root)
     if is_remote(root):
@@ -243,10 +253,15 @@ def load_hf_parquet_clip(root: Path | str, locator: str, *, clip_id: str, datase
         data = bytes(audio["bytes"])
     elif isinstance(audio, dict) and isinstance(audio.get("path"), str) and audio["path"].strip():
         path = audio["path"].strip()
-        if is_remote(path) or Path(path).is_absolute():
+        if is_remote(path) or path.startswith("/"):
             uri = path
         else:
             uri = _uri(ref.uri, f"{ref.uri.removeprefix('s3://').rsplit('/', 1)[0]}/{path}")
+        # A path in a row is read only below the source (its folder or s3:// prefix) or allowed_roots.
+        checked = (roots or Roots.of(root)).check(uri, where)
+        if isinstance(checked, Rejected):
+            return checked.clip(clip_id, dataset, where)
+        uri = checked
     else:
         msg = f"{where}: column {meta.audio!r} has neither bytes nor a path; fix or drop the row"
         return Clip(id=clip_id, dataset=dataset, audio_uri=where, ingest_error=(ReasonCode.bad_row, msg))
@@ -262,6 +277,7 @@ def load_hf_parquet_clip(root: Path | str, locator: str, *, clip_id: str, datase
                 language=str(lang) if lang else language, labels=labels)
 
 
-def prepare_hf_parquet(path: str | Path, dataset: str = "hf_parquet") -> Iterator[Clip]:
-    """Every clip of the corpus at `path`, lazily (what a run ingests, without planning or shards)."""
-    return prepare(iter_hf_parquet_refs, load_hf_parquet_clip, str(path), dataset)
+def prepare_hf_parquet(path: str | Path, dataset: str = "hf_parquet", allowed_roots: Iterable[str] = ()) -> Iterator[Clip]:
+    """Every clip of the corpus at `path`, lazily (what a run ingests, without planning or shards);
+    audio is read below `path` and `allowed_roots` only."""
+    return prepare(iter_hf_parquet_refs, load_hf_parquet_clip, str(path), dataset, allowed_roots)

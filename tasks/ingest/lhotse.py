@@ -27,6 +27,11 @@ Seed labels by default: every scalar supervision `custom` key that is not a cano
 Random access: each row is found again by its byte offset in the uncompressed stream. A `.jsonl.gz`
 is decompressed once per machine into a cache file (`$TMPDIR/speechpairs-lhotse/`, keyed by path,
 mtime and size) the first time a shard loads from it.
+
+Audio is read only below the manifest's folder and `sources[N].allowed_roots`: recordings often hold
+absolute paths from wherever lhotse ran, and such a clip is `path_outside_root` (its message names
+the folder to add to allowed_roots). A relative path is tried against the manifest folder, its
+parents and the cwd, but only where that lands inside the roots.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import hashlib
 import io
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -46,17 +51,23 @@ import numpy as np
 import soundfile as sf
 
 from schemas.attributes import SeedLabel, display_name
-from schemas.records import Clip, ReasonCode, Segment
+from schemas.records import Clip, QuarantineError, ReasonCode, Segment
+from tasks.audio import open_regular
 from tasks.features.labels import is_attribute_label
 from tasks.ingest.common import (
     ClipRef,
     FileKey,
+    Rejected,
+    Roots,
     SourceError,
     clean_label_value,
     file_key,
+    make_id,
     one_line,
     parse_json_object,
     prepare,
+    read_line,
+    too_long_line,
 )
 from tasks.llm.messages import sanitize_prompt_text
 
@@ -64,6 +75,8 @@ MANIFEST_ENDINGS = (".jsonl.gz", ".jsonl")
 KINDS = ("cuts", "supervisions", "recordings")
 WHOLE_FILE_TOLERANCE_S = 0.025  # lhotse's own duration-mismatch tolerance
 SUPERVISION_TOLERANCE_S = 0.025  # how far a supervision may stick out of a cut and still be inside it
+MAX_LINE_BYTES = 64 * 1024 * 1024  # one cut (a long recording's cut may list thousands of supervisions)
+LHOTSE_HINT = "lhotse manifests keep the audio paths of the machine that prepared them"
 
 
 def manifest_kind(name: str) -> str | None:
@@ -149,13 +162,23 @@ def _open(path: Path) -> io.BufferedIOBase:
 
 
 def iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(uncompressed byte offset, line) for every non-blank line."""
+    """(uncompressed byte offset, line) for every non-blank line; a line above MAX_LINE_BYTES comes
+    back as b"" (never held in memory), so its row is reported instead of read."""
     offset = 0
     with _open(path) as f:
-        for line in f:
-            if line.strip():
+        while True:
+            line, size = read_line(f, MAX_LINE_BYTES)  # type: ignore[arg-type]
+            if not size:
+                return
+            if line.strip() or not line:
                 yield offset, line
-            offset += len(line)
+            offset += size
+
+
+def _parse(line: bytes, where: str) -> dict[str, Any] | str:
+    if not line:
+        return f"{where}: {too_long_line(None, MAX_LINE_BYTES)}" if where else "too long"
+    return parse_json_object(line, where)
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -163,25 +186,26 @@ def _rel(path: Path, root: Path) -> str:
     return path.relative_to(base).as_posix()
 
 
-def iter_lhotse_refs(root: Path, source_index: int, dataset: str) -> Iterator[ClipRef]:
+def iter_lhotse_refs(root: Path, source_index: int, dataset: str, *,
+                     roots: Roots | None = None) -> Iterator[ClipRef]:
     """Locators: `<offset>@<file>` (cuts, recordings), `<sup offset>@<file>|<rec offset>@<file>`."""
     for unit in manifest_units(root):
         main = _rel(unit.main, root)
         if unit.kind == "cuts" or unit.supervisions is None:
             for offset, line in iter_lines(unit.main):
-                yield ClipRef(id=f"{dataset}/{_record_id(parse_json_object(line, ''), f'{main}@{offset}')}",
+                yield ClipRef(id=make_id(dataset, _record_id(_parse(line, ""), f"{main}@{offset}")),
                               source=source_index, locator=f"{offset}@{main}")
             continue
         # Supervisions point at recordings by id: remember each recording's offset (ids only, not records).
         rec_offsets: dict[str, int] = {}
         for offset, line in iter_lines(unit.main):
-            rec_offsets.setdefault(_record_id(parse_json_object(line, ""), ""), offset)
+            rec_offsets.setdefault(_record_id(_parse(line, ""), ""), offset)
         sup = _rel(unit.supervisions, root)
         for offset, line in iter_lines(unit.supervisions):
-            record = parse_json_object(line, "")
+            record = _parse(line, "")
             rec_id = str(record.get("recording_id", "")) if isinstance(record, dict) else ""
             rec_off = rec_offsets.get(rec_id, -1)
-            yield ClipRef(id=f"{dataset}/{_record_id(record, f'{sup}@{offset}')}", source=source_index,
+            yield ClipRef(id=make_id(dataset, _record_id(record, f"{sup}@{offset}")), source=source_index,
                           locator=f"{offset}@{sup}|{rec_off}@{main}")
 
 
@@ -222,20 +246,21 @@ def read_line_at(path: Path, offset: int) -> bytes:
     plain = _plain_copy(key) if path.name.lower().endswith(".gz") else str(path)
     with open(plain, "rb") as f:
         f.seek(offset)
-        return f.readline()
+        return read_line(f, MAX_LINE_BYTES)[0]
 
 
 # ---------------------------------------------------------------- records → clips
 
 
 def load_lhotse_clip(root: Path, locator: str, *, clip_id: str, dataset: str, language: str | None,
-                     extra_labels: dict[str, str]) -> Clip:
+                     extra_labels: dict[str, str], roots: Roots | None = None) -> Clip:
     base = root if root.is_dir() else root.parent
+    roots = roots or Roots.of(root)
     first, _, second = locator.partition("|")
     off, _, name = first.partition("@")
     path = base / name
     where = f"{path} at byte {off}"
-    record = parse_json_object(read_line_at(path, int(off)), where)
+    record = _parse(read_line_at(path, int(off)), where)
 
     def bad(message: str) -> Clip:
         return Clip(id=clip_id, dataset=dataset, audio_uri=where, ingest_error=(ReasonCode.bad_row, message))
@@ -244,23 +269,23 @@ def load_lhotse_clip(root: Path, locator: str, *, clip_id: str, dataset: str, la
         return bad(record)
     kind = manifest_kind(name)
     if kind == "cuts":
-        return _cut_clip(record, base, where, clip_id, dataset, language, extra_labels, bad)
+        return _cut_clip(record, base, where, clip_id, dataset, language, extra_labels, bad, roots)
     if not second:  # a recording without supervisions: the whole recording
         return _make_clip(record, [], 0.0, None, None, {}, base, where, clip_id, dataset, language, extra_labels,
-                          bad)
+                          bad, roots)
     rec_off, _, rec_name = second.partition("@")
     if int(rec_off) < 0:
         return bad(f"{where}: supervision {record.get('id')!r} refers to recording {record.get('recording_id')!r}, "
                    f"which is not in {base / rec_name}")
     rec_where = f"{base / rec_name} at byte {rec_off}"
-    recording = parse_json_object(read_line_at(base / rec_name, int(rec_off)), rec_where)
+    recording = _parse(read_line_at(base / rec_name, int(rec_off)), rec_where)
     if isinstance(recording, str):
         return bad(recording)
     start = float(record.get("start") or 0.0)
     duration = _float(record.get("duration"))
     sup = dict(record, start=0.0)  # relative to the clip, like a cut's supervisions
     return _make_clip(recording, [sup], start, duration, record.get("channel"), {}, base, where, clip_id,
-                      dataset, language, extra_labels, bad)
+                      dataset, language, extra_labels, bad, roots)
 
 
 def _float(value: Any) -> float | None:
@@ -271,7 +296,7 @@ def _float(value: Any) -> float | None:
 
 
 def _cut_clip(cut: dict[str, Any], base: Path, where: str, clip_id: str, dataset: str, language: str | None,
-              extra_labels: dict[str, str], bad: Callable[[str], Clip]) -> Clip:
+              extra_labels: dict[str, str], bad: Callable[[str], Clip], roots: Roots) -> Clip:
     cut_type = cut.get("type") or ("MixedCut" if "tracks" in cut else "MonoCut")
     recording = cut.get("recording")
     if cut_type not in ("MonoCut", "MultiCut") or not isinstance(recording, dict):
@@ -280,7 +305,8 @@ def _cut_clip(cut: dict[str, Any], base: Path, where: str, clip_id: str, dataset
     sups = [s for s in cut.get("supervisions") or [] if isinstance(s, dict)]
     custom = cut.get("custom") if isinstance(cut.get("custom"), dict) else {}
     return _make_clip(recording, sups, float(cut.get("start") or 0.0), _float(cut.get("duration")),
-                      cut.get("channel"), custom or {}, base, where, clip_id, dataset, language, extra_labels, bad)
+                      cut.get("channel"), custom or {}, base, where, clip_id, dataset, language, extra_labels, bad,
+                      roots)
 
 
 def _scalars(custom: Any) -> dict[str, str]:
@@ -363,7 +389,7 @@ def default_seed_labels(sups: list[dict[str, Any]]) -> list[SeedLabel]:
 
 def _make_clip(recording: dict[str, Any], sups: list[dict[str, Any]], start: float, duration: float | None,
                channel: Any, custom: dict[str, Any], base: Path, where: str, clip_id: str, dataset: str,
-               language: str | None, extra_labels: dict[str, str], bad: Callable[[str], Clip]) -> Clip:
+               language: str | None, extra_labels: dict[str, str], bad: Callable[[str], Clip], roots: Roots) -> Clip:
     length = duration if duration is not None else _float(recording.get("duration"))
     own = inside(sups, length, channel)
     spans = [_span(s, length) for s in own]
@@ -374,29 +400,48 @@ def _make_clip(recording: dict[str, Any], sups: list[dict[str, Any]], start: flo
     languages = {clean_label_value(s["language"]) for s in own if s.get("language") is not None}
     lang = languages.pop() if len(languages) == 1 else language
     texts = [s.text for s in spans if s.text]
-    audio = _audio(recording, start, duration, channel, base, where)
+    audio = _audio(recording, start, duration, channel, base, where, roots)
     if isinstance(audio, str):
         return bad(audio)
+    if isinstance(audio, Rejected):
+        return audio.clip(clip_id, dataset, where)
     uri, data = audio
     return Clip(id=clip_id, dataset=dataset, audio_uri=uri, audio_bytes=data,
                 transcript=" ".join(texts) or None, language=lang, labels=labels,
                 seed_labels=default_seed_labels(own), spans=spans if len(spans) > 1 else [])
 
 
-def _resolve(source: str, base: Path) -> Path:
-    """Relative paths are relative to where lhotse ran: try the manifest folder, its parents, the cwd."""
+def _resolve(source: str, base: Path, roots: Roots, where: str) -> str | Rejected:
+    """The real path of a recording's audio, or why it is not read. Relative paths are relative to
+    where lhotse ran: the manifest folder, its parents and the cwd are tried, but only candidates
+    inside `roots` count; one found only outside them is `path_outside_root`, naming the folder."""
+    if "\0" in source or Path(source).expanduser().is_absolute():
+        return _hinted(roots.check(source, where))
     p = Path(source).expanduser()
-    if p.is_absolute():
-        return p
+    found_outside: Rejected | None = None
     for folder in (base, *list(base.parents)[:3], Path.cwd()):
-        if (folder / p).exists():
-            return (folder / p).resolve()
-    return (base / p).resolve()
+        checked = roots.check(str(folder / p), where)
+        if isinstance(checked, str):
+            if os.path.exists(checked):
+                return checked
+        elif (found_outside is None and checked.reason is ReasonCode.path_outside_root
+              and os.path.lexists(folder / p)):
+            found_outside = checked
+    if found_outside is not None:
+        return _hinted(found_outside)
+    return _hinted(roots.check(str(base / p), where))  # missing: the audio stage says missing_file
+
+
+def _hinted(checked: str | Rejected) -> str | Rejected:
+    if isinstance(checked, Rejected) and checked.reason is ReasonCode.path_outside_root:
+        return Rejected(checked.reason, f"{checked.message} ({LHOTSE_HINT})")
+    return checked
 
 
 def _audio(recording: dict[str, Any], start: float, duration: float | None, channel: Any, base: Path,
-           where: str) -> tuple[str, bytes | None] | str:
-    """(audio uri, embedded bytes or None for the whole file), or an error message."""
+           where: str, roots: Roots) -> tuple[str, bytes | None] | str | Rejected:
+    """(audio uri, embedded bytes or None for the whole file), an error message (bad_row), or a
+    rejection with its own reason (a path outside the roots, a FIFO...)."""
     rec_id = recording.get("id")
     transforms = [t for t in recording.get("transforms") or []
                   if not (isinstance(t, dict) and t.get("name") == "Resample")]
@@ -421,24 +466,41 @@ def _audio(recording: dict[str, Any], start: float, duration: float | None, chan
     whole = (start <= WHOLE_FILE_TOLERANCE_S and set(wanted) >= set(all_channels)
              and (end is None or rec_duration is None or end >= rec_duration - WHOLE_FILE_TOLERANCE_S))
     if src_type == "url":
+        checked = _hinted(roots.check(value, where))
+        if isinstance(checked, Rejected):
+            return checked
         if whole:
             return value, None
         return f"{where}: recording {rec_id!r}: segments of 'url' sources are not supported; copy the audio locally"
-    path = _resolve(value, base)
-    if whole or not path.is_file():  # a missing file is reported by the audio stage as missing_file
+    resolved = _resolve(value, base, roots, where)
+    if isinstance(resolved, Rejected):
+        return resolved
+    path = Path(resolved)
+    if whole or not os.path.lexists(path):  # the audio stage reads (or reports) the whole file
         return str(path), None
     src_channels = [int(c) for c in src.get("channels") or [0]]
     return _segment(path, start, duration, [src_channels.index(c) for c in wanted if c in src_channels], where)
 
 
 def _segment(path: Path, start: float, duration: float | None, channels: list[int],
-             where: str) -> tuple[str, bytes] | str:
-    """Cut [start, start+duration) (and the wanted channels) out of a file as FLAC bytes."""
+             where: str) -> tuple[str, bytes] | str | Rejected:
+    """Cut [start, start+duration) (and the wanted channels) out of a file as FLAC bytes; only a
+    regular file is opened (a FIFO or device is `not_a_file`, see `tasks.audio.open_regular`)."""
     try:
-        with sf.SoundFile(str(path)) as f:
+        handle, _ = open_regular(path, f"{where}: {path}", None)
+    except QuarantineError as exc:
+        return Rejected(exc.reason, exc.message)
+    try:
+        with handle, sf.SoundFile(handle) as f:
             sr = f.samplerate
             first = max(0, round(start * sr))
-            frames = f.frames - first if duration is None else round(duration * sr)
+            total = f.frames if 0 < f.frames < 2**62 else None  # a piped FLAC states no length
+            if duration is not None:
+                frames = round(duration * sr)
+            elif total is not None:
+                frames = total - first
+            else:
+                return f"{where}: {path} states no length in its header; re-encode it (e.g. `sox in.flac out.flac`)"
             if first > 0:
                 f.seek(first)
             samples = f.read(frames, dtype="float32", always_2d=True)
@@ -452,6 +514,7 @@ def _segment(path: Path, start: float, duration: float | None, channels: list[in
     return f"{path}#t={start:.3f},{end:.3f}", buf.getvalue()
 
 
-def prepare_lhotse(path: str | Path, dataset: str = "lhotse") -> Iterator[Clip]:
-    """Every clip of the corpus at `path`, lazily (what a run ingests, without planning or shards)."""
-    return prepare(iter_lhotse_refs, load_lhotse_clip, Path(path), dataset)
+def prepare_lhotse(path: str | Path, dataset: str = "lhotse", allowed_roots: Iterable[str] = ()) -> Iterator[Clip]:
+    """Every clip of the corpus at `path`, lazily (what a run ingests, without planning or shards);
+    audio is read below `path` and `allowed_roots` only."""
+    return prepare(iter_lhotse_refs, load_lhotse_clip, Path(path), dataset, allowed_roots)

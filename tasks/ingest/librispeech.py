@@ -16,21 +16,25 @@ labels by default: gender is a canonical attribute, chapter and subset are bookk
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
 
-from schemas.records import Clip
+from schemas.records import Clip, ReasonCode
 from tasks.ingest.common import (
     ClipRef,
     FileKey,
+    Rejected,
+    Roots,
     SourceError,
-    iter_files,
+    WalkProblem,
     label_dict,
+    make_id,
     metadata_key,
     one_line,
     prepare,
     read_text,
+    walk,
 )
 
 LIBRISPEECH_AUDIO = re.compile(r"^(\d+)-(\d+)-(\d+)\.flac$", re.IGNORECASE)
@@ -124,12 +128,17 @@ def _layout_error(root: Path, corpus: str) -> SourceError:
                        "(for LibriSpeech use kind: librispeech)")
 
 
-def iter_libri_refs(root: Path, source_index: int, dataset: str, corpus: str) -> Iterator[ClipRef]:
-    """Every utterance below `root` in sorted order; LibriSpeech chapters must have their transcript file."""
+def iter_libri_refs(root: Path, source_index: int, dataset: str, corpus: str,
+                    roots: Roots | None = None) -> Iterator[ClipRef]:
+    """Every utterance below `root` in sorted order; LibriSpeech chapters must have their transcript file.
+    A folder the walk cannot enter is a quarantine ref (see `common.walk`)."""
     pattern = LIBRISPEECH_AUDIO if corpus == "librispeech" else LIBRITTS_AUDIO
     checked: set[str] = set()
     count = 0
-    for rel in iter_files(root, lambda name: pattern.match(name) is not None):
+    for rel in walk(root, lambda name: pattern.match(name) is not None, roots):
+        if isinstance(rel, WalkProblem):
+            yield rel.ref(dataset, source_index)
+            continue
         folder, _, name = rel.rpartition("/")
         m = pattern.match(name)
         assert m is not None
@@ -141,17 +150,19 @@ def iter_libri_refs(root: Path, source_index: int, dataset: str, corpus: str) ->
                          "re-extract this chapter from the LibriSpeech tarball, or use kind: folder")
             checked.add(folder)
         count += 1
-        yield ClipRef(id=f"{dataset}/{name.rsplit('.', 1)[0]}", source=source_index, locator=rel)
+        yield ClipRef(id=make_id(dataset, name.rsplit('.', 1)[0]), source=source_index, locator=rel)
     if count == 0:
         raise _layout_error(root, corpus)
 
 
-def iter_librispeech_refs(root: Path, source_index: int, dataset: str) -> Iterator[ClipRef]:
-    return iter_libri_refs(root, source_index, dataset, "librispeech")
+def iter_librispeech_refs(root: Path, source_index: int, dataset: str, *,
+                          roots: Roots | None = None) -> Iterator[ClipRef]:
+    return iter_libri_refs(root, source_index, dataset, "librispeech", roots)
 
 
-def iter_libritts_refs(root: Path, source_index: int, dataset: str) -> Iterator[ClipRef]:
-    return iter_libri_refs(root, source_index, dataset, "libritts")
+def iter_libritts_refs(root: Path, source_index: int, dataset: str, *,
+                       roots: Roots | None = None) -> Iterator[ClipRef]:
+    return iter_libri_refs(root, source_index, dataset, "libritts", roots)
 
 
 def _split_of(rel: str) -> str | None:
@@ -161,8 +172,11 @@ def _split_of(rel: str) -> str | None:
 
 
 def load_librispeech_clip(root: Path, locator: str, *, clip_id: str, dataset: str, language: str | None,
-                          extra_labels: dict[str, str]) -> Clip:
+                          extra_labels: dict[str, str], roots: Roots | None = None) -> Clip:
     audio = root / locator
+    real = (roots or Roots.of(root)).check(str(audio))
+    if isinstance(real, Rejected):
+        return real.clip(clip_id, dataset, str(audio))
     utt = audio.name.rsplit(".", 1)[0]
     speaker, chapter, _ = utt.split("-", 2)
     trans = audio.parent / _trans_txt_name(speaker, chapter)
@@ -171,7 +185,7 @@ def load_librispeech_clip(root: Path, locator: str, *, clip_id: str, dataset: st
     spk = _speaker_labels(root, "librispeech", speaker)
     labels = label_dict(extra_labels, [("speaker", speaker), ("chapter", chapter), ("gender", spk.get("gender")),
                                        ("subset", _split_of(locator) or spk.get("subset"))])
-    return Clip(id=clip_id, dataset=dataset, audio_uri=str(audio.resolve()), transcript=one_line(text),
+    return Clip(id=clip_id, dataset=dataset, audio_uri=real, transcript=one_line(text),
                 language=language or "en", labels=labels)
 
 
@@ -183,12 +197,18 @@ def _read_optional(path: Path) -> str | None:
 
 
 def load_libritts_clip(root: Path, locator: str, *, clip_id: str, dataset: str, language: str | None,
-                       extra_labels: dict[str, str]) -> Clip:
+                       extra_labels: dict[str, str], roots: Roots | None = None) -> Clip:
     audio = root / locator
+    real = (roots or Roots.of(root)).check(str(audio))
+    if isinstance(real, Rejected):
+        return real.clip(clip_id, dataset, str(audio))
     utt = audio.name.rsplit(".", 1)[0]
     speaker, chapter, _ = utt.split("_", 2)
-    normalized = _read_optional(audio.with_name(f"{utt}.normalized.txt"))
-    original = _read_optional(audio.with_name(f"{utt}.original.txt"))
+    try:
+        normalized = _read_optional(audio.with_name(f"{utt}.normalized.txt"))
+        original = _read_optional(audio.with_name(f"{utt}.original.txt"))
+    except SourceError as exc:  # a FIFO or device in a transcript's place
+        return Clip(id=clip_id, dataset=dataset, audio_uri=real, ingest_error=(ReasonCode.not_a_file, str(exc)))
     if normalized is None:
         tsv = audio.with_name(f"{speaker}_{chapter}.trans.tsv")
         if tsv.is_file():
@@ -200,16 +220,18 @@ def load_libritts_clip(root: Path, locator: str, *, clip_id: str, dataset: str, 
     labels = label_dict(extra_labels, [("speaker", speaker), ("chapter", chapter), ("gender", spk.get("gender")),
                                        ("subset", _split_of(locator) or spk.get("subset")),
                                        ("original_text", one_line(original))])
-    return Clip(id=clip_id, dataset=dataset, audio_uri=str(audio.resolve()),
+    return Clip(id=clip_id, dataset=dataset, audio_uri=real,
                 transcript=one_line(normalized if normalized is not None else original),
                 language=language or "en", labels=labels)
 
 
-def prepare_librispeech(path: str | Path, dataset: str = "librispeech") -> Iterator[Clip]:
-    """Every clip of the corpus at `path`, lazily (what a run ingests, without planning or shards)."""
-    return prepare(iter_librispeech_refs, load_librispeech_clip, Path(path), dataset)
+def prepare_librispeech(path: str | Path, dataset: str = "librispeech", allowed_roots: Iterable[str] = ()) -> Iterator[Clip]:
+    """Every clip of the corpus at `path`, lazily (what a run ingests, without planning or shards);
+    audio is read below `path` and `allowed_roots` only."""
+    return prepare(iter_librispeech_refs, load_librispeech_clip, Path(path), dataset, allowed_roots)
 
 
-def prepare_libritts(path: str | Path, dataset: str = "libritts") -> Iterator[Clip]:
-    """Every clip of the corpus at `path`, lazily (what a run ingests, without planning or shards)."""
-    return prepare(iter_libritts_refs, load_libritts_clip, Path(path), dataset)
+def prepare_libritts(path: str | Path, dataset: str = "libritts", allowed_roots: Iterable[str] = ()) -> Iterator[Clip]:
+    """Every clip of the corpus at `path`, lazily (what a run ingests, without planning or shards);
+    audio is read below `path` and `allowed_roots` only."""
+    return prepare(iter_libritts_refs, load_libritts_clip, Path(path), dataset, allowed_roots)

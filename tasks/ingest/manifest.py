@@ -5,16 +5,18 @@ Columns: `path` (or `audio` / `audio_filepath`), optional `id`, `transcript` (or
 the manifest's folder. Each row is located by its byte offset so a shard can re-read just its rows
 without the manifest ever being held in memory.
 
-Text is UTF-8 (a BOM and CRLF line ends are fine). A row that is not UTF-8, not JSON or has the
-wrong number of fields comes back as an error text naming the file, line and byte offset, which
-becomes that clip's `bad_row` quarantine while the other rows go on.
+Text is UTF-8 (a BOM and CRLF line ends are fine). A row that is not UTF-8, not JSON, longer than
+MAX_LINE_BYTES or has the wrong number of fields comes back as an error text naming the file, line
+and byte offset, which becomes that clip's `bad_row` quarantine while the other rows go on. Audio
+paths must lead below the manifest's folder or `sources[N].allowed_roots` (`path_outside_root`
+otherwise); a NUL byte in a path is a `bad_row`.
 """
 
 from __future__ import annotations
 
 import csv
 import posixpath
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -23,12 +25,17 @@ from schemas.records import Clip, ReasonCode
 from tasks.ingest.common import (
     ClipRef,
     FileKey,
+    Rejected,
+    Roots,
     SourceError,
     clean_label_value,
     file_key,
     json_object,
+    make_id,
     not_utf8,
+    read_line,
     resolve_audio_uri,
+    too_long_line,
 )
 
 PATH_COLUMNS = ("path", "audio", "audio_filepath")
@@ -57,15 +64,19 @@ class _Lines:
         self.f = f
         self.line = line  # physical lines consumed so far
         self.bad: UnicodeDecodeError | None = None
+        self.too_long: int | None = None  # size of the first line above MAX_LINE_BYTES
 
     def __iter__(self) -> _Lines:
         return self
 
     def __next__(self) -> str:
-        raw = self.f.readline()
-        if not raw:
+        raw, size = read_line(self.f)
+        if not size:
             raise StopIteration
         self.line += 1
+        if not raw:  # longer than MAX_LINE_BYTES: skipped unread; the row is reported
+            self.too_long = self.too_long or size
+            return "\n"
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -74,7 +85,9 @@ class _Lines:
 
 
 def _csv_header(f: BinaryIO, delimiter: str, path: Path) -> list[str]:
-    raw = f.readline()
+    raw, size = read_line(f)
+    if size and not raw:
+        raise SourceError(f"{path} line 1 (the header): {too_long_line(size)}")
     try:
         line = raw.decode("utf-8-sig")  # a BOM is dropped from the first column's name
     except UnicodeDecodeError as exc:
@@ -96,10 +109,13 @@ def iter_manifest_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | st
             line = 0
             while True:
                 offset = f.tell()
-                raw = f.readline()
-                if not raw:
+                raw, size = read_line(f)
+                if not size:
                     return
                 line += 1
+                if not raw:
+                    yield offset, f"{_where(path, line, offset)}: {too_long_line(size)}"
+                    continue
                 if not raw.strip():
                     continue
                 yield offset, _json_row(raw, path, line, offset)
@@ -108,13 +124,16 @@ def iter_manifest_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | st
         lines = _Lines(f, line=1)
         reader = csv.reader(lines, delimiter=delimiter)
         while True:
-            offset, first, lines.bad = f.tell(), lines.line + 1, None
+            offset, first, lines.bad, lines.too_long = f.tell(), lines.line + 1, None, None
             try:
                 values = next(reader)
             except StopIteration:
                 return
             except csv.Error as exc:
                 yield offset, f"{_where(path, first, offset)}: bad CSV row ({exc}); fix or remove the row"
+                continue
+            if lines.too_long is not None:
+                yield offset, f"{_where(path, first, offset)}: {too_long_line(lines.too_long)}"
                 continue
             if lines.bad is not None:
                 yield offset, f"{_where(path, first, offset)}: {not_utf8(lines.bad)}"
@@ -146,7 +165,10 @@ def read_record_at(path: Path, offset: int) -> dict[str, Any] | str:
     with path.open("rb") as f:
         if fmt == "jsonl":
             f.seek(offset)
-            return _json_row(f.readline(), path, None, offset)
+            raw, size = read_line(f)
+            if size and not raw:
+                return f"{_where(path, None, offset)}: {too_long_line(size)}"
+            return _json_row(raw, path, None, offset)
         delimiter = "\t" if fmt == "tsv" else ","
         header = _csv_header(f, delimiter, path)
         f.seek(offset)
@@ -157,6 +179,8 @@ def read_record_at(path: Path, offset: int) -> dict[str, Any] | str:
             return f"{_where(path, None, offset)}: no row here; the manifest changed after planning, re-run"
         except csv.Error as exc:
             return f"{_where(path, None, offset)}: bad CSV row ({exc}); fix or remove the row"
+        if lines.too_long is not None:
+            return f"{_where(path, None, offset)}: {too_long_line(lines.too_long)}"
         if lines.bad is not None:
             return f"{_where(path, None, offset)}: {not_utf8(lines.bad)}"
         return _zip_row(header, values, path, None, offset)
@@ -206,12 +230,19 @@ def local_id(record: dict[str, Any] | str, offset: int) -> str:
 
 def iter_manifest_refs(path: Path, source_index: int, dataset: str) -> Iterator[ClipRef]:
     for offset, record in iter_manifest_records(path):
-        yield ClipRef(id=f"{dataset}/{local_id(record, offset)}", source=source_index, locator=str(offset))
+        yield ClipRef(id=make_id(dataset, local_id(record, offset)), source=source_index, locator=str(offset))
+
+
+def row_locator(path: Path, offset: int) -> Callable[[], str]:
+    """`<file> line N (byte B)`, computed only when a row's message needs it."""
+    return lambda: _where(path, None, offset)
 
 
 def record_to_clip(record: dict[str, Any] | str, *, clip_id: str, dataset: str, base: Path,
-                   language: str | None, extra_labels: dict[str, str], where: str) -> Clip:
-    """One manifest row → Clip; a row without usable audio path becomes a Clip with an ingest error."""
+                   language: str | None, extra_labels: dict[str, str], where: str, roots: Roots | None = None,
+                   locate: Callable[[], str] | None = None) -> Clip:
+    """One manifest row → Clip; a row without usable audio path (or one that leads outside `roots`,
+    default: `base`) becomes a Clip with an ingest error, located by `locate()` (default `where`)."""
     if isinstance(record, str):
         return Clip(id=clip_id, dataset=dataset, audio_uri=where, ingest_error=(ReasonCode.bad_row, record))
     key, audio = _first(record, PATH_COLUMNS)
@@ -219,6 +250,9 @@ def record_to_clip(record: dict[str, Any] | str, *, clip_id: str, dataset: str, 
         msg = (f"{where}: no audio path; add a `path` column (or `audio` / `audio_filepath`) "
                f"with a file path relative to the manifest")
         return Clip(id=clip_id, dataset=dataset, audio_uri=where, ingest_error=(ReasonCode.bad_row, msg))
+    real = (roots or Roots.of(base)).check(resolve_audio_uri(audio.strip(), base), locate or where)
+    if isinstance(real, Rejected):
+        return real.clip(clip_id, dataset, where)
     tkey, transcript = _first(record, TRANSCRIPT_COLUMNS)
     lang = record.get("language") or language
     skip = {"id", "language", key, tkey}
@@ -227,7 +261,7 @@ def record_to_clip(record: dict[str, Any] | str, *, clip_id: str, dataset: str, 
     return Clip(
         id=clip_id,
         dataset=dataset,
-        audio_uri=resolve_audio_uri(audio.strip(), base),
+        audio_uri=real,
         transcript=" ".join(str(transcript).split()) if transcript is not None else None,
         language=str(lang) if lang else None,
         labels=labels,

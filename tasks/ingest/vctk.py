@@ -11,23 +11,27 @@ Seed labels by default: `region` as `Region` (gender, age and accent are canonic
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
 from pathlib import Path
 
 from schemas.attributes import SeedLabel
-from schemas.records import Clip
+from schemas.records import Clip, ReasonCode
 from tasks.ingest.common import (
     ClipRef,
     FileKey,
+    Rejected,
+    Roots,
     SourceError,
+    WalkProblem,
     label_dict,
+    make_id,
     metadata_key,
     one_line,
     prepare,
     read_text,
+    walk,
 )
 
 AUDIO_DIRS = ("wav48_silence_trimmed", "wav48")
@@ -65,48 +69,61 @@ def _mic_rank(mic: str | None) -> tuple[int, str]:
     return (0, "") if mic in (None, "mic1") else (1, mic or "")
 
 
-def iter_vctk_refs(root: Path, source_index: int, dataset: str) -> Iterator[ClipRef]:
-    """One ref per utterance (preferring mic1), speakers and utterances in sorted order."""
+def iter_vctk_refs(root: Path, source_index: int, dataset: str, *, roots: Roots | None = None) -> Iterator[ClipRef]:
+    """One ref per utterance (preferring mic1), speakers and utterances in sorted order; a speaker
+    folder that cannot be entered is a quarantine ref (see `common.walk`)."""
     metadata_key(root / SPEAKER_INFO, "VCTK speaker list", SPEAKER_INFO_FIX)
     audio_dir = _audio_dir(root)
     count = 0
-    for speaker in sorted(d.name for d in os.scandir(audio_dir) if d.is_dir() and not d.name.startswith(".")):
-        best: dict[str, tuple[tuple[int, str], str]] = {}
-        for name in os.listdir(audio_dir / speaker):
-            m = AUDIO_NAME.match(name)
-            if m is None:
-                continue
-            utt = f"{m.group(1)}_{m.group(2)}"
-            rank = _mic_rank(m.group(3))
-            if utt not in best or rank < best[utt][0]:
-                best[utt] = (rank, name)
-        for utt in sorted(best):
+    best: dict[str, dict[str, tuple[tuple[int, str], str]]] = {}  # speaker -> utt -> (rank, file name)
+    for item in walk(audio_dir, lambda name: AUDIO_NAME.match(name) is not None, roots or Roots.of(root)):
+        if isinstance(item, WalkProblem):
+            yield WalkProblem(f"{audio_dir.name}/{item.rel}".rstrip("/"), item.reason, item.message).ref(
+                dataset, source_index)
+            continue
+        speaker, _, name = item.rpartition("/")
+        m = AUDIO_NAME.match(name)
+        if not speaker or "/" in speaker or speaker.startswith(".") or m is None:
+            continue  # only <audio dir>/<speaker>/<file>
+        utt = f"{m.group(1)}_{m.group(2)}"
+        rank = _mic_rank(m.group(3))
+        mine = best.setdefault(speaker, {})
+        if utt not in mine or rank < mine[utt][0]:
+            mine[utt] = (rank, name)
+    for speaker in sorted(best):
+        for utt in sorted(best[speaker]):
             count += 1
-            rel = f"{audio_dir.name}/{speaker}/{best[utt][1]}"
-            yield ClipRef(id=f"{dataset}/{utt}", source=source_index, locator=rel)
+            rel = f"{audio_dir.name}/{speaker}/{best[speaker][utt][1]}"
+            yield ClipRef(id=make_id(dataset, utt), source=source_index, locator=rel)
     if count == 0:
         raise SourceError(f"{audio_dir}: no VCTK audio (<spk>/<spk>_<utt>_mic1.flac or <spk>/<spk>_<utt>.wav)")
 
 
 def load_vctk_clip(root: Path, locator: str, *, clip_id: str, dataset: str, language: str | None,
-                   extra_labels: dict[str, str]) -> Clip:
+                   extra_labels: dict[str, str], roots: Roots | None = None) -> Clip:
     audio = root / locator
     m = AUDIO_NAME.match(audio.name)
     if m is None:  # locators come from iter_vctk_refs; a hand-edited plan is not worth a crash
         raise SourceError(f"{audio}: not a VCTK audio file name")
+    real = (roots or Roots.of(root)).check(str(audio))
+    if isinstance(real, Rejected):
+        return real.clip(clip_id, dataset, str(audio))
     speaker, utt, mic = m.group(1), f"{m.group(1)}_{m.group(2)}", m.group(3)
     info = _speaker_info(metadata_key(root / SPEAKER_INFO, "VCTK speaker list", SPEAKER_INFO_FIX)).get(speaker, {})
     try:
         transcript = one_line(read_text(root / "txt" / speaker / f"{utt}.txt"))
     except FileNotFoundError:
         transcript = None  # a few VCTK utterances (and all of p315) have no text
+    except SourceError as exc:  # a FIFO or device in the transcript's place
+        return Clip(id=clip_id, dataset=dataset, audio_uri=real, ingest_error=(ReasonCode.not_a_file, str(exc)))
     labels = label_dict(extra_labels, [("speaker", speaker), ("gender", info.get("gender")), ("age", info.get("age")),
                                        ("accent", info.get("accent")), ("region", info.get("region")),
                                        ("comment", info.get("comment")), ("mic", mic)])
-    return Clip(id=clip_id, dataset=dataset, audio_uri=str(audio.resolve()), transcript=transcript,
+    return Clip(id=clip_id, dataset=dataset, audio_uri=real, transcript=transcript,
                 language=language or "en", labels=labels, seed_labels=SEED_LABELS)
 
 
-def prepare_vctk(path: str | Path, dataset: str = "vctk") -> Iterator[Clip]:
-    """Every clip of the corpus at `path`, lazily (what a run ingests, without planning or shards)."""
-    return prepare(iter_vctk_refs, load_vctk_clip, Path(path), dataset)
+def prepare_vctk(path: str | Path, dataset: str = "vctk", allowed_roots: Iterable[str] = ()) -> Iterator[Clip]:
+    """Every clip of the corpus at `path`, lazily (what a run ingests, without planning or shards);
+    audio is read below `path` and `allowed_roots` only."""
+    return prepare(iter_vctk_refs, load_vctk_clip, Path(path), dataset, allowed_roots)

@@ -49,6 +49,7 @@ def _read(name: str) -> np.ndarray:
 @dataclass
 class Corpus:
     folder: Path
+    audio: Path  # the recordings (absolute paths in the manifests): a sibling of `folder`, so allowed_roots
     cuts: dict[str, Any]  # cut id -> the lhotse cut, as lhotse reads it back from the files we ingest
     bounds: dict[str, float]
 
@@ -120,16 +121,17 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
         CutSet.from_cuts(items).to_file(folder / f"cuts_{name}.jsonl.gz")
     read_back = {c.id: c for name in sets for c in CutSet.from_file(folder / f"cuts_{name}.jsonl.gz")}
     # Relative audio paths, as lhotse recipes often write them, resolve from where lhotse ran.
-    return Corpus(folder, read_back, {"b1": b1, "b2": b2, "end": end})
+    return Corpus(folder, audio, read_back, {"b1": b1, "b2": b2, "end": end})
 
 
 @pytest.fixture(scope="module")
 def clips(corpus: Corpus) -> dict[str, Clip]:
-    return {c.id.split("/", 1)[1]: c for c in prepare_lhotse(corpus.folder, "talk")}
+    return {c.id.split("/", 1)[1]: c for c in prepare_lhotse(corpus.folder, "talk", [str(corpus.audio)])}
 
 
 def _run(corpus: Corpus, root: Path, **source: Any) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
-    config = parse_config({"sources": [{"kind": "lhotse", "path": str(corpus.folder), "dataset": "talk", **source}],
+    config = parse_config({"sources": [{"kind": "lhotse", "path": str(corpus.folder), "dataset": "talk",
+                                        "allowed_roots": [str(corpus.audio)], **source}],
                            "output": {"root": str(root), "dataset": "talk", "shard_size": 50}}, environ={})
     manifest = run_plain(config)
     base = root / "talk" / manifest.lineage.version
@@ -284,7 +286,7 @@ def test_span_pitch_is_measured_on_that_span(corpus: Corpus, rows: dict[str, dic
 
 def test_multi_speaker_quarantine_and_seed_label_override(corpus: Corpus) -> None:
     sources = [SourceConfig(kind="lhotse", path=str(corpus.folder), dataset="talk", multi_speaker="quarantine",
-                            seed_labels=["sentiment: Mood"])]
+                            seed_labels=["sentiment: Mood"], allowed_roots=[str(corpus.audio)])]
     loaded = {ref.id.split("/", 1)[1]: load_clip(ref, sources) for ref in iter_refs(sources)}
     held = {k for k, c in loaded.items() if c.ingest_error and c.ingest_error[0] is ReasonCode.multi_speaker}
     assert held == {"talk-whole", "slice-mf", "split-right", "duo-whole", "duo-trim-duo-f"}
