@@ -286,7 +286,7 @@ def _check_samples(samples: np.ndarray, where: str, config: AudioConfig) -> tupl
     return mono, int(channels), float(np.mean(np.abs(mono) >= config.clip_level))
 
 
-DC_MIN = 1e-3  # -60 dBFS: a smaller offset is inaudible and stays in the stored samples
+DC_MIN_RATIO = 0.01  # an offset 40 dB or more below the signal's peak stays in the stored samples
 
 
 def _remove_dc(mono: np.ndarray, where: str, config: AudioConfig) -> np.ndarray:
@@ -295,8 +295,9 @@ def _remove_dc(mono: np.ndarray, where: str, config: AudioConfig) -> np.ndarray:
     A DC offset is not signal: left in, a constant file would pass the silence check at its offset's
     level and a VAD would count it as energy. A pure-DC file (or DC plus a whisper of noise) is
     therefore `silent`, and every later stage measures the audio without its offset. An offset
-    under DC_MIN is only left out of the decision: subtracting it would turn stretches of digital
-    silence into a faint constant, which blind SNR estimators read as noise.
+    under DC_MIN_RATIO of the peak is only left out of the decision: it changes no measure, while
+    subtracting it would turn stretches of digital silence (TTS output, edited files) into a faint
+    constant that a blind SNR estimate reads as noise.
     """
     offset = float(np.mean(mono, dtype=np.float64))
     centred = (mono - np.float32(offset)).astype(np.float32, copy=False)
@@ -306,7 +307,7 @@ def _remove_dc(mono: np.ndarray, where: str, config: AudioConfig) -> np.ndarray:
         dc = f" after removing a DC offset of {offset:+.3g}" if abs(offset) >= 1e-4 else ""
         raise _fail(ReasonCode.silent,
                     f"{where}: peak {peak_db:.1f} dBFS{dc} < audio.silence_dbfs={config.silence_dbfs}")
-    return centred if abs(offset) >= DC_MIN else mono
+    return centred if abs(offset) >= DC_MIN_RATIO * peak else mono
 
 
 def require_speech(speech_s: float | None, where: str, config: AudioConfig) -> None:

@@ -33,7 +33,7 @@ from tasks.features import extract_features
 from tasks.features.labels import ATTRIBUTES, corpus_label_key, is_no_label, resolve_attributes
 from tasks.llm.messages import sanitize_prompt_text
 
-DESCRIBE_VERSION = "describe/2"  # 2: corpus seed labels, multi-span seeds, sanitised names/values
+DESCRIBE_VERSION = "describe/3"  # 2: corpus seed labels, multi-span seeds, sanitised names/values; 3: NFKC
 
 
 class BinScale(BaseModel):
@@ -267,6 +267,29 @@ def format_timestamp(seconds: float, fmt: str) -> str:
     if fmt == "desta2":
         return f"{total // 3600:02d}:{total % 3600 // 60:02d}:{total % 60:02d}"
     return f"{total // 60:02d}:{total % 60:02d}"
+
+
+def prompt_transcript(transcript: str | None, attributes: Mapping[str, str],
+                      segments: Sequence[Segment] | None = None) -> str | None:
+    """The transcript as the seed shows it (sanitised with the seed's attribute names), for the LLM
+    request and QC: a response quoting the words it was shown must match them, and the template
+    backend must never copy a chat token or a forged span from the raw text into a response."""
+    names = [*attributes, *(k for seg in segments or () for k in seg.attributes)]
+    return sanitize_prompt_text(transcript, labels=names) or None
+
+
+# What only a voice has: a non-speech source's seed (sources[].speech: false) leaves these out,
+# as well as a gender guessed from pitch (a corpus gender label still counts).
+VOICE_FEATURES = ("pitch_mean_hz", "pitch_std_hz", "speaking_rate_wps", "speaking_rate_sps", "speaking_rate_pps")
+
+
+def without_voice(features: Features) -> Features:
+    """A non-speech clip's features: no pitch, no speaking rate, no gender from the pitch heuristic
+    (a dog's bark has a pitch, not a speaker gender), so its labels-only seed claims no voice."""
+    update: dict[str, object] = dict.fromkeys(VOICE_FEATURES)
+    if features.gender_source == "pitch_heuristic":
+        update.update(gender=None, gender_score=None, gender_source=None)
+    return features.model_copy(update=update)
 
 
 def _span(start_s: float, end_s: float, fmt: str) -> str:

@@ -9,10 +9,11 @@ import pytest
 import soundfile as sf
 
 import tasks.audio
-from schemas.config import AudioConfig, SourceConfig
+from schemas.config import AudioConfig, RunConfig, SourceConfig
 from schemas.records import Clip, QuarantineError, Stage
 from tasks.audio import encode_audio, load_audio
 from tasks.ingest import iter_refs, load_clip
+from tasks.pipeline import _Acc, _measure
 from tests.corrupt_zoo import build_zoo, ffmpeg_encode
 
 CFG = AudioConfig()
@@ -23,30 +24,39 @@ def _clip(path: Path) -> Clip:
 
 
 def test_corrupt_zoo_each_clip_gets_its_reason(tmp_path: Path, sample_corpus: Path) -> None:
+    """Each zoo clip through the pipeline's own per-clip checks (`_measure`: ingest errors, the
+    transcript cap, decode and sample checks, features, the speech check): its exact reason, at its stage."""
     manifest, expected = build_zoo(tmp_path, sample_corpus)
-    sources = [SourceConfig(path=str(manifest), dataset="zoo")]
-    seen = {}
-    for ref in iter_refs(sources):
-        clip = load_clip(ref, sources)
+    config = RunConfig(sources=[SourceConfig(path=str(manifest), dataset="zoo")])
+    acc = _Acc()
+    seen: dict[str, str | None] = {}
+    for ref in iter_refs(config.sources):
+        clip = load_clip(ref, config.sources)
         local = clip.id.split("/", 1)[1]
-        if clip.ingest_error:
-            seen[local] = clip.ingest_error[0].value
-            continue
-        try:
-            audio = load_audio(clip, CFG)
-        except QuarantineError as exc:
-            assert exc.stage is Stage.audio
-            assert clip.audio_uri in exc.message  # names the file
-            assert "object at 0x" not in exc.message and "@ 0x" not in exc.message  # no Python/C reprs
-            seen[local] = exc.reason.value
-        else:
+        before = len(acc.quarantine)
+        measured = _measure(clip, config, acc)
+        if measured is not None:
+            audio = measured.audio
             assert audio.sampling_rate == 16000 and audio.samples.dtype == np.float32
             assert audio.samples.ndim == 1
+            # A DC offset 40 dB or more below the peak is gone (speech_dc_offset had 0.3 under a 0.65 peak).
+            assert abs(float(np.mean(audio.samples))) < 0.01 * float(np.max(np.abs(audio.samples))), local
             seen[local] = None
+            continue
+        assert len(acc.quarantine) == before + 1
+        q = acc.quarantine[-1]
+        assert q.stage is STAGE_OF.get(q.reason_code.value, Stage.audio), (local, q.stage)
+        if q.stage is not Stage.ingest or q.reason_code.value == "transcript_too_long":
+            assert q.message.startswith(f"{clip.audio_uri}: ")  # names the file
+        assert "object at 0x" not in q.message and "@ 0x" not in q.message  # no Python/C reprs
+        seen[local] = q.reason_code.value
     bad_json = [k for k in seen if k.startswith("row@")]
     assert len(bad_json) == 1 and seen.pop(bad_json[0]) == "bad_row"
     assert seen == expected
-    assert len([v for v in expected.values() if v]) >= 9
+    assert len([v for v in expected.values() if v]) >= 13
+
+
+STAGE_OF = {"bad_row": Stage.ingest, "transcript_too_long": Stage.ingest}
 
 
 def test_stereo_8k_is_mixed_down_and_resampled(tmp_path: Path) -> None:
@@ -68,11 +78,98 @@ def test_clipping_is_recorded_not_quarantined(tmp_path: Path) -> None:
 
 
 def test_thresholds_come_from_config(tmp_path: Path) -> None:
-    sf.write(tmp_path / "a.wav", 0.1 * np.ones(8000, dtype=np.float32), 16000)
+    sf.write(tmp_path / "a.wav", 0.1 * np.sin(np.arange(8000, dtype=np.float32) / 5.0), 16000)
     with pytest.raises(QuarantineError) as err:
         load_audio(_clip(tmp_path / "a.wav"), AudioConfig(min_duration_s=0.6))
     assert err.value.reason.value == "too_short" and "audio.min_duration_s=0.6" in err.value.message
     assert load_audio(_clip(tmp_path / "a.wav"), AudioConfig(min_duration_s=0.4)).duration_s == 0.5
+
+
+def test_dc_offset_is_removed_and_pure_dc_is_silent(tmp_path: Path, sample_corpus: Path) -> None:
+    ref = load_audio(_clip(sample_corpus / "audio" / SLT), CFG)
+    sf.write(tmp_path / "dc.wav", ref.samples + np.float32(0.4), 16000, subtype="FLOAT")
+    shifted = load_audio(_clip(tmp_path / "dc.wav"), CFG)
+    assert abs(float(np.mean(shifted.samples))) < 1e-5  # the offset is gone before anything is measured
+    assert np.max(np.abs(shifted.samples - ref.samples)) < 1e-3  # and only the offset: the speech is intact
+    # 0.4 + a 0.65 peak reaches 1.05: clipping is measured on the samples as stored, offset included.
+    stored = np.abs(ref.samples + np.float32(0.4))
+    assert shifted.clipping_ratio == pytest.approx(float(np.mean(stored >= 0.999))) and shifted.clipping_ratio > 0
+    sf.write(tmp_path / "pure.wav", np.full(16000, -0.5, dtype=np.float32), 16000)
+    with pytest.raises(QuarantineError) as err:
+        load_audio(_clip(tmp_path / "pure.wav"), CFG)
+    assert err.value.reason.value == "silent" and err.value.stage is Stage.audio
+    assert err.value.message == (f"{tmp_path / 'pure.wav'}: peak -inf dBFS after removing a DC offset of -0.5 "
+                                 "< audio.silence_dbfs=-60.0")
+    # DC plus noise 70 dB below it is silent too, as is the same noise without DC.
+    noise = 1e-4 * np.random.default_rng(0).standard_normal(16000).astype(np.float32)
+    for name, signal in (("dc_noise.wav", noise + np.float32(0.3)), ("noise.wav", noise)):
+        sf.write(tmp_path / name, signal, 16000, subtype="FLOAT")
+        with pytest.raises(QuarantineError) as err:
+            load_audio(_clip(tmp_path / name), CFG)
+        assert err.value.reason.value == "silent", name
+
+
+@pytest.mark.parametrize(("scale", "reason"), [(1e30, "out_of_range"), (8.0, "out_of_range"), (3.0, None),
+                                               (1.2, None)])
+def test_samples_far_beyond_full_scale_are_out_of_range(tmp_path: Path, scale: float, reason: str | None) -> None:
+    x = (0.9 * np.sin(2 * np.pi * 200 * np.arange(16000) / 16000)).astype(np.float32) * np.float32(scale)
+    sf.write(tmp_path / "f.wav", x, 16000, subtype="FLOAT")
+    if reason is None:  # float WAVs legitimately run a little hot: kept, clipping recorded
+        audio = load_audio(_clip(tmp_path / "f.wav"), CFG)
+        assert np.max(np.abs(audio.samples)) == pytest.approx(0.9 * scale, rel=1e-3)
+        assert audio.clipping_ratio == pytest.approx(float(np.mean(np.abs(x) >= 0.999))) and audio.clipping_ratio > 0.2
+        return
+    with pytest.raises(QuarantineError) as err:
+        load_audio(_clip(tmp_path / "f.wav"), CFG)
+    assert err.value.reason.value == reason and err.value.stage is Stage.audio
+    assert err.value.message.startswith(f"{tmp_path / 'f.wav'}: sample peak ")
+    assert "> audio.max_peak=4 (+12 dBFS)" in err.value.message and "normalised" in err.value.message
+    # The limit is the config's: raised, the same file decodes.
+    assert load_audio(_clip(tmp_path / "f.wav"), AudioConfig(max_peak=1e31)).duration_s == 1.0
+
+
+def test_a_small_offset_stays_so_digital_silence_stays_zero(tmp_path: Path) -> None:
+    """An offset 40 dB below the peak changes no measure; subtracting it would turn exact zeros
+    (TTS pauses) into a constant that WADA-SNR reads as noise, so the stored samples keep it."""
+    x = np.zeros(16000, dtype=np.float32)
+    x[4000:12000] = 0.5 * np.sin(np.arange(8000, dtype=np.float32) / 4.0) + np.float32(0.002)
+    sf.write(tmp_path / "tts.wav", x, 16000, subtype="FLOAT")
+    audio = load_audio(_clip(tmp_path / "tts.wav"), CFG)
+    assert np.array_equal(audio.samples, x) and np.count_nonzero(audio.samples[:4000]) == 0
+
+
+def test_non_finite_keeps_its_reason_before_the_range_check(tmp_path: Path) -> None:
+    x = np.full(16000, 1e30, dtype=np.float32)
+    x[5] = np.inf
+    sf.write(tmp_path / "i.wav", x, 16000, subtype="FLOAT")
+    with pytest.raises(QuarantineError) as err:
+        load_audio(_clip(tmp_path / "i.wav"), CFG)
+    assert err.value.reason.value == "non_finite" and "1 NaN/Inf samples" in err.value.message
+
+
+def test_require_speech_uses_min_speech_s() -> None:
+    from tasks.audio import require_speech
+
+    require_speech(0.25, "x.wav", CFG)  # above the default 0.2 s: no error
+    for found in (None, 0.0, 0.19):
+        with pytest.raises(QuarantineError) as err:
+            require_speech(found, "x.wav", CFG)
+        assert err.value.reason.value == "no_speech" and err.value.stage is Stage.audio
+        assert err.value.message.startswith(f"x.wav: the VAD found {found or 0:.2f} s of speech < audio.min_speech_s=0.2")
+        assert "sources[].speech: false" in err.value.message
+    require_speech(0.0, "x.wav", AudioConfig(min_speech_s=0))  # 0 switches the check off
+
+
+def test_sample_corpus_clips_all_have_speech(sample_corpus: Path) -> None:
+    """Every real clip keeps well above audio.min_speech_s of VAD speech (so none becomes no_speech)."""
+    from tasks.features.vad import speech_duration
+
+    found = {}
+    for path in sorted((sample_corpus / "audio").iterdir()):
+        audio = load_audio(_clip(path), CFG)
+        found[path.name] = speech_duration(audio.samples, 16000)
+    assert len(found) == 10 and min(found.values()) > 5 * CFG.min_speech_s, found
+    assert all(s <= load_audio(_clip(sample_corpus / "audio" / n), CFG).duration_s for n, s in found.items())
 
 
 def test_sha256_is_of_source_bytes_and_encode_round_trips(tmp_path: Path, sample_corpus: Path) -> None:

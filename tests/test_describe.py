@@ -181,7 +181,7 @@ def test_corpus_label_values_map_unknown_markers_and_sanitising() -> None:
     seed = seed_description("ok", 3.0, {"Gender": "Female", **forged.words})
     assert seed.count("(") == 1 and seed.count(")") == 1 and seed.count(":") == 2 + 2  # two spans' colons
     long = seed_label_words({"note": "word " * 100}, entries).words["Note"]
-    assert len(long) <= 120 and long.endswith("…")
+    assert len(long) <= 120 and long.endswith("...")  # ASCII: NFKC would turn "…" into "..."
 
 
 def test_transcript_cannot_forge_a_corpus_label_pair() -> None:

@@ -294,6 +294,37 @@ def test_vad_measures_tone_bursts() -> None:
     assert speech_duration(audio, SR) == pytest.approx(1.5, abs=0.05)
 
 
+def test_vad_finds_no_speech_in_clicks_silence_or_dc() -> None:
+    """What the audit saw become rows: a click in digital silence, pure DC, silence (0 s of speech each)."""
+    click = np.zeros(2 * SR, dtype=np.float32)
+    click[SR] = 0.9
+    burst = np.zeros(2 * SR, dtype=np.float32)
+    burst[SR: SR + SR // 50] = tone(1000, 0.02)  # a 20 ms tick: shorter than a speech island
+    for name, audio in (("click", click), ("tick", burst), ("digital silence", np.zeros(2 * SR, np.float32)),
+                        ("pure DC", np.full(2 * SR, 0.3, np.float32)), ("DC + click", click + np.float32(0.3))):
+        assert speech_duration(audio, SR) == 0.0, name
+
+
+def test_vad_ignores_a_dc_offset(espeak) -> None:
+    """The same speech with and without a large DC offset: the same speech time (the offset used to
+    lift every frame's energy and hide the pauses)."""
+    speech = espeak("-v", "en")
+    plain = speech_duration(speech, SR)
+    shifted = speech_duration(speech + np.float32(0.5), SR)
+    assert 0.5 * len(speech) / SR < plain < len(speech) / SR
+    assert shifted == pytest.approx(plain, abs=0.02)
+
+
+def test_synthetic_speech_keeps_min_speech(espeak) -> None:
+    """espeak-ng speech and the zoo's harmonic test signal stay far above audio.min_speech_s (0.2 s)."""
+    from schemas.config import AudioConfig
+    from tests.corrupt_zoo import _tone_speech
+
+    floor = AudioConfig().min_speech_s
+    for audio in (espeak("-v", "en"), espeak("-v", "en+f3", "-s", "280"), _tone_speech(1.0), _tone_speech(0.5)):
+        assert speech_duration(audio, SR) > 2 * floor
+
+
 def test_rate_needs_a_transcript(corpus) -> None:
     audio = corpus["cmu_goforward"]["audio"]
     for transcript in (None, "", "  ...  "):

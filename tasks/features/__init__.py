@@ -30,7 +30,7 @@ EXTRACTOR_VERSIONS: dict[str, str] = {
     "loudness": "bs1770/1",
     "levels": "dbfs/1",
     "snr": "wada/1",
-    "vad": "energy/1",
+    "vad": "energy/2",  # 2: DC offset removed before the frame energies
     "rate": "syllable-heuristic/1",
     "gender": "label-or-pitch/1",
 }

@@ -17,6 +17,7 @@ MAX_BELOW_PEAK_DB = 45.0  # ... but never more than 45 dB below the loudest fram
 MIN_GAP_S = 0.2  # pauses shorter than this (stop closures, word joins) count as speech
 MIN_SPEECH_S = 0.03  # speech islands shorter than this (clicks) do not
 POWER_FLOOR = 1e-10  # -100 dB; keeps log10 finite on digital silence
+MIN_FRAME_DB = -80.0  # a frame quieter than this (RMS 1e-4, a few 16-bit steps) is never speech
 
 
 def _runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -67,7 +68,14 @@ def frame_power(audio: np.ndarray, sr: int, frame_s: float = FRAME_S) -> np.ndar
 
 
 def speech_mask(audio: np.ndarray, sr: int, frame_s: float = FRAME_S) -> np.ndarray:
-    """One boolean per `frame_s` frame: True where the clip is (probably) speech."""
+    """One boolean per `frame_s` frame: True where the clip is (probably) speech.
+
+    The clip's DC offset is removed first: a constant is not sound, and left in it would lift the
+    noise floor (hiding pauses) or make a constant file look like one long stretch of speech.
+    """
+    audio = np.asarray(audio, dtype=np.float32)
+    if len(audio):
+        audio = audio - np.float32(np.mean(audio, dtype=np.float64))
     power_db = 10.0 * np.log10(np.maximum(frame_power(audio, sr, frame_s), POWER_FLOOR))
     peak = float(power_db.max())
     k = (len(power_db) - 1) * NOISE_PERCENTILE // 100
@@ -76,6 +84,7 @@ def speech_mask(audio: np.ndarray, sr: int, frame_s: float = FRAME_S) -> np.ndar
     mask = power_db > threshold
     if peak <= floor:  # flat energy (a tone, stationary noise): no pauses to find
         mask[:] = True
+    mask &= power_db > MIN_FRAME_DB  # digital silence is flat too, but it is not speech
     mask = fill_short_gaps(mask, round(MIN_GAP_S / frame_s))
     return drop_short_runs(mask, round(MIN_SPEECH_S / frame_s))
 
