@@ -9,7 +9,8 @@ corpus's own labels in its own words (the source's `seed_labels`, DeSTA2.5's `Ac
 `Intensity: strong`); every name and value passes `sanitize_prompt_text`, and each display name
 records where its words came from (`attribute_sources`). A clip holding several supervisions
 (lhotse) gets one `[start-end] text (attributes)` span per supervision, each span's attributes
-from that speaker's labels and from pitch/volume/rate measured on that span's samples.
+from that speaker's labels and from pitch/volume/rate measured on that span's samples. A clip of a non-speech source
+(`sources[].speech: false`) gets a labels-only seed: no transcript, no voice attributes (`without_voice`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """DSP feature extraction for one clip: the measured values a description is built from.
 
 The pipeline calls `extract_features` once per clip on 16 kHz mono float32 audio that the audio
-stage has already validated (finite, not silent, 0.3-30 s). Everything here is plain numpy/scipy
+stage has already validated (finite, within audio.max_peak, not silent once its DC offset is
+removed, 0.3-30 s); the pipeline then quarantines speech-source clips whose `speech_duration_s`
+is under audio.min_speech_s (`no_speech`). Everything here is plain numpy/scipy
 on one thread, well under 2 ms of CPU per second of audio (see bench/features.py), so no model
 and no GPU is needed for these columns. `EXTRACTOR_VERSIONS` goes into every row's provenance:
 bump an entry whenever its algorithm or constants change.
