@@ -79,7 +79,7 @@ def plan_run(config: RunConfig, store: ObjectStore, prefix: str, run_id: str) ->
                 for j, k in enumerate(keys[start:start + size])]
         shard = ShardPlan(index=index, of=count, refs=refs, created_at=planned_at)
         store.put_bytes(shard_plan_key(prefix, index), shard.model_dump_json().encode())
-    unentered = Counter(k[3].split(PROBLEM, 2)[1] for k in keys if k[3].startswith(PROBLEM))
+    unentered = Counter(k[3].split(PROBLEM, 2)[1] for k in keys if k[3].startswith(PROBLEM) and k[0].endswith("/"))
     plan = RunPlan(run_id=run_id, config_hash=config.config_hash(), clips=len(keys), shards=count,
                    shard_size=size, duplicates=sum(is_dup), skipped_files=skipped, created_at=planned_at,
                    unentered_folders=dict(sorted(unentered.items(), key=lambda kv: (-kv[1], kv[0]))))

@@ -66,6 +66,7 @@ def hostile_folder(tmp: Path) -> Tree:
     copy(SHORT, root / "sub" / "b.wav")
     copy(FLAC, root / "real_sub" / "c.flac")
     copy(SHORT, root / "new\nline.wav")
+    copy(SHORT, root / os.fsdecode(b"latin\xe9.wav"))  # a Latin-1 name: not UTF-8
     copy(BIG, root / "big.wav")
     piped_flac(SHORT, root / "piped.flac")
     copy(SPEECH, elsewhere / "e.wav")
@@ -81,7 +82,7 @@ def hostile_folder(tmp: Path) -> Tree:
         "a": None, "sub/b": None, "real_sub/c": None, "linked/c": None, "new%0Aline": None, "piped": None,
         "z": "not_a_file", "zero": "path_outside_root", "urandom": "path_outside_root", "gone": "not_a_file",
         "big": "too_large", "outfile": "path_outside_root", "outside/": "path_outside_root",
-        "sub/back/": "unreadable",
+        "sub/back/": "unreadable", "latin%ED%B3%A9": "unreadable",
     }
     messages = {
         "z": ["z.wav", "a FIFO (named pipe), not a regular file"],
@@ -94,6 +95,7 @@ def hostile_folder(tmp: Path) -> Tree:
         "outside/": [f"a link to the folder {elsewhere}, outside the source's root",
                      f"add {elsewhere} to sources[0].allowed_roots"],
         "sub/back/": ["a symbolic-link loop", "not followed"],
+        "latin%ED%B3%A9": ["latin\\xe9.wav: the file name is not valid UTF-8", "rename it"],
     }
     return Tree(root, expected, messages)
 

@@ -152,9 +152,9 @@ def _walk_digest(digest: hashlib._Hash, path: Path, match: Callable[[str], bool]
     opened, a dangling link does not fail the run), and the folders it could not enter."""
     for item in walk(path, match, roots):
         if isinstance(item, str):
-            digest.update(f"{item}\x1f{stat_key(path / item)}\n".encode())
+            digest.update(f"{item}\x1f{stat_key(path / item)}\n".encode("utf-8", "surrogateescape"))
         else:
-            digest.update(f"{item.rel}/\x1f{item.reason.value}\n".encode())
+            digest.update(f"{item.rel}/\x1f{item.reason.value}\n".encode("utf-8", "surrogateescape"))
 
 
 def _stat_digest(digest: hashlib._Hash, path: Path, adapter: Adapter, roots: Roots) -> None:
@@ -167,7 +167,7 @@ def _stat_digest(digest: hashlib._Hash, path: Path, adapter: Adapter, roots: Roo
     else:
         files = [(path.name, path)]
     for rel, file in files:
-        digest.update(f"{rel}\x1f{stat_key(file)}\n".encode())
+        digest.update(f"{rel}\x1f{stat_key(file)}\n".encode("utf-8", "surrogateescape"))
 
 
 def load_clip(ref: ClipRef, sources: list[SourceConfig]) -> Clip:

@@ -52,8 +52,9 @@ _HEX = set("0123456789abcdefABCDEF")
 
 
 def _needs_escape(ch: str) -> bool:
-    # Cc: C0 controls, DEL, C1 controls; Zl/Zp: U+2028/2029, which splitlines() and JS treat as line ends.
-    return unicodedata.category(ch) in ("Cc", "Zl", "Zp")
+    # Cc: C0 controls, DEL, C1 controls; Cs: lone surrogates (a non-UTF-8 file name, decoded by Python with
+    # surrogateescape, cannot be written as UTF-8); Zl/Zp: U+2028/2029, line ends to splitlines() and JS.
+    return unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp")
 
 
 def clean_id(text: str) -> str:
@@ -151,8 +152,9 @@ class Roots:
         """path_outside_root, naming the path (unless the location already is it), where it leads,
         the root and the fix."""
         target = real or shown
-        leads = f"resolves to {target}, which is outside" if real is not None and real != shown else "is outside"
-        folder = posixpath.dirname(target) if "://" not in target else target.rsplit("/", 1)[0]
+        leads = (f"resolves to {_printable(target)}, which is outside" if real is not None and real != shown
+                 else "is outside")
+        folder = _printable(posixpath.dirname(target) if "://" not in target else target.rsplit("/", 1)[0])
         subject = f"audio path {_printable(shown)!r} " if named else ""
         return Rejected(ReasonCode.path_outside_root,
                         f"{subject}{leads} the source's root {self.main}; sources may only read below their "
@@ -173,6 +175,9 @@ class Roots:
     def _check(self, path: str, named: bool) -> str | Rejected:
         if "\0" in path:
             return Rejected(ReasonCode.bad_row, f"the audio path contains a NUL byte ({_printable(path)!r}); "
+                                                "fix the path in the row")
+        if not _utf8(path):
+            return Rejected(ReasonCode.bad_row, f"the audio path is not valid UTF-8 ({_printable(path)!r}); "
                                                 "fix the path in the row")
         if path.startswith("file://"):
             path = path.removeprefix("file://")
@@ -204,6 +209,11 @@ def _norm_uri(uri: str) -> str:
 
 
 def _printable(text: str) -> str:
+    """`text` for a message: a non-UTF-8 byte as `\\xff`, control characters percent-encoded."""
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        pass
     return clean_id(text)
 
 
@@ -212,12 +222,16 @@ def _printable(text: str) -> str:
 PROBLEM = "\0"  # a locator starting with NUL: no file path can, so it marks a problem ref
 
 
-def problem_ref(dataset: str, rel_dir: str, source_index: int, reason: ReasonCode, message: str) -> ClipRef:
-    """A quarantine-to-be for what a walk could not enter: id `<dataset>/<relative dir>/`. The
-    reason and message travel in the locator, so every consumer of refs (plans, calibration) keeps them."""
-    rel = rel_dir.strip("/")
-    return ClipRef(id=make_id(dataset, f"{rel}/" if rel else "/"), source=source_index,
-                   locator=PROBLEM.join(("", reason.value, rel, message)))
+def problem_ref(dataset: str, rel: str, source_index: int, reason: ReasonCode, message: str,
+                folder: bool = True) -> ClipRef:
+    """A quarantine-to-be for what a walk could not enter: id `<dataset>/<relative dir>/` (a file:
+    `<dataset>/<relative path without extension>`). The reason and message travel in the locator,
+    so every consumer of refs (plans, calibration) keeps them."""
+    rel = rel.strip("/")
+    local = (f"{rel}/" if rel else "") if folder else rel.rsplit(".", 1)[0]
+    shown = clean_id(rel)  # the locator is JSON: it must encode as UTF-8 (the rel is shown, never opened)
+    return ClipRef(id=make_id(dataset, local), source=source_index,
+                   locator=PROBLEM.join(("", reason.value, shown, message)))
 
 
 def ref_problem(locator: str) -> tuple[ReasonCode, str, str] | None:
@@ -277,19 +291,30 @@ def metadata_key(path: Path, what: str, fix: str) -> FileKey:
 
 @dataclass(frozen=True)
 class WalkProblem:
-    """A folder a walk did not enter: unreadable, a link loop, or a link leading outside the roots."""
+    """What a walk did not enter or cannot name: an unreadable folder, a link loop, a link leading
+    outside the roots, a name that is not UTF-8 (it could be neither an id nor an output path)."""
 
-    rel: str  # relative posix path of the folder, without a trailing slash
+    rel: str  # relative posix path, without a trailing slash
     reason: ReasonCode
     message: str
+    folder: bool = True  # False: a single file (its id has no trailing slash)
 
     def ref(self, dataset: str, source_index: int) -> ClipRef:
-        return problem_ref(dataset, self.rel, source_index, self.reason, self.message)
+        return problem_ref(dataset, self.rel, source_index, self.reason, self.message, self.folder)
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # a byte name Python decoded with surrogateescape
+        return False
+    return True
 
 
 def walk(root: Path, match: Callable[[str], bool], roots: Roots | None = None) -> Iterator[str | WalkProblem]:
     """Relative posix paths of files whose name matches (hidden ones left out), depth-first in sorted
-    order, lazily, and a `WalkProblem` for each folder not entered.
+    order, lazily, and a `WalkProblem` for each folder not entered (and each matching file whose
+    name is not UTF-8).
 
     Only directory entries are read, never a file, so a FIFO or a device cannot block or flood the
     walk (the audio stage refuses them). Symbolic links to folders are followed when their real path
@@ -299,7 +324,8 @@ def walk(root: Path, match: Callable[[str], bool], roots: Roots | None = None) -
     try:
         top = os.stat(root)
     except OSError as exc:
-        yield WalkProblem("", ReasonCode.unreadable, f"{root}: cannot enter ({exc.strerror}); check the path")
+        yield WalkProblem("", ReasonCode.unreadable, f"{_printable(str(root))}: cannot enter ({exc.strerror}); "
+                                                     "check the path")
         return
     reported: set[tuple[int, int]] = set()
     # (folder path, its relative path, the (dev, inode) of it and its ancestors)
@@ -311,31 +337,40 @@ def walk(root: Path, match: Callable[[str], bool], roots: Roots | None = None) -
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as exc:
             yield WalkProblem(rel, ReasonCode.unreadable,
-                              f"{path}: cannot list this folder ({exc.strerror}), so its clips are left out; "
-                              "make it readable (chmod a+rx) or remove it")
+                              f"{_printable(path)}: cannot list this folder ({exc.strerror}), so its clips are left "
+                              "out; make it readable (chmod a+rx) or remove it")
             continue
         subdirs: list[tuple[str, str, tuple[tuple[int, int], ...]]] = []
         for entry in entries:
             child = f"{rel}/{entry.name}" if rel else entry.name
+            shown = _printable(entry.path)
             try:
                 is_dir = entry.is_dir()  # follows links: a stat, not an open
             except OSError:
                 is_dir = False
             if not is_dir:
                 if not entry.name.startswith(".") and match(entry.name):
-                    yield child
+                    yield child if _utf8(entry.name) else WalkProblem(
+                        child, ReasonCode.unreadable, f"{shown}: the file name is not valid UTF-8, so it can be "
+                        "neither a clip id nor a path in the output; rename it (e.g. `convmv -f latin1 -t utf-8 "
+                        "--notest <file>`)", folder=False)
+                continue
+            if not _utf8(entry.name):
+                yield WalkProblem(child, ReasonCode.unreadable,
+                                  f"{shown}: the folder name is not valid UTF-8, so its clips are left out; rename "
+                                  "it (e.g. `convmv -f latin1 -t utf-8 --notest -r <folder>`)")
                 continue
             try:
                 st = os.stat(entry.path)
             except OSError as exc:
-                yield WalkProblem(child, ReasonCode.unreadable, f"{entry.path}: cannot enter ({exc.strerror})")
+                yield WalkProblem(child, ReasonCode.unreadable, f"{shown}: cannot enter ({exc.strerror})")
                 continue
             key = (st.st_dev, st.st_ino)
             if entry.is_symlink():
-                real = _real(entry.path)
-                if not roots.contains(real):
+                real = _printable(_real(entry.path))
+                if not roots.contains(_real(entry.path)):
                     yield WalkProblem(child, ReasonCode.path_outside_root,
-                                      f"{entry.path}: a link to the folder {real}, outside the source's root "
+                                      f"{shown}: a link to the folder {real}, outside the source's root "
                                       f"{roots.main}; its clips are left out: add {real} to {roots.fix_key} "
                                       "to read it, or remove the link")
                     continue
@@ -344,8 +379,9 @@ def walk(root: Path, match: Callable[[str], bool], roots: Roots | None = None) -
                 if link_key not in reported:
                     reported.add(link_key)
                     yield WalkProblem(child, ReasonCode.unreadable,
-                                      f"{entry.path}: a symbolic-link loop (it leads back to "
-                                      f"{_real(entry.path)}, a folder above it); not followed: remove the link")
+                                      f"{shown}: a symbolic-link loop (it leads back to "
+                                      f"{_printable(_real(entry.path))}, a folder above it); not followed: "
+                                      "remove the link")
                 continue
             subdirs.append((entry.path, child, (*ancestors, key)))
         stack.extend(reversed(subdirs))
@@ -357,13 +393,6 @@ def _lstat_key(path: str) -> tuple[int, int]:
     except OSError:
         return (-1, hash(path))
     return (st.st_dev, st.st_ino)
-
-
-def iter_files(root: Path, match: Callable[[str], bool], roots: Roots | None = None) -> Iterator[str]:
-    """Relative posix paths of matching files (see `walk`), without the folders it could not enter."""
-    for item in walk(root, match, roots):
-        if isinstance(item, str):
-            yield item
 
 
 def stat_key(path: Path) -> str:

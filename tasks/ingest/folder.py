@@ -24,7 +24,6 @@ from tasks.ingest.common import (
     Rejected,
     Roots,
     SourceError,
-    iter_files,
     make_id,
     read_small,
     walk,
@@ -36,11 +35,6 @@ NO_EXTENSION = "(no extension)"
 
 def is_audio_name(name: str) -> bool:
     return name.lower().endswith(AUDIO_SUFFIXES)
-
-
-def iter_audio_files(root: Path, roots: Roots | None = None) -> Iterator[str]:
-    """Relative posix paths of audio files, depth-first in sorted order, without a full listing."""
-    return iter_files(root, is_audio_name, roots)
 
 
 def iter_folder_refs(root: Path, source_index: int, dataset: str, roots: Roots | None = None) -> Iterator[ClipRef]:
