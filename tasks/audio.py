@@ -239,7 +239,7 @@ def decode_bytes(data: bytes, where: str, config: AudioConfig, path: Path | None
     if not data:
         raise _fail(ReasonCode.empty, f"{where}: file has 0 bytes")
     digest = hashlib.sha256(data).hexdigest()
-    decoded = _read_soundfile(data, where, config)
+    decoded = _read_soundfile(data, where, config, path)
     if decoded is None:
         decoded = _read_ffmpeg(data, where, config, path)
     samples, sr = decoded
@@ -320,8 +320,12 @@ def require_speech(speech_s: float | None, where: str, config: AudioConfig) -> N
                     "if this source is not speech (sound, music), set sources[].speech: false")
 
 
-def _read_soundfile(data: bytes, where: str, config: AudioConfig) -> tuple[np.ndarray, int] | None:
-    """(frames × channels float32, rate) via libsndfile, or None when it does not know the format."""
+def _read_soundfile(data: bytes, where: str, config: AudioConfig,
+                    path: Path | None = None) -> tuple[np.ndarray, int] | None:
+    """(frames × channels float32, rate) via libsndfile, or None when it does not know the format.
+
+    A header whose length cannot be trusted (none, or more samples than the bytes can hold) is
+    measured by ffmpeg decoding at most max_duration_s + 1 s, its header's length ignored."""
     try:
         info = sf.info(io.BytesIO(data))
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError):
@@ -333,7 +337,7 @@ def _read_soundfile(data: bytes, where: str, config: AudioConfig) -> tuple[np.nd
             raise _fail(ReasonCode.unreadable,
                         f"{where}: its header states no length (written through a pipe?) and ffmpeg is not installed "
                         "to measure it; install ffmpeg, or re-encode the file (e.g. `sox in.flac out.flac`)")
-        return None  # ffmpeg decodes at most max_duration_s + 1 s and measures it
+        return _read_ffmpeg(data, where, config, path, trust_header=False)
     _refuse_long_header(info, where, config)
     try:
         samples, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
@@ -348,22 +352,25 @@ def _ffmpeg() -> tuple[str, str] | None:
     return (ffmpeg, ffprobe) if ffmpeg and ffprobe else None
 
 
-def _read_ffmpeg(data: bytes, where: str, config: AudioConfig, path: Path | None) -> tuple[np.ndarray, int]:
-    """Probe the header, then decode at most max_duration_s + 1 s of the first audio stream."""
+def _read_ffmpeg(data: bytes, where: str, config: AudioConfig, path: Path | None,
+                 trust_header: bool = True) -> tuple[np.ndarray, int]:
+    """Probe the header, then decode at most max_duration_s + 1 s of the first audio stream
+    (`trust_header=False`: the header's duration is ignored, only the decoded length counts)."""
     tools = _ffmpeg()
     if tools is None:
         raise _fail(ReasonCode.unreadable,
                     f"{where}: not a WAV/FLAC/OGG/MP3 file and ffmpeg is not installed to decode it; "
                     "install ffmpeg (apt-get install ffmpeg) or re-encode the corpus as FLAC")
     if path is not None:
-        return _decode_file(tools, path, where, config)
+        return _decode_file(tools, path, where, config, trust_header)
     with tempfile.NamedTemporaryFile(prefix="speechpairs-", suffix=".audio") as tmp:
         tmp.write(data)
         tmp.flush()
-        return _decode_file(tools, Path(tmp.name), where, config)
+        return _decode_file(tools, Path(tmp.name), where, config, trust_header)
 
 
-def _decode_file(tools: tuple[str, str], path: Path, where: str, config: AudioConfig) -> tuple[np.ndarray, int]:
+def _decode_file(tools: tuple[str, str], path: Path, where: str, config: AudioConfig,
+                 trust_header: bool = True) -> tuple[np.ndarray, int]:
     ffmpeg, ffprobe = tools
     # `file:` keeps a name starting with '-' from reading as an option; whitelists keep ffmpeg local.
     source = ["-protocol_whitelist", "file", "-format_whitelist", FFMPEG_FORMATS, "-i", f"file:{path}"]
@@ -387,7 +394,7 @@ def _decode_file(tools: tuple[str, str], path: Path, where: str, config: AudioCo
                     f"{where}: implausible audio header ({sr} Hz, {channels} channels); {FIX}")
     fmt = info.get("format")
     fmt = fmt if isinstance(fmt, dict) else {}
-    declared = _float(fmt.get("duration")) or _float(stream.get("duration"))
+    declared = (_float(fmt.get("duration")) or _float(stream.get("duration"))) if trust_header else None
     if declared is not None and declared > config.max_duration_s:
         raise _fail(ReasonCode.too_long, f"{where}: {declared:.2f} s (container header) > "
                                          f"audio.max_duration_s={config.max_duration_s}; split the clip")
@@ -403,8 +410,9 @@ def _decode_file(tools: tuple[str, str], path: Path, where: str, config: AudioCo
     samples = np.frombuffer(decoded.stdout[:usable], dtype="<f4").astype(np.float32).reshape(-1, channels)
     seconds = samples.shape[0] / sr
     if declared is None and seconds >= cap - 0.5:
+        header = "declares no duration" if trust_header else "states no plausible length"
         raise _fail(ReasonCode.too_long, f"{where}: longer than audio.max_duration_s={config.max_duration_s} "
-                                         f"(its header declares no duration; decoding stopped at {cap:.0f} s); "
+                                         f"(its header {header}; decoding stopped at {cap:.0f} s); "
                                          "split the clip")
     if errors and declared is not None and seconds < 0.9 * declared - 0.1:
         # A file cut short (partial download): the header promises more than the data holds.

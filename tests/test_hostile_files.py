@@ -141,7 +141,17 @@ def test_the_read_itself_is_capped_and_checked(tmp_path: Path) -> None:
     assert load_audio(Clip(id="x", dataset="d", audio_uri=str(piped)), AudioConfig()).samples.shape[0] == frames
     with pytest.raises(QuarantineError) as err:
         load_audio(Clip(id="x", dataset="d", audio_uri=str(piped)), AudioConfig(max_duration_s=1.0))
-    assert err.value.reason is ReasonCode.too_long and "header declares no duration" in err.value.message
+    assert err.value.reason is ReasonCode.too_long and "header states no plausible length" in err.value.message
+    # A header that claims far more samples than its bytes can hold (2**35 frames, 24 days, in 40 KB)
+    # is not trusted either: the clip is measured, and is what it holds.
+    liar = bytearray(FLAC.read_bytes())
+    assert liar[:4] == b"fLaC" and liar[4] & 0x7F == 0  # STREAMINFO first: total samples in bytes 18..25
+    packed = int.from_bytes(liar[18:26], "big")
+    liar[18:26] = ((packed & ~((1 << 36) - 1)) | (1 << 35)).to_bytes(8, "big")
+    (tmp_path / "liar.flac").write_bytes(bytes(liar))
+    assert sf.info(str(tmp_path / "liar.flac")).frames == 1 << 35
+    audio = load_audio(Clip(id="x", dataset="d", audio_uri=str(tmp_path / "liar.flac")), AudioConfig())
+    assert audio.samples.shape[0] == sf.info(str(FLAC)).frames
 
 
 @pytest.mark.timeout(300)
