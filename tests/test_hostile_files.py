@@ -338,6 +338,9 @@ def test_commonvoice_and_parquet_rows_cannot_point_outside(tmp_path: Path) -> No
                       {"bytes": None, "path": "../" * 12 + "etc/hostname"}],
                      type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
     pq.write_table(pa.table({"id": ["ok", "abs", "up"], "audio": audio}), hf / "train.parquet")
+    (hf / "sub").mkdir()
+    os.symlink("..", hf / "sub" / "loop")  # pyarrow's recursive listing would follow this until ELOOP
+    os.mkfifo(hf / "pipe.parquet")  # opening it to read a Parquet footer would block
     config = run_config([{"kind": "commonvoice", "path": str(cv), "dataset": "cv"},
                          {"kind": "hf_parquet", "path": str(hf), "dataset": "hf"}], tmp_path / "out")
     result = run(config)
@@ -345,7 +348,10 @@ def test_commonvoice_and_parquet_rows_cannot_point_outside(tmp_path: Path) -> No
     got = {k: (result.quarantine[k]["reason_code"] if k in result.quarantine else None)
            for k in [*result.rows, *result.quarantine]}
     assert got == {"cv/good": None, "hf/ok": None, "cv/passwd": "path_outside_root",
-                   "hf/abs": "path_outside_root", "hf/up": "path_outside_root"}
+                   "hf/abs": "path_outside_root", "hf/up": "path_outside_root",
+                   "hf/sub/loop/": "unreadable", "hf/pipe": "not_a_file"}
+    assert "a symbolic-link loop" in result.quarantine["hf/sub/loop/"]["message"]
+    assert "pipe.parquet: not a regular file" in result.quarantine["hf/pipe"]["message"]
     assert "sources[0].allowed_roots" in result.quarantine["cv/passwd"]["message"]
     assert "validated.tsv at byte" in result.quarantine["cv/passwd"]["message"]
     assert "sources[1].allowed_roots" in result.quarantine["hf/abs"]["message"]

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -37,10 +39,12 @@ from tasks.ingest.common import (
     Rejected,
     Roots,
     SourceError,
+    WalkProblem,
     clean_label_value,
     make_id,
     one_line,
     prepare,
+    walk,
 )
 
 TRANSCRIPT_COLUMNS = ("text", "sentence", "transcript", "transcription")
@@ -87,17 +91,51 @@ def _base(root: str) -> tuple[pafs.FileSystem, str, pafs.FileInfo]:
 
 def parquet_files(root: str) -> list[ParquetFileRef]:
     """The source's Parquet files in sorted order (a SourceError when there are none)."""
+    return parquet_listing(root)[0]
+
+
+def parquet_listing(root: str, roots: Roots | None = None) -> tuple[list[ParquetFileRef], list[WalkProblem]]:
+    """(Parquet files in sorted order, what a local walk could not enter or read). A local folder is
+    walked like a folder source (`common.walk`: links followed inside the roots only, loops caught;
+    pyarrow's own recursive listing follows a link loop until the path is too long); a FIFO or device
+    named .parquet is a problem (never opened)."""
     fs, path, info = _base(root)
     if info.type == pafs.FileType.File:
-        return [ParquetFileRef(info.base_name, _uri(root, path), int(info.size or 0), int(info.mtime_ns or 0))]
-    found = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-             if i.type == pafs.FileType.File and i.path.lower().endswith(".parquet")
-             and not any(part.startswith(".") for part in i.path[len(path) + 1:].split("/"))]
-    files = sorted((i.path[len(path) + 1:], i) for i in found)
-    if not files:
+        return [ParquetFileRef(info.base_name, _uri(root, path), int(info.size or 0), int(info.mtime_ns or 0))], []
+    problems: list[WalkProblem] = []
+    files: list[ParquetFileRef] = []
+    if is_remote(root):
+        found = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+                 if i.type == pafs.FileType.File and i.path.lower().endswith(".parquet")
+                 and not any(part.startswith(".") for part in i.path[len(path) + 1:].split("/"))]
+        files = [ParquetFileRef(rel, _uri(root, i.path), int(i.size or 0), int(i.mtime_ns or 0))
+                 for rel, i in sorted((i.path[len(path) + 1:], i) for i in found)]
+    else:
+        for item in walk(Path(path), lambda name: name.lower().endswith(".parquet"), roots or Roots.of(path)):
+            if isinstance(item, WalkProblem):
+                problems.append(item)
+            elif not any(part.startswith(".") for part in item.split("/")):
+                ref = _regular_file(path, item)
+                if isinstance(ref, WalkProblem):
+                    problems.append(ref)
+                else:
+                    files.append(ref)
+        files.sort(key=lambda f: f.rel)
+    if not files and not problems:
         raise SourceError(f"source {root}: no .parquet files; point sources[].path at a Parquet file or a folder "
                           "of them (e.g. a Hugging Face dataset's data/ folder)")
-    return [ParquetFileRef(rel, _uri(root, i.path), int(i.size or 0), int(i.mtime_ns or 0)) for rel, i in files]
+    return files, problems
+
+
+def _regular_file(base: str, rel: str) -> ParquetFileRef | WalkProblem:
+    try:
+        st = os.stat(f"{base}/{rel}")
+    except OSError:
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode):
+        return WalkProblem(rel, ReasonCode.not_a_file, f"{base}/{rel}: not a regular file (a FIFO, device or "
+                           "dangling link); remove it or put the Parquet file in its place", folder=False)
+    return ParquetFileRef(rel, f"{base}/{rel}", st.st_size, st.st_mtime_ns)
 
 
 def _is_scalar(t: pa.DataType) -> bool:
@@ -179,7 +217,10 @@ def _stem(rel: str) -> str:
 
 def iter_hf_parquet_refs(root: Path | str, source_index: int, dataset: str, *,
                          roots: Roots | None = None) -> Iterator[ClipRef]:
-    for ref in parquet_files(str(root)):
+    files, problems = parquet_listing(str(root), roots)
+    for problem in problems:
+        yield problem.ref(dataset, source_index)
+    for ref in files:
         meta = _meta_of(ref)
         width = max(6, len(str(max(meta.num_rows - 1, 0))))
         if meta.id is None:
