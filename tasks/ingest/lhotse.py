@@ -115,7 +115,9 @@ class Unit:
 def manifest_units(path: Path) -> list[Unit]:
     """The manifests a source stands for, in sorted order; raises SourceError naming what is missing."""
     if path.is_dir():
-        names = sorted(n for n in os.listdir(path) if not n.startswith(".") and manifest_kind(n))
+        # Regular files only: a FIFO named cuts_x.jsonl would block the run when opened.
+        names = sorted(n for n in os.listdir(path) if not n.startswith(".") and manifest_kind(n)
+                       and (path / n).is_file())
         cuts = [Unit("cuts", path / n) for n in names if manifest_kind(n) == "cuts"]
         if cuts:
             return cuts
