@@ -67,6 +67,7 @@ def hostile_folder(tmp: Path) -> Tree:
     copy(FLAC, root / "real_sub" / "c.flac")
     copy(SHORT, root / "new\nline.wav")
     copy(SHORT, root / os.fsdecode(b"latin\xe9.wav"))  # a Latin-1 name: not UTF-8
+    (root / os.fsdecode(b"notes.\xff")).write_text("not audio")  # skipped, counted by a non-UTF-8 extension
     copy(BIG, root / "big.wav")
     piped_flac(SHORT, root / "piped.flac")
     copy(SPEECH, elsewhere / "e.wav")

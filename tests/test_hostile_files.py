@@ -93,6 +93,7 @@ def test_a_folder_of_hostile_files_runs_to_the_end_and_loses_nothing(tmp_path: P
     # The plan (and the run summary) counts the folders it could not enter.
     plan = load_plan(open_store(str(tmp_path / "out")), run_context(config).staging)
     assert plan is not None and plan.unentered_folders == {"path_outside_root": 1, "unreadable": 1}
+    assert plan.skipped_files == {".%ED%B3%BF": 1}
     assert plan.clips == len(tree.expected)
 
 

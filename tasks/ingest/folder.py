@@ -24,6 +24,7 @@ from tasks.ingest.common import (
     Rejected,
     Roots,
     SourceError,
+    clean_id,
     make_id,
     read_small,
     walk,
@@ -57,7 +58,7 @@ def skipped_files(root: Path) -> Counter[str]:
             lower = name.lower()
             if name.startswith(".") or lower.endswith(AUDIO_SUFFIXES) or lower.endswith(SIDECAR_SUFFIXES):
                 continue
-            counts[posixpath.splitext(lower)[1] or NO_EXTENSION] += 1
+            counts[clean_id(posixpath.splitext(lower)[1]) or NO_EXTENSION] += 1  # clean: the plan is JSON
     return counts
 
 
