@@ -106,6 +106,9 @@ class Clip(BaseModel):
     # Two or more timed supervisions inside the clip (a lhotse cut), in time order, each with its
     # own text, speaker and labels: the seed then gets one span per supervision.
     spans: list[Segment] = Field(default_factory=list)
+    # False for a clip of a `sources[].speech: false` source (sound, music): labels-only seed, and
+    # the VAD never quarantines it as `no_speech`.
+    speech: bool = True
 
 
 class Features(BaseModel):

@@ -57,7 +57,7 @@ from tasks.features.models import LoadedModels, load_models
 from tasks.features.phonemes import phoneme_counts, phoneme_rate
 from tasks.features.rate import speaking_rates
 from tasks.gpu import StageGate, no_gate
-from tasks.ingest import dataset_name, load_clip
+from tasks.ingest import load_clip
 from tasks.llm import LLMBackend, LLMRequest, LLMResult, build_messages, make_backend
 from tasks.llm.base import OnResult, generate_reporting
 from tasks.llm.cache import CachedBackend
@@ -395,7 +395,7 @@ def _measure(clip: Clip, config: RunConfig, acc: _Acc) -> _Measured | None:
                     f"describe.max_transcript_chars={cap}; fix the corpus row (a whole text pasted into one "
                     "transcript?) or raise the limit")
         return None
-    speech = _speech_source(clip, config)
+    speech = clip.speech
     stage = Stage.audio
     try:
         t0 = time.perf_counter()
@@ -419,10 +419,6 @@ def _measure(clip: Clip, config: RunConfig, acc: _Acc) -> _Measured | None:
                      transcript_source="corpus" if clip.transcript else None, language=clip.language, speech=speech)
 
 
-def _speech_source(clip: Clip, config: RunConfig) -> bool:
-    """False for a clip of a source declared `speech: false` (found by the dataset name a clip
-    carries; the common case, every source speech, costs one pass over the sources list)."""
-    return not any(not s.speech and dataset_name(s) == clip.dataset for s in config.sources)
 
 
 def _transcribe(measured: list[_Measured], models: LoadedModels, config: RunConfig, acc: _Acc) -> list[_Measured]:

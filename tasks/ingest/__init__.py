@@ -200,9 +200,12 @@ def load_clip(ref: ClipRef, sources: list[SourceConfig]) -> Clip:
 
 
 def with_source_settings(clip: Clip, source: SourceConfig) -> Clip:
-    """The source's `seed_labels` (when set) replace the adapter's default; with `multi_speaker:
-    quarantine` a clip whose spans name several speakers goes to quarantine as `multi_speaker`."""
+    """The source's settings that travel with each clip: `speech: false` (sound/music: labels-only
+    seed, never `no_speech`), `seed_labels` (when set, replacing the adapter's default), and with
+    `multi_speaker: quarantine` a clip whose spans name several speakers is quarantined."""
     update: dict[str, object] = {}
+    if not source.speech:
+        update["speech"] = False
     if source.seed_labels is not None:
         update["seed_labels"] = list(source.seed_labels)
     speakers = sorted({s.speaker for s in clip.spans if s.speaker})
