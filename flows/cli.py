@@ -3,7 +3,8 @@
 Exit codes: 0 ok, 2 unusable config or corpus (message names the key/file and the fix), 1 a run
 that failed after starting (the staging area keeps finished shards for the re-run), 3 a run that
 finished but was not committed (no row, too many quarantined, or a service outage: the message
-names the top reasons; staging is kept).
+names the top reasons; staging is kept), 75 another launch of the same run holds its lease
+(`output.when_running: wait` queues instead).
 `datasets …`: 2 for a bad URI, tag name or duration and for a version/ref that does not exist;
 1 for a version that fails verification, a pull or export that hits a corrupt shard or row (named), or
 a store that cannot be reached.
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from storage.objectstore import ObjectStore
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_COMMITTED = 0, 1, 2, 3
+EXIT_BUSY = 75  # sysexits EX_TEMPFAIL: another launch of the same run is in progress; try again later
 
 
 def _quiet_prefect() -> None:
@@ -157,6 +159,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     _quiet_prefect()
     from flows.generate import run_generate
+    from storage.lease import RunBusy
     from tasks.commit_gate import CommitRefused
     from tasks.pipeline import set_progress_hook
     from tasks.stopping import stop_signal
@@ -169,6 +172,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except CommitRefused as exc:
         print(f"speechpairs: not committed ({exc.kind}): {exc}", file=sys.stderr)
         return EXIT_NOT_COMMITTED
+    except RunBusy as exc:
+        print(f"speechpairs: {exc}", file=sys.stderr)
+        return EXIT_BUSY
     except BaseException as exc:
         signum = stop_signal()
         if signum is None and not isinstance(exc, Exception):

@@ -40,6 +40,7 @@ from flows.runners import ensure_gpu_limit, flow_options, stage_gate, task_optio
 from schemas.arrow import ROW_SCHEMA, hf_features, schema_to_b64
 from schemas.config import RunConfig
 from schemas.manifest import Manifest, Stats
+from storage.lease import LeaseLost, RunBusy, RunLease
 from storage.objectstore import NotFound, ObjectStore, open_store
 from storage.preflight import StorageProblem, check_writable
 from storage.versions import commit_version, read_manifest, resolve_version, staging_prefix
@@ -194,18 +195,20 @@ def run_plain(config: RunConfig) -> Manifest:
     make_backend(config.llm).preflight()
     ctx = run_context(config)
     store = _store(config)
-    plan = plan_run(config, store, ctx.staging, ctx.run_id)
-    version = committed_version(store, ctx)
-    if version is not None:
-        return read_manifest(store, config.output.dataset, version)
-    backend = run_backend(config, store, ctx)
-    outcomes = [process_shard(load_shard_plan(store, ctx.staging, i), config, store, ctx, backend)
-                for i in range(plan.shards)]
-    refusal = commit_refusal(config, plan, outcomes)
-    if refusal is not None:
-        refuse(store, ctx, refusal)
-    check_stop("before commit")
-    return publish(config, ctx, plan, outcomes)
+    with run_lease(config, store, ctx) as lease:
+        plan = plan_run(config, store, ctx.staging, ctx.run_id)
+        version = committed_version(store, ctx)
+        if version is not None:
+            return read_manifest(store, config.output.dataset, version)
+        backend = run_backend(config, store, ctx)
+        outcomes = [process_shard(load_shard_plan(store, ctx.staging, i), config, store, ctx, backend)
+                    for i in range(plan.shards)]
+        refusal = commit_refusal(config, plan, outcomes)
+        if refusal is not None:
+            refuse(store, ctx, refusal)
+        check_stop("before commit")
+        lease.check()
+        return publish(config, ctx, plan, outcomes)
 
 
 REFUSED = "refused.json"
@@ -454,7 +457,7 @@ def generate_dataset(config: RunConfig) -> RunSummary:
     and no traceback; the caller gets the CommitRefused / RunInterrupted exception."""
     try:
         return _generate(config)
-    except (CommitRefused, StorageProblem) as exc:
+    except (CommitRefused, StorageProblem, RunBusy, LeaseLost) as exc:
         return cast(RunSummary, Failed(message=str(exc), data=exc))
     except RunInterrupted as exc:
         get_run_logger().warning("stopped: %s; unfinished shards are redone by the next run", exc)
@@ -463,13 +466,24 @@ def generate_dataset(config: RunConfig) -> RunSummary:
 
 def _generate(config: RunConfig) -> RunSummary:
     started = time.perf_counter()
-    logger = get_run_logger()
     progress = cast(UUID, create_progress_artifact(progress=0.0, key="shard-progress",
                                                    description=f"{config.output.dataset}: % of shards done"))
     make_backend(config.llm).preflight()  # an unreachable endpoint fails the run, not every clip
     check_writable(_store(config), config.output.dataset)  # a bad output root too, in one clear line
     ctx = run_context(config)  # loads Whisper/classifiers: a missing model fails here, before any clip
     store = _store(config)
+    with run_lease(config, store, ctx) as lease:  # one launch of a run at a time
+        return _generate_leased(config, ctx, store, lease, progress, started)
+
+
+def run_lease(config: RunConfig, store: ObjectStore, ctx: RunContext) -> RunLease:
+    return RunLease(store, ctx.staging, ctx.run_id, ttl_s=config.output.lease_s,
+                    wait=config.output.when_running == "wait")
+
+
+def _generate_leased(config: RunConfig, ctx: RunContext, store: ObjectStore, lease: RunLease, progress: UUID,
+                     started: float) -> RunSummary:
+    logger = get_run_logger()
     slots = ensure_gpu_limit(config)
     if slots is not None:
         logger.info("GPU stages %s hold slots of the concurrency limit %r (%d)", sorted(gpu_stages(config)),
@@ -494,6 +508,7 @@ def _generate(config: RunConfig) -> RunSummary:
             logger.error("not committed (%s): %s", refusal.kind, refusal.message)
             refuse(store, ctx, refusal)
         check_stop("before commit")
+        lease.check()
         version = task_options(commit_task, config)(config, ctx, plan, outcomes).lineage.version
     name_flow_run(f"generate-{config.output.dataset}-{version}")
     summary = summarize(config, ctx, plan, outcomes, version, started, already)

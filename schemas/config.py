@@ -258,9 +258,15 @@ class OutputConfig(_Strict):
         "unavailable, storage error) a version may still be committed with; above it the run stops before "
         "commit and the next run of the same config retries those clips.")
 
-    # The keys above that only decide whether to commit (left out of RunConfig.config_hash).
+    when_running: Literal["fail", "wait"] = Field(
+        default="fail", description="A second launch of a run that is in progress (its lease is held and "
+        "renewed): exit at once naming the holder, or wait for it to finish.")
+    lease_s: float = Field(default=60.0, ge=5, le=3600, description="A run's lease expires this long after its "
+                           "holder's last renewal (renewed every third of it): a dead launch's run is then taken over.")
+
+    # The keys above that only decide whether and when to commit (left out of RunConfig.config_hash).
     POLICY_KEYS: ClassVar[frozenset[str]] = frozenset({"allow_empty", "max_quarantine_ratio",
-                                                        "max_transient_ratio"})
+                                                        "max_transient_ratio", "when_running", "lease_s"})
 
 
 class ClusterConfig(_Strict):

@@ -21,6 +21,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from storage.lease import read_lease
 from storage.objectstore import ObjectInfo, ObjectStore
 from storage.versions import VERSION_RE, _check_dataset
 
@@ -95,7 +96,7 @@ def collect_garbage(store: ObjectStore, dataset: str, older_than_s: float, *, dr
         entry = GcPrefix(prefix=prefix, kind="staging" if kind == "staging" else "uncommitted",
                          objects=len(doomed), bytes=sum(o.size for o in doomed),
                          newest=datetime.fromtimestamp(newest, UTC), age_s=round(clock - newest, 3))
-        if clock - newest <= older_than_s:
+        if clock - newest <= older_than_s or (kind == "staging" and _live_lease(store, prefix, clock)):
             report.kept_young.append(entry)
             continue
         if not dry_run and not _remove(store, prefix, kind, older_than_s, clock):
@@ -105,6 +106,12 @@ def collect_garbage(store: ObjectStore, dataset: str, older_than_s: float, *, dr
         log.info("gc %s %s (%d objects, %d bytes, newest %s)%s", entry.kind, store.uri(prefix.rstrip("/")),
                  entry.objects, entry.bytes, entry.newest.isoformat(), " [dry run]" if dry_run else "")
     return report
+
+
+def _live_lease(store: ObjectStore, prefix: str, clock: float) -> bool:
+    """A run whose lease has not expired is working (or just died): its staging is never removed."""
+    lease = read_lease(store, prefix.rstrip("/"))
+    return lease is not None and lease.expires_at.timestamp() > clock
 
 
 def _remove(store: ObjectStore, prefix: str, kind: str, older_than_s: float, clock: float) -> bool:
