@@ -26,7 +26,10 @@ def no_gate(stage: str) -> AbstractContextManager[object]:
 
 @lru_cache(maxsize=1)
 def cuda_devices() -> int:
-    """GPUs torch sees on this machine (0 without torch or CUDA)."""
+    """GPUs torch sees on this machine (0 without torch or CUDA).
+
+    Importing torch costs seconds, so only a config with a model stage on `auto` may ask: a run
+    without model stages never imports it (tests/test_local_server.py checks `sys.modules`)."""
     try:
         import torch
     except ImportError:
@@ -58,9 +61,10 @@ def gpu_stages(config: RunConfig) -> set[str]:
     stages = model_stages(config)
     if gate == "always":
         return stages
-    on_gpu = {
-        "asr": _on_gpu(config.features.asr.device),
-        "classify": any(_on_gpu(c.device) for c in config.features.classifiers),
-        "llm": config.llm.backend == "vllm" or _on_gpu(config.llm.device),
+    # Lazily, per configured stage: a disabled stage's `device: auto` must not count GPUs (import torch).
+    on_gpu: dict[str, Callable[[], bool]] = {
+        "asr": lambda: _on_gpu(config.features.asr.device),
+        "classify": lambda: any(_on_gpu(c.device) for c in config.features.classifiers),
+        "llm": lambda: config.llm.backend == "vllm" or _on_gpu(config.llm.device),
     }
-    return {s for s in stages if on_gpu[s]}
+    return {s for s in stages if on_gpu[s]()}
