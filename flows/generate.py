@@ -38,6 +38,7 @@ from pydantic import BaseModel, Field
 
 from flows.runners import ensure_gpu_limit, flow_options, stage_gate, task_options
 from schemas.arrow import ROW_SCHEMA, hf_features, schema_to_b64
+from schemas.canonical import canonical_config, config_record
 from schemas.config import RunConfig
 from schemas.manifest import Manifest, Stats
 from storage.lease import LeaseLost, RunBusy, RunLease
@@ -101,7 +102,15 @@ def code_version() -> str:
         return version
 
 
+def launch_config(config: RunConfig) -> RunConfig:
+    """The config a run works with and is keyed by: canonical (schemas/canonical.py), relative paths
+    resolved against this process's working directory (a CLI launch's, or a deployment worker's:
+    the project directory), so both spellings of one corpus and settings are one run."""
+    return canonical_config(config, Path.cwd())
+
+
 def run_context(config: RunConfig) -> RunContext:
+    config = launch_config(config)  # idempotent: the flow already runs with the canonical config
     config_hash = config.config_hash()
     # Same config + same corpus content = same run (resumable); a changed corpus is a new run.
     run_id = f"run-{config_hash}-{source_fingerprint(config.sources)[:8]}"
@@ -185,6 +194,7 @@ def publish(config: RunConfig, ctx: RunContext, plan: RunPlan, outcomes: list[Sh
         stats=stats,
         arrow_schema_b64=schema_to_b64(ROW_SCHEMA),
         hf_features=hf_features(),
+        config=config_record(config),  # config.yaml beside the manifest, redacted
     )
     store.put_bytes(committed_key(ctx), json.dumps({"version": manifest.lineage.version}).encode())
     return manifest
@@ -192,6 +202,7 @@ def publish(config: RunConfig, ctx: RunContext, plan: RunPlan, outcomes: list[Sh
 
 def run_plain(config: RunConfig) -> Manifest:
     """The same stages without Prefect, one shard after another (tests, benchmarks, debugging)."""
+    config = launch_config(config)
     make_backend(config.llm).preflight()
     ctx = run_context(config)
     store = _store(config)
@@ -466,6 +477,7 @@ def generate_dataset(config: RunConfig) -> RunSummary:
 
 def _generate(config: RunConfig) -> RunSummary:
     started = time.perf_counter()
+    config = launch_config(config)  # relative paths of a deployment's parameters → this run's absolute ones
     progress = cast(UUID, create_progress_artifact(progress=0.0, key="shard-progress",
                                                    description=f"{config.output.dataset}: % of shards done"))
     make_backend(config.llm).preflight()  # an unreachable endpoint fails the run, not every clip

@@ -21,6 +21,14 @@ class ShardInfo(BaseModel):
     sha256: str
 
 
+class FileInfo(BaseModel):
+    """A version's non-Parquet file (its config record), checksummed like a shard."""
+
+    path: str  # relative to the version prefix, e.g. config.yaml
+    bytes: int
+    sha256: str
+
+
 class ModelInfo(BaseModel):
     role: str  # e.g. "llm", "asr", "gender"
     name: str
@@ -63,6 +71,9 @@ class Manifest(BaseModel):
     quarantine: list[ShardInfo] = Field(default_factory=list)
     arrow_schema: str  # base64 of the serialized Arrow schema (pyarrow.ipc)
     hf_features: dict[str, Any] = Field(default_factory=dict)
+    # The resolved run config (config.yaml, secrets redacted); None for versions committed before
+    # configs were recorded.
+    config: FileInfo | None = None
 
 
 class Ref(BaseModel):

@@ -1,10 +1,14 @@
-"""What changed between two versions, from their manifests alone (no shard is read)."""
+"""What changed between two versions, from their manifests and recorded configs (no shard is read)."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from typing import Any
 
 from schemas.manifest import Lineage, Manifest
+
+UNSET = "(unset)"
 
 
 def _num(a: float, b: float, fmt: str = ",") -> str:
@@ -34,8 +38,49 @@ def _lineage_items(lin: Lineage) -> dict[str, Any]:
     return items
 
 
-def diff_versions(manifest_a: Manifest, manifest_b: Manifest) -> str:
-    """A human-readable report: counts, quarantine reasons, attribute distributions, lineage."""
+def flatten_settings(value: Any, prefix: str = "") -> dict[str, Any]:
+    """{"llm": {"temperature": 0.2}} → {"llm.temperature": 0.2}; lists of mappings by index
+    (`sources.0.path`), lists of plain values as one setting (`describe.attributes`)."""
+    out: dict[str, Any] = {}
+    if isinstance(value, Mapping) and value:
+        for k, v in value.items():
+            out.update(flatten_settings(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+        for i, v in enumerate(value):
+            out.update(flatten_settings(v, f"{prefix}.{i}" if prefix else str(i)))
+    else:
+        out[prefix] = value
+    return out
+
+
+def _setting(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def settings_changes(config_a: Mapping[str, Any], config_b: Mapping[str, Any]) -> list[str]:
+    """`llm.temperature: 0.05 → 0.2` for every setting that differs (added/removed ones as (unset))."""
+    fa, fb = flatten_settings(config_a), flatten_settings(config_b)
+    absent = object()
+    return [f"{name}: {_setting(fa[name]) if name in fa else UNSET} → {_setting(fb[name]) if name in fb else UNSET}"
+            for name in dict.fromkeys([*fa, *fb]) if fa.get(name, absent) != fb.get(name, absent)]
+
+
+def _settings_section(manifest_a: Manifest, manifest_b: Manifest, config_a: Mapping[str, Any] | None,
+                      config_b: Mapping[str, Any] | None) -> list[str]:
+    missing = [m.lineage.version for m, c in ((manifest_a, config_a), (manifest_b, config_b))
+               if m.config is None or c is None]
+    if missing:
+        return [(f"settings: not recorded for {', '.join(dict.fromkeys(missing))} (committed before run configs "
+                 "were stored); see config_hash under lineage")]
+    assert config_a is not None and config_b is not None
+    changes = settings_changes(config_a, config_b)
+    return ["settings changes:", *(f"  {line}" for line in changes)] if changes else ["settings: unchanged"]
+
+
+def diff_versions(manifest_a: Manifest, manifest_b: Manifest, config_a: Mapping[str, Any] | None = None,
+                  config_b: Mapping[str, Any] | None = None) -> str:
+    """A human-readable report: counts, quarantine reasons, attribute distributions, the settings
+    that changed (from each version's recorded config, when both have one), lineage."""
     la, lb = manifest_a.lineage, manifest_b.lineage
     sa, sb = manifest_a.stats, manifest_b.stats
     lines = [
@@ -68,6 +113,7 @@ def diff_versions(manifest_a: Manifest, manifest_b: Manifest) -> str:
             lines.append(f"    {v:<{width}}  {na:>7,} ({pa:6.1%}) → {nb:>7,} ({pb:6.1%})  "
                          f"{nb - na:+,}  {100 * (pb - pa):+.1f} pp")
 
+    lines += _settings_section(manifest_a, manifest_b, config_a, config_b)
     ia, ib = _lineage_items(la), _lineage_items(lb)
     changed = [k for k in dict.fromkeys([*ia, *ib]) if ia.get(k) != ib.get(k)]
     if changed:

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
 from schemas.arrow import schema_from_b64
 from schemas.config import S3Config
@@ -69,8 +70,9 @@ def _shard_lines(title: str, shards: list[ShardInfo]) -> list[str]:
     return lines
 
 
-def manifest_summary(manifest: Manifest) -> str:
-    """A short human description of one version: what is in it and how it was made."""
+def manifest_summary(manifest: Manifest, config: Mapping[str, Any] | None = None) -> str:
+    """A short human description of one version: what is in it and how it was made; with
+    `config` (storage.versions.read_config), the run's recorded settings follow."""
     lin, st = manifest.lineage, manifest.stats
     reasons = ", ".join(f"{k}: {v:,}" for k, v in sorted(st.quarantine_by_reason.items(), key=lambda kv: -kv[1]))
     lines = [
@@ -93,6 +95,15 @@ def manifest_summary(manifest: Manifest) -> str:
         lines.append("sampling: " + ", ".join(f"{k}={v}" for k, v in sorted(lin.sampling.items())))
     if lin.extractor_versions:
         lines.append("extractors: " + ", ".join(f"{k}={v}" for k, v in sorted(lin.extractor_versions.items())))
+    if manifest.config is None:
+        lines.append("config: not recorded (this version was committed before run configs were stored; "
+                     f"config hash {lin.config_hash})")
+    else:
+        lines.append(f"config: {manifest.config.path}  bytes={manifest.config.bytes:,}  "
+                     f"sha256={manifest.config.sha256[:16]}…")
+        if config is not None:
+            text = yaml.safe_dump(dict(config), sort_keys=False, allow_unicode=True, width=1000)
+            lines += [f"  {line}" for line in text.rstrip("\n").splitlines()]
     return "\n".join(lines)
 
 

@@ -5,12 +5,15 @@
 - its sha256 (streamed in chunks, never the whole object in memory) equals the manifest's (deep);
 - its Parquet footer reads, its row count equals the manifest's, and its Arrow schema equals the
   manifest's `arrow_schema` (quarantine parts: QUARANTINE_SCHEMA), huggingface metadata included;
-- the manifest's stats agree with its own shard list (rows, quarantined).
+- the manifest's stats agree with its own shard list (rows, quarantined);
+- the recorded run config (`config.yaml`, when the manifest lists one) exists, has its size and
+  sha256 and parses as YAML; a version committed before configs were recorded has none to check.
 It never raises for a damaged version: problems are collected so a CLI can name them all.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -18,10 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import yaml
 from pydantic import BaseModel, Field
 
 from schemas.arrow import QUARANTINE_SCHEMA, schema_from_b64
-from schemas.manifest import Manifest, ShardInfo
+from schemas.manifest import FileInfo, Manifest, ShardInfo
 from storage.objectstore import NotFound, ObjectStore
 from storage.versions import read_manifest, version_prefix
 
@@ -44,6 +48,7 @@ class VerifyReport(BaseModel):
     version: str
     shards_checked: int  # data shards + quarantine parts
     rows: int  # data rows counted in the shards' Parquet footers (the manifest's where unreadable)
+    config_checked: bool = False  # the manifest lists a config.yaml (older versions do not)
     problems: list[ShardProblem] = Field(default_factory=list)
 
     @property
@@ -51,7 +56,8 @@ class VerifyReport(BaseModel):
         return not self.problems
 
     def summary(self) -> str:
-        head = (f"{self.dataset} {self.version}: {self.shards_checked} shards, {self.rows:,} rows — "
+        head = (f"{self.dataset} {self.version}: {self.shards_checked} shards"
+                + (", config" if self.config_checked else "") + f", {self.rows:,} rows — "
                 + ("OK" if self.ok else f"{len(self.problems)} problem(s)"))
         return "\n".join([head, *(f"  {p.path}: {p.problem}" for p in self.problems)])
 
@@ -113,6 +119,30 @@ def _check_object(store: ObjectStore, fs_base: tuple[pafs.FileSystem, str], pref
     return problems, rows
 
 
+def _check_config(store: ObjectStore, prefix: str, info: FileInfo, deep: bool) -> list[ShardProblem]:
+    """Problems of the recorded config file: missing, resized, changed bytes, not YAML."""
+    key = f"{prefix}/{info.path}"
+    try:
+        size = store.size(key)
+        if size != info.bytes:
+            return [ShardProblem(path=info.path, problem=f"size {size:,} bytes != manifest {info.bytes:,}")]
+        if not deep:
+            return []
+        data = store.get_bytes(key)  # a few KB: read once for both the checksum and the parse
+    except NotFound:
+        return [ShardProblem(path=info.path, problem="missing")]
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != info.sha256:
+        return [ShardProblem(path=info.path, problem=f"sha256 mismatch (expected {info.sha256}, got {digest})")]
+    try:
+        loaded = yaml.safe_load(data)
+    except yaml.YAMLError as exc:
+        return [ShardProblem(path=info.path, problem=f"not valid YAML ({str(exc)[:200]})")]
+    if not isinstance(loaded, dict):
+        return [ShardProblem(path=info.path, problem="not a mapping of settings")]
+    return []
+
+
 def verify_manifest(store: ObjectStore, manifest: Manifest, *, deep: bool = True,
                     workers: int | None = None) -> VerifyReport:
     """Verify the objects of an already-read manifest (see module doc).
@@ -150,6 +180,9 @@ def verify_manifest(store: ObjectStore, manifest: Manifest, *, deep: bool = True
         else:
             quarantined += counted if counted is not None else info.rows
 
+    if manifest.config is not None:
+        problems += _check_config(store, prefix, manifest.config, deep)
+
     listed_rows = sum(s.rows for s in manifest.shards)
     if manifest.stats.rows != listed_rows:
         problems.append(ShardProblem(path=MANIFEST_PATH, problem=f"stats.rows {manifest.stats.rows:,} != "
@@ -158,7 +191,8 @@ def verify_manifest(store: ObjectStore, manifest: Manifest, *, deep: bool = True
     if manifest.stats.quarantined != listed_q:
         problems.append(ShardProblem(path=MANIFEST_PATH, problem=f"stats.quarantined {manifest.stats.quarantined:,}"
                                                                  f" != sum of quarantine part rows {listed_q:,}"))
-    report = VerifyReport(dataset=dataset, version=version, shards_checked=len(jobs), rows=rows, problems=problems)
+    report = VerifyReport(dataset=dataset, version=version, shards_checked=len(jobs), rows=rows,
+                          config_checked=manifest.config is not None, problems=problems)
     log.info("verified %s %s: %d objects, %d rows, %d problems", dataset, version, len(jobs), rows, len(problems))
     return report
 

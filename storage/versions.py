@@ -4,7 +4,9 @@ Commit protocol (ARCHITECTURE.md, "Storage layout and commit protocol"):
 1. claim `<dataset>/vNNNN/_claim` create-only; on conflict try N+1 (so concurrent commits never
    share a prefix; the claim stays forever, or a later writer could reuse the prefix);
 2. copy the staged shards into the version prefix and re-verify each copy's sha256;
-3. write the dataset card `README.md` (create-only), so a visible version always has its card;
+3. write the run's resolved config `config.yaml` (secrets redacted) and the dataset card
+   `README.md` (create-only), so a visible version always has both; the manifest lists the config
+   with its sha256, so `datasets verify` covers it;
 4. write `manifest.json` LAST and create-only: this is the instant the version exists;
 5. move `refs/latest.json` forward by compare-and-swap.
 A crash before 4 leaves only garbage under an unreferenced prefix (a janitor may remove it);
@@ -13,14 +15,19 @@ readers never list prefixes, they go through refs and manifests.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
 import time
+from collections.abc import Mapping
+from typing import Any
 
+import yaml
 from pydantic import ValidationError
 
-from schemas.manifest import Lineage, Manifest, Ref, ShardInfo, Stats
+from schemas.canonical import redact_secrets
+from schemas.manifest import FileInfo, Lineage, Manifest, Ref, ShardInfo, Stats
 from schemas.records import utc_now
 from storage.card import render_card
 from storage.objectstore import NotFound, ObjectStore, PreconditionFailed
@@ -77,6 +84,13 @@ def card_key(dataset: str, version: str) -> str:
     return f"{version_prefix(dataset, version)}/README.md"
 
 
+CONFIG_PATH = "config.yaml"
+
+
+def config_key(dataset: str, version: str) -> str:
+    return f"{version_prefix(dataset, version)}/{CONFIG_PATH}"
+
+
 def ref_key(dataset: str, name: str) -> str:
     if not REF_RE.match(name) or VERSION_RE.match(name):
         raise ValueError(f"invalid ref name {name!r}")
@@ -117,6 +131,29 @@ def read_manifest(store: ObjectStore, dataset: str, version: str) -> Manifest:
     except NotFound:
         raise VersionNotFound(f"dataset {dataset!r} has no committed version {version!r}") from None
     return Manifest.model_validate_json(data)
+
+
+def read_config(store: ObjectStore, manifest: Manifest) -> dict[str, Any] | None:
+    """The run config recorded with a version, or None for a version committed before configs were
+    recorded. Raises NotFound if the manifest lists a config file that is gone, ValueError if
+    its bytes no longer match the manifest's sha256 (`datasets verify` names both)."""
+    if manifest.config is None:
+        return None
+    data = store.get_bytes(f"{version_prefix(manifest.lineage.dataset, manifest.lineage.version)}/"
+                           f"{manifest.config.path}")
+    if hashlib.sha256(data).hexdigest() != manifest.config.sha256:
+        raise ValueError(f"{manifest.lineage.dataset} {manifest.lineage.version}: {manifest.config.path} does "
+                         "not match the manifest's sha256 (run `speechpairs datasets verify`)")
+    loaded = yaml.safe_load(data)
+    return loaded if isinstance(loaded, dict) else None
+
+
+def render_config(config: Mapping[str, Any], dataset: str, version: str) -> bytes:
+    """config.yaml: a comment naming the version, then every setting in the model's order, redacted."""
+    head = (f"# The resolved run config of {dataset} {version}: every setting (defaults filled in, local "
+            "paths absolute),\n# anything that looks like a credential replaced by ***.\n")
+    body = yaml.safe_dump(redact_secrets(dict(config)), sort_keys=False, allow_unicode=True, width=1000)
+    return (head + body).encode()
 
 
 def list_versions(store: ObjectStore, dataset: str) -> list[str]:
@@ -209,27 +246,28 @@ def _copy_verified(store: ObjectStore, src: ShardInfo, dst_key: str, rel_path: s
     return ShardInfo(path=rel_path, rows=src.rows, bytes=src.bytes, sha256=src.sha256)
 
 
-def _write_card(store: ObjectStore, dataset: str, version: str, card: bytes, run_id: str) -> None:
-    """The card goes in before the manifest, create-only: a lost answer to our own write is fine,
-    and so is a card left by an earlier attempt of this run (rewritten); any other is a conflict."""
-    key = card_key(dataset, version)
+def _write_once(store: ObjectStore, key: str, body: bytes, dataset: str, version: str, run_id: str) -> None:
+    """The card and the config go in before the manifest, create-only: a lost answer to our own
+    write is fine, and so is a file left by an earlier attempt of this run (rewritten); any other
+    is a conflict."""
     try:
-        store.put_bytes(key, card, if_none_match=True)
+        store.put_bytes(key, body, if_none_match=True)
     except PreconditionFailed:
-        if store.get_bytes(key) == card:
+        if store.get_bytes(key) == body:
             return
         if not _own_unfinished_claim(store, dataset, version, run_id):
             raise CommitError(f"{store.uri(key)} was written by another run") from None
-        store.put_bytes(key, card)
+        store.put_bytes(key, body)
 
 
 def commit_version(store: ObjectStore, *, dataset: str, staged_shards: list[ShardInfo],
                    staged_quarantine: list[ShardInfo], lineage: dict, stats: Stats, arrow_schema_b64: str,
-                   hf_features: dict) -> Manifest:
+                   hf_features: dict, config: Mapping[str, Any] | None = None) -> Manifest:
     """Publish staged shards as the next immutable version and move `latest` to it.
 
     `staged_*[i].path` are store keys of staged objects; `lineage` needs every Lineage field but
-    dataset/version/parent, which are filled in here. Returns the published manifest.
+    dataset/version/parent, which are filled in here; `config` (the run's resolved settings) is
+    stored as config.yaml, redacted, and listed in the manifest. Returns the published manifest.
     """
     _check_dataset(dataset)
     try:  # validate before touching the store, so a bad lineage leaves nothing behind
@@ -261,6 +299,12 @@ def commit_version(store: ObjectStore, *, dataset: str, staged_shards: list[Shar
         rel = f"quarantine/part-{i:05d}.parquet"
         quarantine.append(_copy_verified(store, staged, f"{prefix}/{rel}", rel))
 
+    config_info = None
+    if config is not None:
+        body = render_config(config, dataset, version)
+        _write_once(store, config_key(dataset, version), body, dataset, version, draft.run_id)
+        config_info = FileInfo(path=CONFIG_PATH, bytes=len(body), sha256=hashlib.sha256(body).hexdigest())
+
     manifest = Manifest(
         lineage=draft.model_copy(update={"version": version, "parent": parent}),
         stats=stats,
@@ -268,8 +312,10 @@ def commit_version(store: ObjectStore, *, dataset: str, staged_shards: list[Shar
         quarantine=quarantine,
         arrow_schema=arrow_schema_b64,
         hf_features=hf_features,
+        config=config_info,
     )
-    _write_card(store, dataset, version, render_card(manifest).encode(), draft.run_id)
+    _write_once(store, card_key(dataset, version), render_card(manifest).encode(), dataset, version,
+                draft.run_id)
     body = manifest.model_dump_json(indent=2).encode()
     try:
         store.put_bytes(manifest_key(dataset, version), body, if_none_match=True)
