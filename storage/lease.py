@@ -85,11 +85,23 @@ def _proc_start(pid: int) -> int | None:
         return None
 
 
+# Holder ids of the leases this process holds now: a lease written by this very process under
+# another id is a finished launch whose release could not delete it (e.g. the store was down).
+_held: set[str] = set()
+_held_lock = threading.Lock()
+
+
 def _holder_is_dead(info: LeaseInfo) -> bool:
-    """True only when the holder ran on this machine (same host name and boot) and its process is gone."""
+    """True only when the holder ran on this machine (same host name and boot) and is gone: its
+    process ended, or it is this process and that launch has released its lease."""
     if info.host != socket.gethostname() or info.boot_id is None or info.boot_id != _boot_id():
         return False
-    return info.proc_start is None or _proc_start(info.pid) != info.proc_start
+    if info.proc_start is None or _proc_start(info.pid) != info.proc_start:
+        return True
+    if info.pid == os.getpid():
+        with _held_lock:
+            return info.holder not in _held
+    return False
 
 
 class RunLease:
@@ -154,10 +166,14 @@ class RunLease:
                 raise RunBusy(self.run_id, holder)
             log.info("run %s is in progress (%s); waiting", self.run_id, holder.describe())
             time.sleep(self.poll_s)
+        with _held_lock:
+            _held.add(self.info.holder)
         self._thread = threading.Thread(target=self._renew_loop, name="run-lease", daemon=True)
         self._thread.start()
 
     def release(self) -> None:
+        with _held_lock:
+            _held.discard(self.info.holder)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)

@@ -96,6 +96,25 @@ def test_a_dead_holder_on_this_machine_is_taken_over_at_once(tmp_path: Path) -> 
         RunLease(store, STAGING, "run-x", ttl_s=30).acquire()
 
 
+def test_a_lease_this_process_released_but_could_not_delete_is_taken_over(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    store = open_store(str(tmp_path))
+    first = RunLease(store, STAGING, "run-x", ttl_s=30)
+    first.acquire()
+
+    def store_down(key: str) -> None:
+        raise OSError("the store is down")
+
+    monkeypatch.setattr(store, "delete", store_down)
+    first.release()  # warns; the lease object stays behind, valid for 30 s
+    assert _info(store).holder == first.info.holder
+    monkeypatch.undo()
+    with RunLease(store, STAGING, "run-x", ttl_s=30) as again:  # the same process re-running: no wait
+        assert _info(store).holder == again.info.holder
+        with pytest.raises(RunBusy):  # but a launch this process still runs is respected
+            RunLease(store, STAGING, "run-x", ttl_s=30).acquire()
+
+
 def test_an_unreadable_lease_is_replaced(tmp_path: Path) -> None:
     store = open_store(str(tmp_path))
     store.put_bytes(f"{STAGING}/{LEASE}", b"{not json")
