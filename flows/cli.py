@@ -30,9 +30,48 @@ EXIT_BUSY = 75  # sysexits EX_TEMPFAIL: another launch of the same run is in pro
 
 
 def _quiet_prefect() -> None:
-    """Console shows the progress bar and the summary; full logs still go to the Prefect API/UI."""
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    """Console shows the progress bar and the summary; INFO logs (per-shard and commit lines) still go
+    to the Prefect API/UI. Only Prefect's console *handler* is raised to WARNING (an override of its
+    logging.yml): lowering PREFECT_LOGGING_LEVEL instead would drop the records before the API
+    handler sees them. Prefect reads both when it is imported, so this runs before that."""
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _say(message: str) -> None:
+    """A status line on stderr (above the progress bar, if one is drawn)."""
+    from tqdm import tqdm
+
+    tqdm.write(f"speechpairs: {message}", file=sys.stderr)
+    sys.stderr.flush()
+
+
+def _prefect_api() -> str | None:
+    """Make sure the command has a Prefect API: PREFECT_API_URL if set, else the shared local server
+    (flows/local_server.py: started on first use, reused afterwards). None, after saying why, when
+    the local server cannot be started."""
+    from flows.local_server import ServerError, use_prefect_api
+
+    try:
+        return use_prefect_api(_say)
+    except ServerError as exc:
+        print(f"speechpairs: local Prefect server: {exc}\n(or set PREFECT_API_URL to a running Prefect server)",
+              file=sys.stderr)
+        return None
+
+
+def _announce_flow_run(links: list[str]) -> Callable[..., None]:
+    """An `on_running` flow hook that prints the run's UI page as soon as the flow run exists."""
+
+    def hook(_flow: Any, flow_run: Any, _state: Any) -> None:
+        from flows.local_server import flow_run_url
+
+        url = flow_run_url(flow_run.id)
+        if url and not links:
+            links.append(url)
+            _say(f"flow run {flow_run.name}: {url}")
+
+    return hook
 
 
 def _patient_temporary_server() -> None:
@@ -43,21 +82,32 @@ def _patient_temporary_server() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
-def _progress_bar(enabled: bool):
+def _progress_bar(enabled: bool, clock: Callable[[], float] = time.monotonic
+                  ) -> tuple[Callable[[str, int, int], None] | None, Callable[[], None]]:
+    """The terminal bar (the tasks.pipeline progress hook): clips done/total, then rows, quarantined,
+    rate and ETA. The rate is flows/progress.py's: measured from the first finished batch, so Prefect
+    start-up, model loading and planning stay out of it, and so do shards an earlier attempt finished."""
     if not enabled:
         return None, lambda: None
     from tqdm import tqdm
 
-    bar = tqdm(total=None, unit="clip", desc="clips", dynamic_ncols=True, file=sys.stderr)
+    from flows.progress import ProgressMeter
+
+    meter = ProgressMeter(clock=clock)
+    bar = tqdm(total=None, unit="clip", desc="clips", dynamic_ncols=True, file=sys.stderr,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
     lock = threading.Lock()
 
-    def hook(kind: str, n: int) -> None:
+    def hook(kind: str, n: int, rows: int) -> None:
         with lock:
             if kind == "total":
+                meter.clips_total = n
                 bar.total = n
-                bar.refresh()
             else:
+                meter.add(n, rows, reused=kind == "reused")
                 bar.update(n)
+            bar.set_postfix_str(meter.postfix(), refresh=False)
+            bar.refresh()
 
     return hook, bar.close
 
@@ -158,17 +208,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"speechpairs: {exc}", file=sys.stderr)
         return EXIT_USAGE
     _quiet_prefect()
+    if _prefect_api() is None:
+        return EXIT_FAILED
     from flows.generate import run_generate
     from storage.lease import RunBusy
     from tasks.commit_gate import CommitRefused
     from tasks.pipeline import set_progress_hook
     from tasks.stopping import stop_signal
 
+    links: list[str] = []  # the flow run's UI page, once it exists
     hook, close = _progress_bar(not args.no_progress and sys.stderr.isatty() or args.progress)
     set_progress_hook(hook)
     restore_signals = _stop_on_signals()
     try:
-        summary = _in_flow_thread(lambda: run_generate(config))
+        summary = _in_flow_thread(lambda: run_generate(config, on_running=[_announce_flow_run(links)]))
     except CommitRefused as exc:
         print(f"speechpairs: not committed ({exc.kind}): {exc}", file=sys.stderr)
         return EXIT_NOT_COMMITTED
@@ -214,6 +267,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"  audio hours:  {summary.audio_hours:.4f}")
     print(f"  shards:       {summary.shards} ({summary.shards_skipped} reused from an earlier attempt)")
     print(f"  time taken:   {time.perf_counter() - started:.2f} s (flow {summary.seconds:.2f} s)")
+    if links:
+        print(f"  flow run:     {links[0]}")
     return EXIT_OK
 
 
@@ -289,10 +344,11 @@ def _want_progress(args: argparse.Namespace) -> bool:
 @_datasets_command
 def cmd_datasets_show(args: argparse.Namespace) -> int:
     from storage.reader import manifest_summary
-    from storage.versions import read_manifest
+    from storage.versions import read_config, read_manifest
 
     store, dataset, ref = _open(args, args.uri)
-    print(manifest_summary(read_manifest(store, dataset, _resolve(store, dataset, ref))))
+    manifest = read_manifest(store, dataset, _resolve(store, dataset, ref))
+    print(manifest_summary(manifest, read_config(store, manifest)))  # with the recorded run config
     return EXIT_OK
 
 
@@ -347,7 +403,8 @@ def cmd_datasets_verify(args: argparse.Namespace) -> int:
     store, dataset, ref = _open(args, args.uri)
     version = _resolve(store, dataset, ref)
     report = verify_version(store, dataset, version, deep=not args.shallow)
-    head = (f"{dataset} {version}: {report.shards_checked} shards, {report.rows:,} rows"
+    head = (f"{dataset} {version}: {report.shards_checked} shards" + (", config" if report.config_checked else "")
+            + f", {report.rows:,} rows"
             + (" (sizes, rows and schemas only)" if args.shallow else ""))
     if report.ok:
         print(f"{head}: OK")
@@ -396,7 +453,7 @@ def cmd_datasets_tag(args: argparse.Namespace) -> int:
 @_datasets_command
 def cmd_datasets_diff(args: argparse.Namespace) -> int:
     from storage.diff import diff_versions
-    from storage.versions import read_manifest
+    from storage.versions import read_config, read_manifest
 
     store_a, dataset_a, ref_a = _open(args, args.uri_a)
     if "/" not in args.uri_b:  # "v0002" or "@v0002": same root and dataset as A
@@ -405,7 +462,7 @@ def cmd_datasets_diff(args: argparse.Namespace) -> int:
         store_b, dataset_b, ref_b = _open(args, args.uri_b)
     a = read_manifest(store_a, dataset_a, _resolve(store_a, dataset_a, ref_a))
     b = read_manifest(store_b, dataset_b, _resolve(store_b, dataset_b, ref_b))
-    print(diff_versions(a, b))
+    print(diff_versions(a, b, read_config(store_a, a), read_config(store_b, b)))  # settings changed by name
     return EXIT_OK
 
 
@@ -514,7 +571,7 @@ def _add_datasets_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = add("list", cmd_datasets_list, "list committed versions with created time, rows, hours and tags")
     p.add_argument("uri", help="ROOT/DATASET, e.g. ./data/sample or s3://bucket/prefix/sample")
-    p = add("show", cmd_datasets_show, "print a version's manifest summary")
+    p = add("show", cmd_datasets_show, "print a version's manifest summary and its recorded run config")
     p.add_argument("uri", help=_URI_HELP)
     p = add("verify", cmd_datasets_verify, "check every shard against the manifest (exit 1 on a problem)")
     p.add_argument("uri", help=_URI_HELP)
@@ -584,6 +641,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if next(iter_refs(params.config.sources), None) is None:
             raise SourceError("the sources list no clips: " + ", ".join(s.path for s in params.config.sources))
         load_models(params.config.features)
+        if _prefect_api() is None:
+            return EXIT_FAILED
         result = run_calibrate(params)
     except (ConfigError, SourceError, ModelLoadError, CalibrationError, ValidationError) as exc:
         print(f"speechpairs: {exc}", file=sys.stderr)
@@ -617,6 +676,43 @@ def _add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
     cal.set_defaults(func=cmd_calibrate)
 
 
+def cmd_server(args: argparse.Namespace) -> int:
+    """`server start|stop|status`: the local Prefect server runs use without PREFECT_API_URL.
+    Exit 0; `status` exits 1 when no server is running, `start` when it cannot start one."""
+    from flows import local_server as local
+
+    explicit = os.environ.get("PREFECT_API_URL")
+    note = f"note: PREFECT_API_URL is set ({explicit}): runs use that server, not this one" if explicit else None
+    if args.server_command == "stop":
+        stopped = local.stop_server(_say)
+        print(f"stopped the local Prefect server (PID {stopped.pid}, {stopped.url})" if stopped
+              else f"no local Prefect server recorded in {local.server_dir()}")
+        return EXIT_OK
+    if args.server_command == "start":
+        try:
+            local.ensure_server(_say)
+        except local.ServerError as exc:
+            print(f"speechpairs: local Prefect server: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+    record, state = local.server_status()
+    print(f"local Prefect server: {state}")
+    if record is not None:
+        print(f"  URL:          {record.url} (API {record.api_url})\n  PID:          {record.pid}\n"
+              f"  version:      prefect {record.prefect_version}")
+    print(f"  data folder:  {local.server_dir()}\n  log:          {local.log_path()}")
+    if note:
+        print(note)
+    return EXIT_OK if state == "running" else EXIT_FAILED
+
+
+def _add_server_parser(sub: argparse._SubParsersAction) -> None:
+    srv = sub.add_parser("server", help="start, stop or inspect the local Prefect server runs use by default")
+    srv.add_argument("server_command", choices=["start", "stop", "status"],
+                     help="start: start it unless running (prints where); stop: end its process group; "
+                          "status: URL, PID, version, data folder")
+    srv.set_defaults(func=cmd_server)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="speechpairs", description="Self-generated speech-text pairs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -628,6 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     _add_datasets_parsers(sub)
     _add_calibrate_parser(sub)
+    _add_server_parser(sub)
     return parser
 
 

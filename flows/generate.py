@@ -19,12 +19,7 @@ from typing import Any, cast
 from uuid import UUID
 
 from prefect import flow, get_run_logger, task, unmapped
-from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
+from prefect.artifacts import create_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext, TaskRunContext
@@ -32,12 +27,19 @@ from prefect.exceptions import CancelledRun
 from prefect.futures import PrefectFuture, as_completed
 from prefect.logging.handlers import APILogHandler
 from prefect.runtime import flow_run
-from prefect.settings import PREFECT_UI_URL
 from prefect.states import Cancelled, Failed
-from pydantic import BaseModel, Field
 
+from flows.artifacts import (
+    RunSummary,
+    count_shard,
+    publish_artifacts,
+    show_progress,
+    summary_table,  # noqa: F401 - re-exported: tests read the table from here
+)
+from flows.progress import ProgressMeter
 from flows.runners import ensure_gpu_limit, flow_options, stage_gate, task_options
 from schemas.arrow import ROW_SCHEMA, hf_features, schema_to_b64
+from schemas.attributes import ATTRIBUTE_LABELS
 from schemas.canonical import canonical_config, config_record
 from schemas.config import RunConfig
 from schemas.manifest import Manifest, Stats
@@ -63,31 +65,8 @@ from tasks.pipeline import (
     report_total,
     run_backend,
 )
-from tasks.plan import RunPlan, load_plan, load_shard_plan, plan_run, skipped_text
+from tasks.plan import RunPlan, load_plan, load_shard_plan, plan_run
 from tasks.stopping import RunInterrupted, check_stop, stop_requested
-
-
-class RunSummary(BaseModel):
-    dataset: str
-    version: str
-    location: str
-    run_id: str
-    clips_in: int
-    skipped_files: dict[str, int] = Field(default_factory=dict)  # folder files that are not audio, by extension
-    unentered_folders: dict[str, int] = Field(default_factory=dict)  # folders a walk could not enter, by reason
-    rows: int
-    quarantined: int
-    quarantine_by_reason: dict[str, int] = Field(default_factory=dict)
-    quarantine_by_stage: dict[str, int] = Field(default_factory=dict)
-    audio_hours: float
-    rows_without_transcript: int = 0
-    shards: int
-    shards_skipped: int
-    seconds: float
-    stage_seconds: dict[str, float] = Field(default_factory=dict)
-    tokens_prompt: int = 0  # summed over the rows (0 where the LLM backend reports no usage)
-    tokens_completion: int = 0
-    already_committed: bool = False
 
 
 @lru_cache(maxsize=1)
@@ -137,7 +116,7 @@ def _unless_stopping(*_: Any) -> bool:
     return not stop_requested()
 
 
-@task(name="plan-shards", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
+@task(name="plan-shards", task_run_name="plan-shards", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE,
       retry_condition_fn=_unless_stopping)
 def plan_task(config: RunConfig, ctx: RunContext) -> RunPlan:
     return plan_run(config, _store(config), ctx.staging, ctx.run_id)
@@ -273,8 +252,8 @@ def recorded_outcomes(store: ObjectStore, ctx: RunContext, plan: RunPlan) -> lis
     return outcomes
 
 
-@task(name="commit-version", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE,
-      retry_condition_fn=_unless_stopping)
+@task(name="commit-version", task_run_name="commit-version", retries=2, retry_delay_seconds=5,
+      cache_policy=NO_CACHE, retry_condition_fn=_unless_stopping)
 def commit_task(config: RunConfig, ctx: RunContext, plan: RunPlan, outcomes: list[ShardOutcome]) -> Manifest:
     return publish(config, ctx, plan, outcomes, str(flow_run.id) if flow_run.id else None)
 
@@ -326,26 +305,38 @@ class _RunLogHandler(APILogHandler):
         super().emit(record)
 
 
-def forward_pipeline_logs(name: str = "speechpairs") -> None:
-    """Send the plain-Python pipeline's records (quarantined clips, by shard and clip id) to the run's
-    logs in the Prefect UI. Runs on import, so shard tasks in worker processes (process, Dask, Ray
-    runners) forward theirs too; a no-op if PREFECT_LOGGING_EXTRA_LOGGERS already names the logger."""
-    logger = logging.getLogger(name)
-    if not any(isinstance(h, APILogHandler) for h in logger.handlers):
-        logger.addHandler(_RunLogHandler())
+# Our loggers: the pipeline's ("speechpairs.*") and the modules' own (`__name__`: storage.versions' commit
+# lines, storage.lease, tasks.*).
+PIPELINE_LOGGERS = ("speechpairs", "storage", "tasks")
+
+
+def forward_pipeline_logs(names: tuple[str, ...] = PIPELINE_LOGGERS) -> None:
+    """Send the plain-Python pipeline's records (quarantined clips by shard and clip id, commit lines)
+    to the run's logs in the Prefect UI, from INFO up: left unset, these loggers would inherit the
+    root's WARNING and drop INFO before any handler. What the console shows is the console handler's
+    business (the CLI raises it to WARNING). Runs on import, so shard tasks in worker processes
+    (process, Dask, Ray runners) forward theirs too; a no-op for a logger that already has an API
+    handler (e.g. named in PREFECT_LOGGING_EXTRA_LOGGERS)."""
+    for name in names:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
+        if not any(isinstance(h, APILogHandler) for h in logger.handlers):
+            logger.addHandler(_RunLogHandler())
 
 
 forward_pipeline_logs()
 
 
-def gather_shards(futures: list[PrefectFuture[ShardOutcome]], progress: UUID) -> list[ShardOutcome]:
+def gather_shards(futures: list[PrefectFuture[ShardOutcome]], progress: UUID, meter: ProgressMeter,
+                  dataset: str) -> list[ShardOutcome]:
     """Wait for the shards as they finish, moving the progress artifact and logging one line per
     shard (skipped ones count as done); the outcomes come back in shard order."""
     logger = get_run_logger()
     index = {future: i for i, future in enumerate(futures)}
     done: dict[int, ShardOutcome] = {}
     if not futures:
-        update_progress_artifact(progress, progress=100.0)
+        show_progress(progress, meter, dataset)
     for future in as_completed(futures):
         i = index[future]
         try:
@@ -361,7 +352,8 @@ def gather_shards(futures: list[PrefectFuture[ShardOutcome]], progress: UUID) ->
         logger.info("shard %05d done: %d rows, %d quarantined (%d/%d shards)%s", outcome.index, outcome.rows,
                     outcome.quarantined, len(done), len(futures),
                     " [finished by an earlier attempt]" if outcome.skipped else "")
-        update_progress_artifact(progress, progress=round(100.0 * len(done) / len(futures), 2))
+        count_shard(meter, outcome)
+        show_progress(progress, meter, dataset)
     return [done[i] for i in range(len(futures))]
 
 
@@ -378,12 +370,6 @@ def name_flow_run(name: str) -> None:
                                  type(exc).__name__, exc)
 
 
-def artifact_link(key: str, artifact_id: UUID) -> str:
-    """Markdown naming an artifact by key, linked to its UI page when PREFECT_UI_URL is known."""
-    ui = PREFECT_UI_URL.value()
-    return f"[`{key}`]({str(ui).rstrip('/')}/artifacts/artifact/{artifact_id})" if ui else f"`{key}`"
-
-
 def summarize(config: RunConfig, ctx: RunContext, plan: RunPlan, outcomes: list[ShardOutcome],
               version: str | None, started: float, already: bool = False) -> RunSummary:
     """The run in numbers; `version` None for a run that was not committed (its staging area is named)."""
@@ -395,7 +381,12 @@ def summarize(config: RunConfig, ctx: RunContext, plan: RunPlan, outcomes: list[
         by_stage.update(o.by_stage)
         by_reason.update(o.by_reason)
     store = _store(config)
+    backend = make_backend(config.llm)  # a constructor only: no model is loaded, no endpoint called
+    model = backend.model_info()
     return RunSummary(
+        llm_backend=backend.name,
+        llm_model=(model.get("name") or backend.name) + (f"@{model['revision']}" if model.get("revision") else ""),
+        seed_attributes=[ATTRIBUTE_LABELS[a] for a in config.describe.attributes],
         dataset=config.output.dataset,
         version=version or "not committed",
         location=store.uri(f"{config.output.dataset}/{version}" if version else ctx.staging),
@@ -419,47 +410,6 @@ def summarize(config: RunConfig, ctx: RunContext, plan: RunPlan, outcomes: list[
     )
 
 
-def summary_table(summary: RunSummary, stats: Stats) -> list[dict[str, Any]]:
-    """The run-summary rows: counts, quarantine by stage and by reason, tokens, time per stage."""
-    return [
-        {"metric": "clips in", "value": summary.clips_in},
-        *([{"metric": "skipped non-audio files", "value": skipped_text(summary.skipped_files)}]
-          if summary.skipped_files else []),
-        *([{"metric": "folders not entered", "value": skipped_text(summary.unentered_folders)}]
-          if summary.unentered_folders else []),
-        {"metric": "rows out", "value": summary.rows},
-        {"metric": "quarantined", "value": summary.quarantined},
-        {"metric": "rows without transcript", "value": summary.rows_without_transcript},
-        *({"metric": f"quarantined by stage: {k}", "value": v} for k, v in summary.quarantine_by_stage.items()),
-        *({"metric": f"quarantined by reason: {k}", "value": v} for k, v in summary.quarantine_by_reason.items()),
-        *({"metric": f"QC failures: {k}", "value": v} for k, v in stats.qc_failures.items()),
-        {"metric": "tokens: prompt", "value": summary.tokens_prompt},
-        {"metric": "tokens: completion", "value": summary.tokens_completion},
-        {"metric": "audio hours", "value": summary.audio_hours},
-        {"metric": "shards (skipped)", "value": f"{summary.shards} ({summary.shards_skipped})"},
-        {"metric": "seconds", "value": summary.seconds},
-        *({"metric": f"seconds: {k}", "value": v} for k, v in summary.stage_seconds.items()),
-    ]
-
-
-def publish_artifacts(summary: RunSummary, stats: Stats) -> None:
-    """A human summary in the Prefect UI: counts table and attribute distributions (linked from it)."""
-    lines = [f"# Attribute distributions: {summary.dataset} {summary.version}", ""]
-    for attr, counts in sorted(stats.attribute_counts.items()):
-        total = sum(counts.values()) or 1
-        lines += [f"## {attr}", "", "| value | rows | share |", "|---|---:|---|"]
-        for word, n in counts.items():
-            lines.append(f"| {word} | {n} | {'█' * max(1, round(20 * n / total))} {100 * n / total:.0f}% |")
-        lines.append("")
-    distributions = cast(UUID, create_markdown_artifact(  # sync here: async_dispatch types both
-        key="attribute-distributions", markdown="\n".join(lines),
-        description=f"{summary.dataset} {summary.version}: attribute words over the rows"))
-    create_table_artifact(
-        key="run-summary", table=summary_table(summary, stats),
-        description=f"{summary.dataset} {summary.version} at {summary.location}; attribute distributions: "
-                    f"artifact {artifact_link('attribute-distributions', distributions)}")
-
-
 @flow(name="generate-dataset", flow_run_name="generate-{config.output.dataset}", validate_parameters=True)
 def generate_dataset(config: RunConfig) -> RunSummary:
     """Corpus → committed dataset version. Re-running the same config resumes, never duplicates.
@@ -479,7 +429,8 @@ def _generate(config: RunConfig) -> RunSummary:
     started = time.perf_counter()
     config = launch_config(config)  # relative paths of a deployment's parameters → this run's absolute ones
     progress = cast(UUID, create_progress_artifact(progress=0.0, key="shard-progress",
-                                                   description=f"{config.output.dataset}: % of shards done"))
+                                                   description=f"**{config.output.dataset}**: starting (preflight, "
+                                                               "models, shard plan)"))
     make_backend(config.llm).preflight()  # an unreachable endpoint fails the run, not every clip
     check_writable(_store(config), config.output.dataset)  # a bad output root too, in one clear line
     ctx = run_context(config)  # loads Whisper/classifiers: a missing model fails here, before any clip
@@ -503,20 +454,25 @@ def _generate_leased(config: RunConfig, ctx: RunContext, store: ObjectStore, lea
     plan = task_options(plan_task, config)(config, ctx)
     logger.info("run %s: %d clips in %d shards of ≤%d", ctx.run_id, plan.clips, plan.shards, plan.shard_size)
     report_total(plan.clips)
+    meter = ProgressMeter(plan.clips, plan.shards)
+    show_progress(progress, meter, config.output.dataset)
     version = committed_version(store, ctx)
     outcomes = recorded_outcomes(store, ctx, plan) if version is not None else None
     if outcomes is not None:  # committed earlier: report it, never redo or re-commit
-        report_done(plan.clips)
-        update_progress_artifact(progress, progress=100.0)
+        for o in outcomes:
+            report_done(o.clips, o.rows, reused=True)
+            count_shard(meter, o)
+        show_progress(progress, meter, config.output.dataset)
     else:
+        meter.start()  # throughput from here: start-up (preflight, models, planning) is behind us
         futures = task_options(shard_task, config).map(unmapped(config), unmapped(ctx), list(range(plan.shards)))
-        outcomes = gather_shards(list(futures), progress)
+        outcomes = gather_shards(list(futures), progress, meter, config.output.dataset)
     already = version is not None
     if version is None:
         refusal = commit_refusal(config, plan, outcomes)
         if refusal is not None:
             publish_artifacts(summarize(config, ctx, plan, outcomes, None, started),
-                              combine_stats(plan, outcomes))
+                              combine_stats(plan, outcomes), load_bins(config.describe.bins))
             logger.error("not committed (%s): %s", refusal.kind, refusal.message)
             refuse(store, ctx, refusal)
         check_stop("before commit")
@@ -524,12 +480,13 @@ def _generate_leased(config: RunConfig, ctx: RunContext, store: ObjectStore, lea
         version = task_options(commit_task, config)(config, ctx, plan, outcomes).lineage.version
     name_flow_run(f"generate-{config.output.dataset}-{version}")
     summary = summarize(config, ctx, plan, outcomes, version, started, already)
-    publish_artifacts(summary, combine_stats(plan, outcomes))
-    logger.info("committed %s %s: %d rows, %d quarantined %s", summary.dataset, version, summary.rows,
-                summary.quarantined, summary.quarantine_by_reason)
+    publish_artifacts(summary, combine_stats(plan, outcomes), load_bins(config.describe.bins))
+    logger.info("committed %s %s: %d rows, %d quarantined (%s)", summary.dataset, version, summary.rows,
+                summary.quarantined, ", ".join(f"{k}={v}" for k, v in summary.quarantine_by_reason.items()) or "none")
     return summary
 
 
-def run_generate(config: RunConfig) -> RunSummary:
-    """Run the flow with the task runner (and result storage) the config asks for."""
-    return generate_dataset.with_options(**flow_options(config))(config)  # type: ignore[no-any-return]
+def run_generate(config: RunConfig, **options: Any) -> RunSummary:
+    """Run the flow with the task runner (and result storage) the config asks for; `options` go to
+    `Flow.with_options` as well (the CLI passes an `on_running` hook that prints the run's UI link)."""
+    return generate_dataset.with_options(**flow_options(config), **options)(config)  # type: ignore[no-any-return]
