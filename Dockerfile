@@ -16,6 +16,7 @@ ARG VLLM_IMAGE=vllm/vllm-openai:v0.11.0
 # ---------------------------------------------------------------------------------------------------
 FROM ${VLLM_IMAGE} AS gpu
 ENV PREFECT_SERVER_ANALYTICS_ENABLED=false \
+    DO_NOT_TRACK=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -52,10 +53,12 @@ ENTRYPOINT ["speechpairs"]
 CMD ["run", "examples/quickstart.yaml"]
 
 # ---------------------------------------------------------------------------------------------------
-# cpu (default target): Debian slim, CPU torch first so nothing later pulls CUDA wheels.
+# cpu (default target): Debian slim, CPU torch first so nothing later pulls CUDA wheels; as `make
+# setup`: the `models-cpu` extra, then openai-whisper with --no-deps (its triton serves CUDA only).
 # ---------------------------------------------------------------------------------------------------
 FROM python:3.11-slim-bookworm AS cpu
 ENV PREFECT_SERVER_ANALYTICS_ENABLED=false \
+    DO_NOT_TRACK=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -73,8 +76,10 @@ COPY tasks tasks
 COPY schemas schemas
 COPY storage storage
 COPY examples examples
-RUN pip install -c constraints.txt -e '.[models,distributed]' \
+RUN pip install -c constraints.txt -e '.[models-cpu,distributed]' \
+ && pip install --no-deps -c constraints.txt openai-whisper \
  && python -c "import torch, sys; sys.exit(0 if torch.__version__.endswith('+cpu') else 'torch was replaced: ' + torch.__version__)" \
+ && ! pip list --format=freeze | grep -i -E '^(nvidia-|cuda-|triton==)' \
  && mkdir -p /app/data /home/speechpairs/.cache \
  && chown -R speechpairs:speechpairs /app /home/speechpairs
 USER speechpairs

@@ -332,9 +332,27 @@ def test_cpu_installs_cpu_torch_first_then_the_project_with_constraints() -> Non
     assert torch_idx < project_idx, "torch must be installed before `pip install ... .[extras]`"
     assert re.search(r"(-c|--constraint)\s+constraints\.txt\b", project_cmd), "cpu: install with -c constraints.txt"
     # The same torch as `make setup`, so the image and the dev/test environment agree.
-    make_pin = re.search(r"torch==([\w.+-]+)", (REPO / "Makefile").read_text())
+    make_pin = re.search(r"^TORCH_VERSION \?= (\S+)$", (REPO / "Makefile").read_text(), re.MULTILINE)
     docker_pin = re.search(r"torch==([\w.+-]+)", torch_cmd)
     assert make_pin and docker_pin and make_pin.group(1) == docker_pin.group(1)
+
+
+def test_cpu_installs_whisper_without_triton_and_refuses_cuda_packages() -> None:
+    """As `make setup`: the `models-cpu` extra (never `models`, whose openai-whisper pulls triton on
+    Linux x86_64), then openai-whisper with --no-deps, then a check that fails the build on any
+    nvidia-*/cuda-*/triton package."""
+    cpu = stage("cpu")
+    project_idx, project_cmd = project_install(cpu)
+    assert "models-cpu" in extras_of(project_cmd) and "models" not in extras_of(project_cmd)
+    whisper = [(i, c) for i, c in pip_installs(cpu) if re.search(r"\bopenai-whisper\b", c)]
+    assert len(whisper) == 1, f"cpu: one openai-whisper install expected, found {whisper}"
+    idx, cmd = whisper[0]
+    assert "--no-deps" in cmd.split() and re.search(r"(-c|--constraint)\s+constraints\.txt\b", cmd)
+    assert idx == project_idx, "cpu: openai-whisper in the same RUN as the project install"
+    runs = " ".join(i.args for i in cpu.of("RUN"))
+    assert runs.index(project_cmd) < runs.index(cmd), "openai-whisper goes in after the project"
+    assert re.search(r"!\s*pip list --format=freeze \| grep -i -E '\^\(nvidia-\|cuda-\|triton==\)'", runs), \
+        "cpu: the build must fail on CUDA packages"
 
 
 def test_gpu_keeps_the_images_torch_and_vllm() -> None:
@@ -361,7 +379,8 @@ def test_extras_installed_exist_in_pyproject(target: str) -> None:
         if re.search(r"\.\[", cmd):
             unknown = extras_of(cmd) - declared
             assert not unknown, f"{target}: extras {sorted(unknown)} are not in pyproject (have {sorted(declared)})"
-    assert {"models", "distributed"} <= extras_of(project_install(stage(target))[1])
+    models = "models-cpu" if target == "cpu" else "models"  # cpu: + openai-whisper --no-deps (above)
+    assert {models, "distributed"} <= extras_of(project_install(stage(target))[1])
 
 
 @pytest.mark.parametrize("target", TARGETS, ids=TARGET_IDS)
