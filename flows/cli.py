@@ -183,8 +183,19 @@ def _resume_hint(config: Any) -> str:
     return "No shard was finished; fix the cause above before running again."
 
 
+def _skip_final_gc() -> None:
+    """At exit, leave the objects of the ~2,000 modules a run imports (prefect, scipy, pyarrow) to the
+    OS instead of garbage-collecting them one by one: 1.0-1.4 s of every run's exit, 0.1 s frozen.
+    An exit handler, so Prefect's own handlers (flushing logs to the API) still run."""
+    import atexit
+    import gc
+
+    atexit.register(gc.freeze)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    _skip_final_gc()
     from schemas.config import ConfigError, load_config
     from storage.objectstore import open_store
     from storage.preflight import StorageProblem, check_writable

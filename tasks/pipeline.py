@@ -70,8 +70,10 @@ from tasks.stopping import check_stop
 # the Prefect API, so each quarantined clip shows in the run's logs with its shard and clip id.
 log = logging.getLogger("speechpairs.pipeline")
 
-# Set by the CLI to drive a progress bar: called with ("total", n) once planned, then ("done", n).
-ProgressHook = Callable[[str, int], None]
+# Set by the CLI to drive a progress bar: called with ("total", clips, 0) once planned, then per
+# finished batch with ("done", clips, rows) - the batch's other clips were quarantined - or, for a
+# shard an earlier attempt finished, ("reused", clips, rows), which a rate must not count.
+ProgressHook = Callable[[str, int, int], None]
 _progress_hook: ProgressHook | None = None
 
 
@@ -82,12 +84,12 @@ def set_progress_hook(hook: ProgressHook | None) -> None:
 
 def report_total(clips: int) -> None:
     if _progress_hook is not None:
-        _progress_hook("total", clips)
+        _progress_hook("total", clips, 0)
 
 
-def report_done(n: int) -> None:
+def report_done(n: int, rows: int, *, reused: bool = False) -> None:
     if _progress_hook is not None and n:
-        _progress_hook("done", n)
+        _progress_hook("reused" if reused else "done", n, rows)
 
 
 class RunContext(BaseModel):
@@ -197,7 +199,7 @@ def process_shard(plan: ShardPlan, config: RunConfig, store: ObjectStore, ctx: R
     batch_size = batch_size or max(64, 2 * config.llm.concurrency)
     done = finished_outcome(store, ctx, plan.index)
     if done is not None:
-        report_done(done.clips)
+        report_done(done.clips, done.rows, reused=True)
         return done.model_copy(update={"skipped": True})
     bins = load_bins(config.describe.bins)
     models = load_models(config.features)
@@ -221,7 +223,7 @@ def process_shard(plan: ShardPlan, config: RunConfig, store: ObjectStore, ctx: R
             writer.write(rows_to_table(rows))  # streamed: the shard is never held in memory
             acc.n_rows += len(rows)
             acc.stage_seconds["write"] += time.perf_counter() - t0
-            report_done(len(batch))
+            report_done(len(batch), len(rows))
         t0 = time.perf_counter()
         shard = writer.close()
         acc.stage_seconds["write"] += time.perf_counter() - t0

@@ -78,11 +78,27 @@ def _logs(client: Any, flow_run_id: Any, pattern: str, *, want: int = 1) -> list
         time.sleep(0.5)
 
 
+def progress_fields(description: str) -> dict[str, str]:
+    """The `| name | value |` rows of the progress artifact's description."""
+    return dict(re.findall(r"^\| ([^|]+?) \| ([^|]+?) \|$", description, re.MULTILINE)[1:])  # [0]: header
+
+
 @pytest.mark.usefixtures("prefect_harness", "flow_info_logs")
-def test_ui_shows_progress_summary_run_name_and_quarantined_clips(tmp_path: Path, sample_corpus: Path) -> None:
+def test_ui_shows_progress_summary_run_name_and_quarantined_clips(tmp_path: Path, sample_corpus: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
+    import flows.artifacts
+
+    updates: list[dict[str, str]] = []  # every live update, as sent (the real call still goes to the API)
+    real_update = flows.artifacts.update_progress_artifact
+
+    def recording(artifact_id: Any, progress: float, description: str | None = None) -> Any:
+        updates.append({"progress": str(progress), **progress_fields(description or "")})
+        return real_update(artifact_id, progress=progress, description=description)
+
+    monkeypatch.setattr(flows.artifacts, "update_progress_artifact", recording)
     config = config_for(tmp_path, corpus_with_a_missing_file(tmp_path, sample_corpus), "monitoring")
     summary = run_generate(config)
     assert (summary.clips_in, summary.rows, summary.quarantined, summary.shards) == (11, 10, 1, 3)
@@ -99,6 +115,20 @@ def test_ui_shows_progress_summary_run_name_and_quarantined_clips(tmp_path: Path
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))}
         assert {"shard-progress", "run-summary", "attribute-distributions"} <= set(artifacts)
         assert artifacts["shard-progress"].type == "progress" and artifacts["shard-progress"].data == 100
+        # The card's description is the live table: final counts, rates and an ETA of 0 s.
+        live = progress_fields(artifacts["shard-progress"].description or "")
+        assert {k: live[k] for k in ("shards done", "clips done", "rows", "quarantined",
+                                     "quarantined: missing_file", "ETA")} == {
+            "shards done": "3/3", "clips done": "11/11", "rows": "10", "quarantined": "1",
+            "quarantined: missing_file": "1", "ETA": "0 s"}
+        assert float(live["audio hours"]) == pytest.approx(summary.audio_hours, abs=1e-4)
+        assert float(live["clips/s"]) > 0 and float(live["audio hours per hour"]) > 0
+        # Moved once planned, then as each shard finished (in whatever order they did).
+        assert [u["shards done"] for u in updates] == ["0/3", "1/3", "2/3", "3/3"]
+        done = [int(u["clips done"].split("/")[0]) for u in updates]
+        assert done[0] == 0 and done == sorted(done) and done[-1] == 11
+        assert updates[0]["ETA"].startswith("unknown") and all(u["ETA"] for u in updates)
+        assert [float(u["progress"]) for u in updates][-1] == 100.0
 
         summary_artifact = artifacts["run-summary"]
         data = summary_artifact.data
@@ -110,6 +140,25 @@ def test_ui_shows_progress_summary_run_name_and_quarantined_clips(tmp_path: Path
             f"seconds: {k}": v for k, v in summary.stage_seconds.items()}
         assert "seconds: llm" in table and "seconds: audio" in table
         assert table["audio hours"] == summary.audio_hours and table["rows out"] == 10
+        assert table["QC failures"] == 0  # always listed, even when no response failed
+        assert (table["LLM backend"], table["LLM model"]) == ("template", "template@1")
+
+        distributions = artifacts["attribute-distributions"].data
+        assert isinstance(distributions, str)
+        sections = {part.split("\n", 1)[0]: part for part in distributions.split("\n## ")[1:]}
+        assert list(sections)[:8] == ["Gender", "Emotion", "Age", "Accent", "Pitch", "Speaking speed", "Volume",
+                                      "Noise level"]  # describe.attributes' order
+        manifest = read_manifest(open_store(str(tmp_path / "out")), "monitoring", "v0001")
+        for name, section in sections.items():
+            counts = manifest.stats.attribute_counts.get(name, {})
+            with_value = sum(counts.values())
+            assert f"10 rows: {with_value} with a value, {10 - with_value} without {name}" in section
+            listed = re.findall(r"^\| ([^|]+?) \| (\d+) \|", section, re.MULTILINE)  # data rows only
+            assert listed[-1] == ("(without)", str(10 - with_value))
+            assert dict(listed[:-1]) == {k: str(v) for k, v in counts.items()}
+        pitch = [v for v, _ in re.findall(r"^\| ([^|]+?) \| (\d+) \|", sections["Pitch"], re.MULTILINE)[:-1]]
+        scale = ["Very low", "Low", "Normal", "High", "Very high"]
+        assert pitch == sorted(pitch, key=scale.index) and len(pitch) >= 2  # along the scale, not by count
         description = summary_artifact.description or ""
         assert "monitoring v0001" in description and "attribute-distributions" in description
 
