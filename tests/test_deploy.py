@@ -128,6 +128,68 @@ def test_deploy_and_run_with_process_worker(prefect_server: str, tmp_path: Path)
         assert client.read_deployment_by_name("generate-dataset/sample-nightly").id == dep.id
 
 
+def _env_without_api(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    return env
+
+
+def test_deploy_without_an_api_exits_nonzero_and_starts_no_server(tmp_path: Path) -> None:
+    """Without PREFECT_API_URL, `prefect deploy` would start a temporary server and register into a
+    database thrown away at exit; `speechpairs deploy` refuses instead, naming the setting."""
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "deploy"], cwd=PROJECT_DIR, env=_env_without_api(home),
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert time.monotonic() - started < 60
+    assert "no Prefect API to deploy to: PREFECT_API_URL is not set" in proc.stderr
+    assert "make serve" in proc.stderr and "deployed" not in proc.stdout
+    assert not list(home.rglob("*.db")), "a temporary Prefect server was started (its SQLite database is there)"
+
+
+def test_deploy_to_an_api_that_does_not_answer_exits_nonzero(tmp_path: Path) -> None:
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    env = _env_without_api(home) | {"PREFECT_API_URL": f"http://127.0.0.1:{_free_port()}/api"}
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "deploy"], cwd=PROJECT_DIR, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"no Prefect API answers at {env['PREFECT_API_URL']} (" in proc.stderr
+    assert "nothing was deployed" in proc.stderr
+    assert not list(home.rglob("*.db"))
+
+
+def test_deploy_refuses_an_http_server_that_is_not_prefect() -> None:
+    import http.server
+    import threading
+
+    from flows.deploy import ServerUnreachable
+
+    class Hello(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"hello"  # 200, but not Prefect's JSON `true`
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hello)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    api = f"http://127.0.0.1:{server.server_address[1]}/api"
+    try:
+        with pytest.raises(ServerUnreachable, match=r"an HTTP server that is not a Prefect API answers at .*"
+                                                    r"not JSON.*nothing was deployed"):
+            deploy(api_url=api)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_cli_deploy_refuses_an_unknown_deployment(capsys: pytest.CaptureFixture[str]) -> None:
     from flows.cli import main
 
