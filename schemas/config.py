@@ -6,6 +6,7 @@ and the allowed values, never halfway through a corpus.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -363,50 +364,118 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
         node[last] = value
 
 
-def _format_errors(err: ValidationError) -> str:
+def _model_in(annotation: Any) -> Any:
+    """The pydantic model inside `X`, `list[X]` or `X | None`; None when there is none."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _keys_beside(loc: Sequence[str | int]) -> list[str]:
+    """The keys allowed where the key at `loc` is (its parent model's fields); [] when not a model."""
+    def accepted(model: Any) -> dict[str, Any]:  # every name a field is accepted under → the field
+        names: dict[str, Any] = {}
+        for name, field in model.model_fields.items():
+            choices = getattr(field.validation_alias, "choices", [field.validation_alias or field.alias or name])
+            names.update({c: field for c in choices if isinstance(c, str)})
+        return names
+
+    model: Any = RunConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue  # a list item: `_model_in` already stepped into the item type
+        fields = accepted(model)
+        model = _model_in(fields[part].annotation) if part in fields else None
+        if model is None:
+            return []
+    return list(accepted(model))
+
+
+def _env_name(dotted: str) -> str:
+    return ENV_PREFIX + dotted.upper().replace(".", "__")
+
+
+def _format_errors(err: ValidationError, env_origins: Mapping[str, str] | None = None) -> str:
+    """One line per error: the dotted key, the environment variables that set it (named, never their
+    values: they may hold secrets), what is wrong and, for an unknown key, the closest allowed names."""
+    origins = env_origins or {}
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        involved = [var for dotted, var in origins.items()
+                    if e["loc"] and (dotted == key or dotted.startswith(key + ".") or key.startswith(dotted + "."))]
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see README 'Config reference')"
+            bad = str(e["loc"][-1])
+            close = difflib.get_close_matches(bad, _keys_beside(e["loc"]), n=3, cutoff=0.6)
+            if close:
+                spelled = [f"{c!r}" for c in close]
+                for dotted, var in origins.items():  # an env variable with the typo: name the right variable
+                    if var in involved and (dotted == key or dotted.startswith(key + ".")):
+                        spelled[0] += f" ({_env_name(key[: -len(bad)] + close[0] + dotted[len(key):])})"
+                        break
+                msg = f"unknown key; did you mean {' or '.join(spelled)}? (see README 'Config reference')"
+            else:
+                beside = _keys_beside(e["loc"])
+                msg = ("unknown key (check the spelling; see README 'Config reference'"
+                       + (f"; keys here: {', '.join(beside)})" if beside else ")"))
         elif e["type"] == "literal_error":
             msg = f"{msg} (got {e.get('input')!r})"
         elif e["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")
-        lines.append(f"  {key}: {msg}")
+        where = f" (environment: {', '.join(f'{v}=…' for v in involved)})" if involved else ""
+        lines.append(f"  {key}{where}: {msg}")
     return "invalid config:\n" + "\n".join(lines)
 
 
-def env_overrides(environ: Mapping[str, str]) -> list[str]:
-    """SPEECHPAIRS__OUTPUT__ROOT=s3://b/p → 'output.root=s3://b/p' (double underscore = dot)."""
+def _env_items(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(variable, 'dotted=value') for every SPEECHPAIRS__… variable, sorted by name."""
     out = []
     for key, value in sorted(environ.items()):
         if key.startswith(ENV_PREFIX) and len(key) > len(ENV_PREFIX):
             dotted = key[len(ENV_PREFIX):].lower().replace("__", ".")
-            out.append(f"{dotted}={value}")
+            out.append((key, f"{dotted}={value}"))
     return out
+
+
+def env_overrides(environ: Mapping[str, str]) -> list[str]:
+    """SPEECHPAIRS__OUTPUT__ROOT=s3://b/p → 'output.root=s3://b/p' (double underscore = dot)."""
+    return [item for _, item in _env_items(environ)]
 
 
 def parse_config(data: Mapping[str, Any], overrides: Sequence[str] = (),
                  environ: Mapping[str, str] | None = None) -> RunConfig:
-    """Dict + environment + `--set` overrides (in that order of precedence) → validated RunConfig."""
+    """Dict + environment + `--set` overrides (in that order of precedence) → validated RunConfig.
+    An error in a value that came from the environment names the variable that set it."""
     merged: dict[str, Any] = json.loads(json.dumps(dict(data)))  # deep copy, plain types
     env = os.environ if environ is None else environ
-    for item in [*env_overrides(env), *overrides]:
+    env_origins: dict[str, str] = {}  # dotted key → the variable that set it (unless --set replaced it)
+    for var, item in [*_env_items(env), *((None, item) for item in overrides)]:
         if "=" not in item:
             raise ConfigError(f"--set needs key=value, got {item!r}")
         key, _, raw = item.partition("=")
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", key.strip()):
-            raise ConfigError(f"--set key {key!r} is not a dotted name like output.root")
+        key = key.strip()
+        origin = f"{var}=…" if var else f"--set {key}"
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", key):
+            raise ConfigError(f"{var}: {key!r} is not a setting name: use SPEECHPAIRS__<SECTION>__<KEY>, e.g. "
+                              "SPEECHPAIRS__OUTPUT__ROOT" if var else
+                              f"--set key {key!r} is not a dotted name like output.root")
         try:
-            _set_dotted(merged, key.strip(), _coerce(raw))
+            _set_dotted(merged, key, _coerce(raw))
         except (ValueError, IndexError, AttributeError, TypeError) as exc:
-            raise ConfigError(f"--set {key}: cannot apply ({exc})") from exc
+            raise ConfigError(f"{origin}: cannot apply ({exc})") from exc
+        for dotted in [d for d in env_origins if d == key or d.startswith(key + ".")]:
+            del env_origins[dotted]
+        if var:
+            env_origins[key] = var
     try:
         return RunConfig.model_validate(merged)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err)) from None
+        raise ConfigError(_format_errors(err, env_origins)) from None
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = (),

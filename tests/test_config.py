@@ -63,3 +63,71 @@ def test_missing_config_file(tmp_path: Path) -> None:
 def test_every_example_config_is_valid(path: Path) -> None:
     config = load_config(path, environ={})
     assert config.sources and config.output.dataset
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        ({"sources": [{"path": "x"}], "outptu": {}}, "outptu: unknown key; did you mean 'output'?"),
+        ({"sources": [{"path": "x"}], "llm": {"temprature": 0.1}},
+         "llm.temprature: unknown key; did you mean 'temperature'?"),
+        ({"sources": [{"path": "x", "alowed_roots": []}]},
+         "sources.0.alowed_roots: unknown key; did you mean 'allowed_roots'?"),
+        ({"sources": [{"path": "x"}], "features": {"asr": {"modle": "small"}}},
+         "features.asr.modle: unknown key; did you mean 'model'?"),
+        ({"sources": [{"path": "x", "seed_labels": [{"label": "act", "ass": "Act"}]}]},  # `as` is an alias
+         "sources.0.seed_labels.0.ass: unknown key; did you mean 'as'?"),
+    ],
+)
+def test_unknown_key_suggests_close_names_at_its_level(data: dict, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(data, environ={})
+    assert needle in str(err.value)
+
+
+def test_unknown_key_without_a_close_name_lists_the_keys_there() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config({"sources": [{"path": "x"}], "s3": {"zzz": 1}}, environ={})
+    text = str(err.value)
+    assert "s3.zzz: unknown key" in text and "did you mean" not in text
+    assert "keys here: endpoint_url, region, addressing_style, credentials_block, max_attempts" in text
+
+
+def test_invalid_environment_value_names_the_variable_not_its_value() -> None:
+    env = {"SPEECHPAIRS__LLM__TEMPERATURE": "5", "SPEECHPAIRS__OUTPUT__SHARD_SIZE": "7"}
+    with pytest.raises(ConfigError) as err:
+        parse_config({"sources": [{"path": "x"}]}, environ=env)
+    text = str(err.value)
+    assert "llm.temperature (environment: SPEECHPAIRS__LLM__TEMPERATURE=…): Input should be less than or equal to 2" \
+        in text
+    assert "SHARD_SIZE" not in text  # a valid variable is not blamed
+    # The same bad value from --set names --set's key only; --set also wins over the variable.
+    with pytest.raises(ConfigError) as err:
+        parse_config({"sources": [{"path": "x"}]}, ["llm.temperature=7"], environ=env)
+    assert "SPEECHPAIRS__" not in str(err.value) and "llm.temperature: Input should be" in str(err.value)
+    assert parse_config({"sources": [{"path": "x"}]}, ["llm.temperature=0.2"], environ=env).llm.temperature == 0.2
+
+
+def test_misspelled_environment_variable_suggests_the_right_variable() -> None:
+    env = {"SPEECHPAIRS__LMM__TEMPERATURE": "0.5", "SPEECHPAIRS__LLM__TOP_PP": "0.5"}
+    with pytest.raises(ConfigError) as err:
+        parse_config({"sources": [{"path": "x"}]}, environ=env)
+    text = str(err.value)
+    assert ("lmm (environment: SPEECHPAIRS__LMM__TEMPERATURE=…): unknown key; did you mean 'llm' "
+            "(SPEECHPAIRS__LLM__TEMPERATURE)?") in text
+    assert "llm.top_pp (environment: SPEECHPAIRS__LLM__TOP_PP=…): unknown key; did you mean 'top_p' " \
+           "(SPEECHPAIRS__LLM__TOP_P)?" in text
+
+
+def test_environment_secret_values_stay_out_of_errors() -> None:
+    env = {"SPEECHPAIRS__S3__ENDPOINT_URL": "http://key:hunter2@127.0.0.1:8333"}
+    with pytest.raises(ConfigError) as err:
+        parse_config({"sources": [{"path": "x"}]}, environ=env)
+    assert "s3.endpoint_url (environment: SPEECHPAIRS__S3__ENDPOINT_URL=…): credentials" in str(err.value)
+    assert "hunter2" not in str(err.value)
+
+
+def test_bad_environment_variable_name_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"^SPEECHPAIRS__OUTPUT-ROOT: 'output-root' is not a setting name: use "
+                                          r"SPEECHPAIRS__<SECTION>__<KEY>"):
+        parse_config({"sources": [{"path": "x"}]}, environ={"SPEECHPAIRS__OUTPUT-ROOT": "y"})
