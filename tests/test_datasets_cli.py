@@ -397,7 +397,7 @@ def test_s3_list_verify_pull_corrupt_and_gc(seaweedfs: SeaweedS3, tmp_path: Path
     assert [k for k in left if k.startswith(f"{DS}/v0002/")] == [f"{DS}/v0002/_claim"]
     assert list_versions(store, DS) == ["v0001"] and report.committed_versions == ["v0001"]
     assert store.exists(f"{DS}/refs/latest.json") and store.exists(f"{DS}/refs/stable.json")
-    assert len([k for k in left if k.startswith(f"{DS}/v0001/")]) == len(manifest.shards) + 3  # +claim, card, manifest
+    assert len([k for k in left if k.startswith(f"{DS}/v0001/")]) == len(manifest.shards) + 4  # +claim, card, config, manifest
 
 
 def test_cli_gives_the_temporary_prefect_server_time_to_start() -> None:
