@@ -67,6 +67,7 @@ bench: setup
 	$(PY) bench/models.py
 	$(PY) bench/llm.py
 	$(PY) bench/scale.py
+	$(PY) bench/cli.py
 
 # The service stack: a Prefect server (SQLite under .prefect) on HOST:PORT, the work pool, the
 # deployments and a process worker; refuses a port already taken; Ctrl-C stops all of it (flows/serve.py).
