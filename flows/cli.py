@@ -336,6 +336,8 @@ def _datasets_command(func: Callable[[argparse.Namespace], Any]) -> Callable[[ar
         except (_Usage, NotFound, ValueError) as exc:
             print(f"speechpairs: {exc}", file=sys.stderr)
             return EXIT_USAGE
+        except BrokenPipeError:
+            raise  # `… | head` closed stdout: not a storage error (main exits quietly)
         except (BotoCoreError, ClientError, OSError) as exc:
             from storage.preflight import explain
 
@@ -726,6 +728,7 @@ def _add_server_parser(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="speechpairs", description="Self-generated speech-text pairs.")
+    parser.add_argument("--version", action=_VersionAction, help="print the version (and git commit) and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a generation config and commit a dataset version")
     run.add_argument("config", help="YAML RunConfig, e.g. examples/quickstart.yaml")
@@ -739,10 +742,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _telemetry_off() -> None:
+    """No usage data leaves the machine unless the user opts in: DO_NOT_TRACK is the standard switch
+    (Prefect's client honours it), PREFECT_SERVER_ANALYTICS_ENABLED the server's. A value the user
+    set wins. Prefect reads its settings when imported, so `main` calls this first."""
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _version() -> str:
+    """`speechpairs --version`: the package version, plus `+g<commit>` in a git checkout, spelled as
+    flows/generate.py's code_version() records it in every manifest (a test keeps the two equal);
+    not imported from there, since importing the flow (and Prefect) takes seconds."""
+    import subprocess
+    from importlib import metadata
+    from pathlib import Path
+
+    version = metadata.version("speechpairs")
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return version
+    return f"{version}+g{sha}" if sha else version
+
+
+class _VersionAction(argparse.Action):
+    """Like argparse's `version` action, computed only when asked for (it runs git)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: Any, **_kwargs: Any) -> None:
+        print(f"speechpairs {_version()}")
+        parser.exit()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _patient_temporary_server()
-    args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    _telemetry_off()
+    try:
+        try:
+            args = build_parser().parse_args(argv)
+            code = int(args.func(args))
+        finally:
+            sys.stdout.flush()  # a reader that left (`speechpairs … | head`) shows here, where it is handled
+    except BrokenPipeError:
+        # The reader has what it wanted: exit quietly, as a shell tool killed by SIGPIPE does, and keep
+        # the interpreter's final flush from printing a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    return code
 
 
 if __name__ == "__main__":
