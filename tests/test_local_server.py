@@ -270,6 +270,53 @@ def test_a_foreign_server_on_the_recorded_port_is_never_used(local_home: Path, m
         foreign.shutdown()
 
 
+_OLD_SERVER = """
+import json, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+home = sys.argv[1]
+answers = {"/api/health": True, "/api/admin/version": "2.20.0", "/api/admin/settings": {"home": home}}
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps(answers[self.path]).encode() if self.path in answers else b"null"
+        self.send_response(200 if self.path in answers else 404)
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+server = HTTPServer(("127.0.0.1", 0), H)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+def test_our_server_of_another_prefect_version_is_restarted(local_home: Path, migrated_db: Path) -> None:
+    """After an upgrade the recorded server (our folder, older prefect) is stopped by PID and replaced."""
+    _seed(local_home, migrated_db)
+    server_dir = local_home / "prefect"
+    old = subprocess.Popen([sys.executable, "-c", _OLD_SERVER, str(server_dir)], stdout=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        assert old.stdout is not None
+        port = int(old.stdout.readline())
+        pid_start = Path(f"/proc/{old.pid}/stat").read_text().rpartition(")")[2].split()[19]
+        (server_dir / "server.json").write_text(ServerRecord(
+            url=f"http://127.0.0.1:{port}", port=port, pid=old.pid, pid_start=pid_start, prefect_version="2.20.0",
+            home=str(server_dir), started_at=0).model_dump_json())
+        assert probe(f"http://127.0.0.1:{port}", server_dir) == "other_version"
+        start = _cli(local_home, "server", "start")
+        assert start.returncode == 0, start
+        assert (f"the local Prefect server at http://127.0.0.1:{port} runs prefect 2.20.0, installed is "
+                f"{PREFECT_VERSION}: restarting it") in start.stderr
+        assert old.wait(timeout=5) == -signal.SIGTERM  # ended by its recorded PID (process group)
+        record = _record(local_home)
+        assert record is not None and record.port != port and record.prefect_version == PREFECT_VERSION
+        assert _health(record.url) is True and _server_pids(local_home) == [record.pid]
+    finally:
+        if old.poll() is None:
+            old.kill()
+            old.wait()
+
+
 def test_two_first_uses_at_once_start_one_server(local_home: Path, migrated_db: Path) -> None:
     _seed(local_home, migrated_db)
     procs = [subprocess.Popen([sys.executable, "-m", "flows.cli", "server", "start"], cwd=REPO,
