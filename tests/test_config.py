@@ -131,3 +131,42 @@ def test_bad_environment_variable_name_is_named() -> None:
     with pytest.raises(ConfigError, match=r"^SPEECHPAIRS__OUTPUT-ROOT: 'output-root' is not a setting name: use "
                                           r"SPEECHPAIRS__<SECTION>__<KEY>"):
         parse_config({"sources": [{"path": "x"}]}, environ={"SPEECHPAIRS__OUTPUT-ROOT": "y"})
+
+
+def test_relative_paths_resolve_as_the_readme_says(tmp_path: Path) -> None:
+    """Source paths against the config file's folder; every other local path against the launch's
+    working directory (the flow canonicalises the config with it); the README says which is which."""
+    from schemas.canonical import canonical_config
+
+    conf_dir, cwd = tmp_path / "conf", tmp_path / "cwd"
+    conf_dir.mkdir()
+    cwd.mkdir()
+    config_file = conf_dir / "run.yaml"
+    config_file.write_text(
+        "sources: [{path: corpus.jsonl, allowed_roots: [audio]}]\n"
+        "output: {root: out}\n"
+        "describe: {bins: bins.json, instruction_pool: pool.txt}\n"
+        "llm: {tokenizer: tok}\n"
+        "features: {asr: {download_root: cache, model: ./whisper.pt}}\n")
+    loaded = load_config(config_file, ["sources.0.language=en"], environ={"SPEECHPAIRS__DESCRIBE__SEED": "3"})
+    assert loaded.sources[0].path == str(conf_dir / "corpus.jsonl")
+    assert loaded.sources[0].allowed_roots == [str(conf_dir / "audio")]
+    assert loaded.output.root == "out" and loaded.describe.bins == "bins.json"  # left for the launch
+    run = canonical_config(loaded, cwd)
+    assert run.sources[0].path == str(conf_dir / "corpus.jsonl")  # unchanged: already absolute
+    assert run.output.root == str(cwd / "out")
+    assert (run.describe.bins, run.describe.instruction_pool) == (str(cwd / "bins.json"), str(cwd / "pool.txt"))
+    assert run.llm.tokenizer == str(cwd / "tok")
+    assert (run.features.asr.download_root, run.features.asr.model) == (str(cwd / "cache"), str(cwd / "whisper.pt"))
+    # A source path given with --set is not the file's: it resolves against the working directory.
+    override = load_config(config_file, ["sources.0.path=other.jsonl"], environ={})
+    assert canonical_config(override, cwd).sources[0].path == str(cwd / "other.jsonl")
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("**Relative paths.**"):readme.index("| key | default | meaning |")]
+    text = " ".join(section.split())
+    assert "`sources[].path` and `sources[].allowed_roots` resolve against the config file's folder" in text
+    for key in ("output.root", "describe.bins", "describe.instruction_pool", "llm.tokenizer",
+                "features.asr.download_root", "features.asr.model"):
+        assert f"`{key}`" in text.split("the config file's folder", 1)[1], key
+    assert "`--set` or `SPEECHPAIRS__…` (sources too) resolve against the working directory" in text
