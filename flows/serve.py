@@ -5,8 +5,9 @@ answers there), starts `prefect server start` on it, waits until it answers as a
 registers prefect.yaml's deployments (`speechpairs deploy`, which creates the work pool), and runs a
 process worker. Ctrl-C, SIGTERM or SIGHUP, or either the server or the worker exiting, stops the
 rest: the worker first, then the server, each with its process group and anything it started, so no
-process is left behind. This is the scheduled service (server + deployments + worker); a bare local
-server for `speechpairs run` is a separate command.
+process is left behind. This is the scheduled service (server + deployments + worker); the bare local
+server that `speechpairs run` uses (`speechpairs server`, flows/local_server.py) is separate: its own
+data folder and a free port, so the two never share a database.
 
 Children run in sessions of their own, so a terminal's Ctrl-C reaches this script alone and the
 teardown happens in order; on Linux they also get SIGTERM should this script die without tearing down.
@@ -69,9 +70,9 @@ def check_port_free(host: str, port: int) -> None:
     if listening:
         problem = probe_api(api_url(host, port), timeout=3)
         if problem is None:
-            raise ServeError(f"a Prefect server already answers at {api_url(host, port)} (another `make serve` "
-                             f"or a local server); make serve does not deploy onto a server it did not start: "
-                             f"{fix}")
+            raise ServeError(f"a Prefect server already answers at {api_url(host, port)} (another `make serve`, "
+                             "or the local server of `speechpairs server start`: see `speechpairs server status`); "
+                             f"make serve does not deploy onto a server it did not start: {fix}")
         raise ServeError(f"port {port} on {host} is taken by something that is not a Prefect server "
                          f"({problem}); {fix}")
     try:
