@@ -15,7 +15,9 @@ ARG VLLM_IMAGE=vllm/vllm-openai:v0.11.0
 # gpu: vLLM's CUDA image (torch + vllm preinstalled), speechpairs on top; the image's torch/vllm stay.
 # ---------------------------------------------------------------------------------------------------
 FROM ${VLLM_IMAGE} AS gpu
+# SPEECHPAIRS_GPU_IMAGE: CUDA torch and triton belong here; tests/test_setup.py's CPU checks skip.
 ENV PREFECT_SERVER_ANALYTICS_ENABLED=false \
+    SPEECHPAIRS_GPU_IMAGE=1 \
     DO_NOT_TRACK=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
