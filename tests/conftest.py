@@ -11,6 +11,12 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")  # no usage data from Prefect clients in tests
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# A CLI run without PREFECT_API_URL starts the local Prefect server under SPEECHPAIRS_HOME: never the
+# user's real one from a test (tests that exercise the server set their own folder per test).
+if "SPEECHPAIRS_HOME" not in os.environ:
+    import tempfile
+
+    os.environ["SPEECHPAIRS_HOME"] = tempfile.mkdtemp(prefix="speechpairs-test-home-")
 
 pytest_plugins = ["tests.seaweedfs"]
 
