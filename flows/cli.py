@@ -202,7 +202,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tasks.features.models import ModelLoadError, load_models
     from tasks.ingest import SourceError, iter_refs
     from tasks.llm import make_backend
-    from tasks.llm.openai_compat import LLMUnavailable
+    from tasks.llm.base import LLMUnavailable
 
     try:
         config = load_config(args.config, args.set or [])

@@ -30,7 +30,6 @@ from pydantic import BaseModel, model_validator
 from schemas.attributes import ATTRIBUTE_LABELS, SPAN_ATTRIBUTES, SeedLabel
 from schemas.config import DEFAULT_INSTRUCTION, DescribeConfig, FeaturesConfig
 from schemas.records import Features, Segment
-from tasks.features import extract_features
 from tasks.features.labels import ATTRIBUTES, corpus_label_key, is_no_label, resolve_attributes
 from tasks.llm.messages import sanitize_prompt_text
 
@@ -209,6 +208,8 @@ def describe_multi_span(features: Features, clip_labels: Mapping[str, str], span
         labels = {**clip_labels, **span.labels}
         first, last = max(0, round(span.start_s * sr)), min(len(samples), round(span.end_s * sr))
         if last - first >= MIN_SPAN_S * sr:
+            from tasks.features import extract_features  # DSP (scipy) only when a span is measured
+
             span_features = extract_features(samples[first:last], sr, span.text, labels, features_config)
         else:
             span_features = Features(duration_s=max(0.0, span.end_s - span.start_s))

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
-from scipy.signal import sosfilt
 
 BLOCK_S = 0.4
 STEP_S = 0.1  # 75 % overlap: a block is four consecutive 100 ms sub-blocks
@@ -53,6 +52,8 @@ def _lufs(mean_square: np.ndarray | float) -> np.ndarray | float:
 
 def integrated_loudness(audio: np.ndarray, sr: int) -> float:
     """Gated integrated loudness of a mono clip in LUFS (see the module docstring for short clips)."""
+    from scipy.signal import sosfilt  # here, not at import: scipy.signal costs ~1 s to import
+
     weighted = sosfilt(k_weighting_sos(sr), audio)
     step = round(STEP_S * sr)
     per_block = round(BLOCK_S / STEP_S)

@@ -14,7 +14,6 @@ from __future__ import annotations
 from functools import cache
 
 import numpy as np
-from scipy.special import digamma, erf, gammaln
 
 SPEECH_GAMMA_SHAPE = 0.4
 SNR_MIN_DB, SNR_MAX_DB = -20.0, 100.0
@@ -24,6 +23,8 @@ _GRID_STEP = 0.01  # log-domain integration step; halving it moves the table by 
 
 def _mean_log_abs_shifted_normal(ln_mu: np.ndarray) -> np.ndarray:
     """E ln|mu + Z| for Z ~ N(0, 1), evaluated on a grid of ln(mu)."""
+    from scipy.special import digamma, gammaln  # here: scipy costs ~0.6 s to import; a CLI start needs none
+
     mu = np.exp(ln_mu)
     out = np.empty_like(mu)
     large = mu > 20.0
@@ -41,6 +42,8 @@ def _mean_log_abs_shifted_normal(ln_mu: np.ndarray) -> np.ndarray:
 @cache
 def wada_table(alpha: float = SPEECH_GAMMA_SHAPE) -> tuple[np.ndarray, np.ndarray]:
     """(snr_db, G) for a Gamma(alpha) speech amplitude plus Gaussian noise, 1 dB steps."""
+    from scipy.special import erf, gammaln
+
     snr_db = np.arange(SNR_MIN_DB, SNR_MAX_DB + 1.0)
     ln_mu = np.arange(-20.0, 25.0, _GRID_STEP)
     phi = _mean_log_abs_shifted_normal(ln_mu)

@@ -16,6 +16,10 @@ from schemas.config import LLMConfig
 from schemas.records import Generation, Message, QuarantineError
 
 
+class LLMUnavailable(RuntimeError):
+    """The endpoint cannot serve this run at all: fail the run up front, quarantine nothing."""
+
+
 class LLMRequest(BaseModel):
     """Everything a backend may use for one clip. `messages` is exactly what is sent."""
 

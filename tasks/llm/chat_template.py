@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.records import Message
-from tasks.llm.openai_compat import LLMUnavailable
+from tasks.llm.base import LLMUnavailable
 
 __all__ = ["FALLBACK_CHAT_TEMPLATE", "LocalLLMUnavailable", "apply_template", "check_tokenizer",
            "clear_cache", "load_tokenizer", "message_dicts", "render_prompt"]

@@ -58,17 +58,13 @@ import httpx
 
 from schemas.config import LLMConfig
 from schemas.records import Generation, QuarantineError, ReasonCode, Stage
-from tasks.llm.base import LLMRequest, LLMResult, OnResult
+from tasks.llm.base import LLMRequest, LLMResult, LLMUnavailable, OnResult
 from tasks.stopping import RunInterrupted, until_stopped
 
 log = logging.getLogger(__name__)
 
 RETRY_STATUSES = frozenset({408, 409, 429})
 BODY_EXCERPT_CHARS = 200
-
-
-class LLMUnavailable(RuntimeError):
-    """The endpoint cannot serve this run at all: fail the run up front, quarantine nothing."""
 
 
 class _Retryable(Exception):
