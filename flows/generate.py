@@ -43,18 +43,20 @@ from schemas.attributes import ATTRIBUTE_LABELS
 from schemas.canonical import canonical_config, config_record
 from schemas.config import RunConfig
 from schemas.manifest import Manifest, Stats
+from storage.layout import staging_prefix
 from storage.lease import LeaseLost, RunBusy, RunLease
 from storage.objectstore import NotFound, ObjectStore, open_store
 from storage.preflight import StorageProblem, check_writable
-from storage.versions import commit_version, read_manifest, resolve_version, staging_prefix
+from storage.versions import commit_version, read_manifest, resolve_version
 from tasks.audio import AUDIO_VERSION
 from tasks.commit_gate import CommitRefused, QuarantineExample, Refusal, check_commit
-from tasks.describe import DESCRIBE_VERSION, instruction_pool, load_bins, pool_hash
+from tasks.describe import DESCRIBE_VERSION, load_bins
 from tasks.features import EXTRACTOR_VERSIONS
 from tasks.features.models import load_models
 from tasks.features.phonemes import PHONEME_VERSION
 from tasks.gpu import gpu_stages
 from tasks.ingest import source_fingerprint
+from tasks.instructions import instruction_pool, pool_hash
 from tasks.llm import make_backend
 from tasks.pipeline import (
     RunContext,
@@ -183,6 +185,7 @@ def run_plain(config: RunConfig) -> Manifest:
     """The same stages without Prefect, one shard after another (tests, benchmarks, debugging)."""
     config = launch_config(config)
     make_backend(config.llm).preflight()
+    instruction_pool(config.describe)  # every pool line parsed: a bad tag fails the run, not each clip
     ctx = run_context(config)
     store = _store(config)
     with run_lease(config, store, ctx) as lease:
@@ -432,6 +435,7 @@ def _generate(config: RunConfig) -> RunSummary:
                                                    description=f"**{config.output.dataset}**: starting (preflight, "
                                                                "models, shard plan)"))
     make_backend(config.llm).preflight()  # an unreachable endpoint fails the run, not every clip
+    instruction_pool(config.describe)  # so does a malformed instruction tag (InstructionPoolError)
     check_writable(_store(config), config.output.dataset)  # a bad output root too, in one clear line
     ctx = run_context(config)  # loads Whisper/classifiers: a missing model fails here, before any clip
     store = _store(config)

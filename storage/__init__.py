@@ -1,5 +1,6 @@
 """Every byte to or from disk/S3: object store, shard writer, versions and the reader API."""
 
+from storage.layout import RunLayout, staging_prefix
 from storage.objectstore import LocalStore, NotFound, ObjectStore, PreconditionFailed, S3Store, open_store
 from storage.reader import manifest_summary, open_manifest, parse_dataset_uri
 from storage.shards import read_marker, write_marker, write_parquet_shard
@@ -11,7 +12,6 @@ from storage.versions import (
     read_manifest,
     resolve_version,
     set_ref,
-    staging_prefix,
 )
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "NotFound",
     "ObjectStore",
     "PreconditionFailed",
+    "RunLayout",
     "S3Store",
     "VersionNotFound",
     "commit_version",

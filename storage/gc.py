@@ -21,14 +21,12 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from storage.layout import staging_run
 from storage.lease import read_lease
 from storage.objectstore import ObjectInfo, ObjectStore
-from storage.versions import VERSION_RE, _check_dataset
+from storage.versions import CLAIM_PATH, MANIFEST_PATH, VERSION_RE, check_dataset
 
 log = logging.getLogger(__name__)
-
-CLAIM = "_claim"
-MANIFEST = "manifest.json"
 
 
 class GcPrefix(BaseModel):
@@ -59,10 +57,10 @@ class GcReport(BaseModel):
 
 def _group(dataset: str, key: str) -> tuple[str, Literal["staging", "version"]] | None:
     """The collectable prefix a key belongs to, or None (refs, anything unknown)."""
-    rest = key[len(dataset) + 1:]
-    parts = rest.split("/")
-    if len(parts) >= 3 and parts[0] == "_staging" and parts[1]:
-        return f"{dataset}/_staging/{parts[1]}/", "staging"
+    staging = staging_run(dataset, key)
+    if staging is not None:
+        return staging, "staging"
+    parts = key[len(dataset) + 1:].split("/")
     if len(parts) >= 2 and VERSION_RE.match(parts[0]):
         return f"{dataset}/{parts[0]}/", "version"
     return None
@@ -72,7 +70,7 @@ def collect_garbage(store: ObjectStore, dataset: str, older_than_s: float, *, dr
                     now: float | None = None) -> GcReport:
     """Remove staging runs and uncommitted version prefixes whose newest object is older than
     `older_than_s` seconds (relative to `now`, epoch seconds, default the current time)."""
-    _check_dataset(dataset)
+    check_dataset(dataset)
     if older_than_s < 0:
         raise ValueError(f"older_than_s must be >= 0, got {older_than_s}")
     clock = time.time() if now is None else now
@@ -86,10 +84,10 @@ def collect_garbage(store: ObjectStore, dataset: str, older_than_s: float, *, dr
 
     for prefix, (kind, objs) in sorted(groups.items()):
         names = {o.key[len(prefix):] for o in objs}
-        if kind == "version" and MANIFEST in names:
+        if kind == "version" and MANIFEST_PATH in names:
             report.committed_versions.append(prefix.rstrip("/").rsplit("/", 1)[1])
             continue
-        doomed = [o for o in objs if not (kind == "version" and o.key == prefix + CLAIM)]
+        doomed = [o for o in objs if not (kind == "version" and o.key == prefix + CLAIM_PATH)]
         if not doomed:  # a bare claim tombstone: nothing to remove
             continue
         newest = max(o.mtime for o in objs)
@@ -119,10 +117,10 @@ def _remove(store: ObjectStore, prefix: str, kind: str, older_than_s: float, clo
     objs = list(store.list_info(prefix))
     if not objs or clock - max(o.mtime for o in objs) <= older_than_s:
         return False
-    if kind == "version" and any(o.key == prefix + MANIFEST for o in objs):
+    if kind == "version" and any(o.key == prefix + MANIFEST_PATH for o in objs):
         return False
     for obj in objs:
-        if kind == "version" and obj.key == prefix + CLAIM:
+        if kind == "version" and obj.key == prefix + CLAIM_PATH:
             continue  # the tombstone stays (see the module docstring)
         store.delete(obj.key)
     return True

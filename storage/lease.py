@@ -26,11 +26,10 @@ from typing import Self
 
 from pydantic import BaseModel, ValidationError
 
+from storage.layout import RunLayout
 from storage.objectstore import NotFound, ObjectStore, PreconditionFailed
 
 log = logging.getLogger(__name__)
-
-LEASE = "lease.json"
 
 
 class LeaseInfo(BaseModel):
@@ -109,7 +108,7 @@ class RunLease:
 
     def __init__(self, store: ObjectStore, staging: str, run_id: str, *, ttl_s: float = 60.0,
                  wait: bool = False, poll_s: float | None = None) -> None:
-        self.store, self.key, self.run_id = store, f"{staging}/{LEASE}", run_id
+        self.store, self.key, self.run_id = store, RunLayout(staging).lease, run_id
         self.ttl_s, self.wait = ttl_s, wait
         self.poll_s = poll_s if poll_s is not None else max(0.5, min(5.0, ttl_s / 6))
         self.info = LeaseInfo(holder=uuid.uuid4().hex, host=socket.gethostname(), pid=os.getpid(),
@@ -220,6 +219,6 @@ class RunLease:
 def read_lease(store: ObjectStore, staging: str) -> LeaseInfo | None:
     """The lease of a run's staging area, if any (for `gc`: a live run's staging is never removed)."""
     try:
-        return LeaseInfo.model_validate(json.loads(store.get_bytes(f"{staging}/{LEASE}")))
+        return LeaseInfo.model_validate(json.loads(store.get_bytes(RunLayout(staging).lease)))
     except (NotFound, ValidationError, ValueError):
         return None

@@ -26,6 +26,7 @@ from botocore.exceptions import (
     ProxyConnectionError,
 )
 
+from storage.layout import probe_key
 from storage.objectstore import NotFound, ObjectStore, PreconditionFailed, S3Store
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def explain(exc: BaseException, store: ObjectStore | None = None) -> StorageProb
 def check_writable(store: ObjectStore, dataset: str) -> None:
     """Raise StorageProblem unless the run can create, overwrite-protect and delete objects under
     `<root>/<dataset>/_staging/`; leaves nothing behind."""
-    key = f"{dataset}/_staging/probe-{uuid.uuid4().hex}"
+    key = probe_key(dataset, uuid.uuid4().hex)
     probe = store
     if isinstance(store, S3Store):
         probe = S3Store(store.root, store.settings.model_copy(update={"max_attempts": PROBE_ATTEMPTS}))

@@ -25,7 +25,7 @@ from schemas.manifest import Manifest, ShardInfo
 from storage.card import render_card
 from storage.objectstore import NotFound, ObjectStore
 from storage.shards import sha256_file
-from storage.versions import VersionNotFound, card_key, manifest_key, version_prefix
+from storage.versions import CARD_PATH, MANIFEST_PATH, VersionNotFound, card_key, manifest_key, version_key
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,6 @@ def pull_version(store: ObjectStore, dataset: str, version: str, dest: Path, pro
     except NotFound:
         raise VersionNotFound(f"dataset {dataset!r} has no committed version {version!r}") from None
     manifest = Manifest.model_validate_json(manifest_bytes)
-    prefix = version_prefix(dataset, version)
     files = [*manifest.shards, *manifest.quarantine]
     report = PullReport(dataset=dataset, version=version, dest=str(dest), bytes_total=sum(f.bytes for f in files))
     dest.mkdir(parents=True, exist_ok=True)
@@ -116,7 +115,7 @@ def pull_version(store: ObjectStore, dataset: str, version: str, dest: Path, pro
     except NotFound:
         card = render_card(manifest).encode()
         report.card_generated = True
-    (report.downloaded if _write_small(dest / "README.md", card) else report.skipped).append("README.md")
+    (report.downloaded if _write_small(dest / CARD_PATH, card) else report.skipped).append(CARD_PATH)
 
     bar = None
     if progress:
@@ -132,7 +131,7 @@ def pull_version(store: ObjectStore, dataset: str, version: str, dest: Path, pro
                 if bar is not None:
                     bar.update(info.bytes)
                 continue
-            _fetch(store, f"{prefix}/{info.path}", target, info, bar)
+            _fetch(store, version_key(dataset, version, info.path), target, info, bar)
             report.downloaded.append(info.path)
             report.bytes_downloaded += info.bytes
     finally:
@@ -140,8 +139,8 @@ def pull_version(store: ObjectStore, dataset: str, version: str, dest: Path, pro
             bar.close()
 
     # Last: a local manifest means every file above is present and verified.
-    (report.downloaded if _write_small(dest / "manifest.json", manifest_bytes) else report.skipped).append(
-        "manifest.json")
+    (report.downloaded if _write_small(dest / MANIFEST_PATH, manifest_bytes) else report.skipped).append(
+        MANIFEST_PATH)
     log.info("pulled %s %s to %s: %d downloaded, %d already there", dataset, version, dest,
              len(report.downloaded), len(report.skipped))
     return report

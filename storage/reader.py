@@ -30,7 +30,15 @@ from schemas.config import S3Config
 from schemas.manifest import Manifest, ShardInfo
 from storage.objectstore import ObjectStore, S3Store, open_store
 from storage.s3 import DuckDBSecret, S3Settings
-from storage.versions import DATASET_RE, REF_RE, VERSION_RE, read_manifest, resolve_version, version_prefix
+from storage.versions import (
+    DATASET_RE,
+    REF_RE,
+    VERSION_RE,
+    read_manifest,
+    resolve_version,
+    version_key,
+    version_prefix,
+)
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -197,7 +205,7 @@ class DatasetHandle:
 
     # -- where the files are -------------------------------------------------------------
     def shard_key(self, i: int) -> str:
-        return f"{self.prefix}/{self.manifest.shards[i].path}"
+        return version_key(self.dataset, self.version, self.manifest.shards[i].path)
 
     def shard_uris(self) -> list[str]:
         """Absolute paths (local root) or s3:// URIs of the data shards, in manifest order."""

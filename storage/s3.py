@@ -14,7 +14,8 @@ Resolution, first found wins:
              or AWS profile) → us-east-1.
   addressing `s3.addressing_style`; `auto` becomes `path` for a custom endpoint (what S3-compatible
              stores need and pyarrow does anyway) and `virtual` for AWS.
-Credentials: a Prefect AwsCredentials block named by `s3.credentials_block`, else boto3's chain.
+Credentials: a Prefect AwsCredentials block named by `s3.credentials_block` (storage/credentials.py),
+else boto3's chain.
 pyarrow, s3fs and DuckDB get the resolved keys only where they would not find them themselves
 (a block, a chain step they lack; DuckDB always). Keys never reach logs, reprs or manifests.
 """
@@ -25,7 +26,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict
@@ -124,16 +125,9 @@ def boto3_session(credentials_block: str | None) -> Any:
 
     if not credentials_block:
         return boto3.session.Session()
-    try:
-        from prefect_aws import AwsCredentials
-    except ImportError as exc:  # pragma: no cover - prefect-aws is a core dependency
-        raise RuntimeError("s3.credentials_block needs the prefect-aws package") from exc
-    try:
-        block = cast(AwsCredentials, AwsCredentials.load(credentials_block))
-    except ValueError as exc:
-        raise ValueError(f"s3.credentials_block: no AwsCredentials block named {credentials_block!r} "
-                         "(create it in the Prefect UI or with AwsCredentials(...).save(name))") from exc
-    return block.get_boto3_session()
+    from storage.credentials import block_session
+
+    return block_session(credentials_block)
 
 
 def _profile_defaults(session: Any) -> ProfileDefaults:

@@ -27,11 +27,10 @@ from pydantic import BaseModel, Field
 from schemas.arrow import QUARANTINE_SCHEMA, schema_from_b64
 from schemas.manifest import FileInfo, Manifest, ShardInfo
 from storage.objectstore import NotFound, ObjectStore
-from storage.versions import read_manifest, version_prefix
+from storage.versions import MANIFEST_PATH, read_manifest, version_key
 
 log = logging.getLogger(__name__)
 
-MANIFEST_PATH = "manifest.json"
 _HF_KEY = b"huggingface"
 _MAX_WORKERS = 8
 
@@ -76,10 +75,10 @@ def schema_difference(actual: pa.Schema, expected: pa.Schema) -> str | None:
     return None
 
 
-def _check_object(store: ObjectStore, fs_base: tuple[pafs.FileSystem, str], prefix: str, info: ShardInfo,
+def _check_object(store: ObjectStore, fs_base: tuple[pafs.FileSystem, str], key: str, info: ShardInfo,
                   expected_schema: pa.Schema | None, deep: bool) -> tuple[list[ShardProblem], int | None]:
-    """Problems of one listed object and the row count its footer reports (None if unreadable)."""
-    key = f"{prefix}/{info.path}"
+    """Problems of one listed object (at store `key`) and the row count its footer reports (None if
+    unreadable)."""
     problems: list[ShardProblem] = []
 
     def bad(text: str) -> None:
@@ -119,9 +118,8 @@ def _check_object(store: ObjectStore, fs_base: tuple[pafs.FileSystem, str], pref
     return problems, rows
 
 
-def _check_config(store: ObjectStore, prefix: str, info: FileInfo, deep: bool) -> list[ShardProblem]:
-    """Problems of the recorded config file: missing, resized, changed bytes, not YAML."""
-    key = f"{prefix}/{info.path}"
+def _check_config(store: ObjectStore, key: str, info: FileInfo, deep: bool) -> list[ShardProblem]:
+    """Problems of the recorded config file (at store `key`): missing, resized, changed bytes, not YAML."""
     try:
         size = store.size(key)
         if size != info.bytes:
@@ -151,7 +149,6 @@ def verify_manifest(store: ObjectStore, manifest: Manifest, *, deep: bool = True
     counts and schemas only (one HEAD and one footer read per object).
     """
     dataset, version = manifest.lineage.dataset, manifest.lineage.version
-    prefix = version_prefix(dataset, version)
     problems: list[ShardProblem] = []
     try:
         row_schema = schema_from_b64(manifest.arrow_schema)
@@ -164,7 +161,7 @@ def verify_manifest(store: ObjectStore, manifest: Manifest, *, deep: bool = True
     jobs += [(q, QUARANTINE_SCHEMA) for q in manifest.quarantine]
 
     def check(job: tuple[ShardInfo, pa.Schema | None]) -> tuple[list[ShardProblem], int | None]:
-        return _check_object(store, fs_base, prefix, job[0], job[1], deep)
+        return _check_object(store, fs_base, version_key(dataset, version, job[0].path), job[0], job[1], deep)
 
     n_workers = max(1, min(workers or min(_MAX_WORKERS, (os.cpu_count() or 2) * 2), len(jobs) or 1))
     with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="verify") as pool:
@@ -181,7 +178,7 @@ def verify_manifest(store: ObjectStore, manifest: Manifest, *, deep: bool = True
             quarantined += counted if counted is not None else info.rows
 
     if manifest.config is not None:
-        problems += _check_config(store, prefix, manifest.config, deep)
+        problems += _check_config(store, version_key(dataset, version, manifest.config.path), manifest.config, deep)
 
     listed_rows = sum(s.rows for s in manifest.shards)
     if manifest.stats.rows != listed_rows:

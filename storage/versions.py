@@ -49,7 +49,7 @@ class VersionNotFound(NotFound):
     """A ref or version that does not resolve to a committed manifest."""
 
 
-def _check_dataset(dataset: str) -> str:
+def check_dataset(dataset: str) -> str:
     if not DATASET_RE.match(dataset):
         raise ValueError(f"invalid dataset name {dataset!r} (allowed: letters, digits, '.', '_', '-')")
     return dataset
@@ -66,35 +66,61 @@ def version_number(version: str) -> int:
     return int(m.group(1))
 
 
-def staging_prefix(dataset: str, run_id: str) -> str:
-    """Where a run keeps in-progress shards and completion markers."""
-    return f"{_check_dataset(dataset)}/_staging/{run_id}"
+# The keys of a version, relative to its prefix: the version manifest (the instant the version
+# exists), the dataset card, the recorded run config, the claim tombstone, the copied shards.
+MANIFEST_PATH = "manifest.json"
+CARD_PATH = "README.md"
+CONFIG_PATH = "config.yaml"
+CLAIM_PATH = "_claim"
+
+
+def data_path(index: int, total: int) -> str:
+    return f"data/train-{index:05d}-of-{total:05d}.parquet"
+
+
+def quarantine_path(index: int) -> str:
+    return f"quarantine/part-{index:05d}.parquet"
 
 
 def version_prefix(dataset: str, version: str) -> str:
     version_number(version)
-    return f"{_check_dataset(dataset)}/{version}"
+    return f"{check_dataset(dataset)}/{version}"
+
+
+def version_key(dataset: str, version: str, path: str) -> str:
+    """The store key of `path` (relative, as the version manifest lists it) in a version."""
+    return f"{version_prefix(dataset, version)}/{path}"
 
 
 def manifest_key(dataset: str, version: str) -> str:
-    return f"{version_prefix(dataset, version)}/manifest.json"
+    return version_key(dataset, version, MANIFEST_PATH)
 
 
 def card_key(dataset: str, version: str) -> str:
-    return f"{version_prefix(dataset, version)}/README.md"
-
-
-CONFIG_PATH = "config.yaml"
+    return version_key(dataset, version, CARD_PATH)
 
 
 def config_key(dataset: str, version: str) -> str:
-    return f"{version_prefix(dataset, version)}/{CONFIG_PATH}"
+    return version_key(dataset, version, CONFIG_PATH)
+
+
+def claim_key(dataset: str, version: str) -> str:
+    return version_key(dataset, version, CLAIM_PATH)
+
+
+def versions_prefix(dataset: str) -> str:
+    """What every version prefix of `dataset` starts with (listing it finds the committed ones)."""
+    return f"{check_dataset(dataset)}/v"
+
+
+def refs_prefix(dataset: str) -> str:
+    return f"{check_dataset(dataset)}/refs/"
 
 
 def ref_key(dataset: str, name: str) -> str:
     if not REF_RE.match(name) or VERSION_RE.match(name):
         raise ValueError(f"invalid ref name {name!r}")
-    return f"{_check_dataset(dataset)}/refs/{name}.json"
+    return f"{refs_prefix(dataset)}{name}.json"
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,8 +165,7 @@ def read_config(store: ObjectStore, manifest: Manifest) -> dict[str, Any] | None
     its bytes no longer match the manifest's sha256 (`datasets verify` names both)."""
     if manifest.config is None:
         return None
-    data = store.get_bytes(f"{version_prefix(manifest.lineage.dataset, manifest.lineage.version)}/"
-                           f"{manifest.config.path}")
+    data = store.get_bytes(version_key(manifest.lineage.dataset, manifest.lineage.version, manifest.config.path))
     if hashlib.sha256(data).hexdigest() != manifest.config.sha256:
         raise ValueError(f"{manifest.lineage.dataset} {manifest.lineage.version}: {manifest.config.path} does "
                          "not match the manifest's sha256 (run `speechpairs datasets verify`)")
@@ -158,8 +183,8 @@ def render_config(config: Mapping[str, Any], dataset: str, version: str) -> byte
 
 def list_versions(store: ObjectStore, dataset: str) -> list[str]:
     """Committed versions (those with a manifest), oldest first. Lists keys: an admin call."""
-    pattern = re.compile(rf"^{re.escape(_check_dataset(dataset))}/(v\d{{4,}})/manifest\.json$")
-    found = {m.group(1) for key in store.list(f"{dataset}/v") if (m := pattern.match(key))}
+    pattern = re.compile(rf"^{re.escape(check_dataset(dataset))}/(v\d{{4,}})/{re.escape(MANIFEST_PATH)}$")
+    found = {m.group(1) for key in store.list(versions_prefix(dataset)) if (m := pattern.match(key))}
     return sorted(found, key=version_number)
 
 
@@ -217,7 +242,7 @@ def _claim_version(store: ObjectStore, dataset: str, start: int, run_id: str) ->
     for n in range(start, start + MAX_CLAIM_TRIES):
         version = version_name(n)
         try:
-            store.put_bytes(f"{version_prefix(dataset, version)}/_claim", body, if_none_match=True)
+            store.put_bytes(claim_key(dataset, version), body, if_none_match=True)
             return version
         except PreconditionFailed:
             if _own_unfinished_claim(store, dataset, version, run_id):
@@ -230,7 +255,7 @@ def _claim_version(store: ObjectStore, dataset: str, start: int, run_id: str) ->
 
 def _own_unfinished_claim(store: ObjectStore, dataset: str, version: str, run_id: str) -> bool:
     try:
-        claim = json.loads(store.get_bytes(f"{version_prefix(dataset, version)}/_claim"))
+        claim = json.loads(store.get_bytes(claim_key(dataset, version)))
     except (NotFound, ValueError):
         return False
     return claim.get("run_id") == run_id and not store.exists(manifest_key(dataset, version))
@@ -269,7 +294,7 @@ def commit_version(store: ObjectStore, *, dataset: str, staged_shards: list[Shar
     dataset/version/parent, which are filled in here; `config` (the run's resolved settings) is
     stored as config.yaml, redacted, and listed in the manifest. Returns the published manifest.
     """
-    _check_dataset(dataset)
+    check_dataset(dataset)
     try:  # validate before touching the store, so a bad lineage leaves nothing behind
         draft = Lineage.model_validate({**lineage, "dataset": dataset, "version": "v0000", "parent": None})
     except ValidationError as exc:
@@ -292,12 +317,12 @@ def commit_version(store: ObjectStore, *, dataset: str, staged_shards: list[Shar
     total = len(staged_shards)
     shards: list[ShardInfo] = []
     for i, staged in enumerate(staged_shards):
-        rel = f"data/train-{i:05d}-of-{total:05d}.parquet"
-        shards.append(_copy_verified(store, staged, f"{prefix}/{rel}", rel))
+        rel = data_path(i, total)
+        shards.append(_copy_verified(store, staged, version_key(dataset, version, rel), rel))
     quarantine: list[ShardInfo] = []
     for i, staged in enumerate(staged_quarantine):
-        rel = f"quarantine/part-{i:05d}.parquet"
-        quarantine.append(_copy_verified(store, staged, f"{prefix}/{rel}", rel))
+        rel = quarantine_path(i)
+        quarantine.append(_copy_verified(store, staged, version_key(dataset, version, rel), rel))
 
     config_info = None
     if config is not None:

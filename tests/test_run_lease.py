@@ -16,7 +16,8 @@ import pytest
 import yaml
 
 from storage.gc import collect_garbage
-from storage.lease import LEASE, LeaseInfo, LeaseLost, RunBusy, RunLease, read_lease
+from storage.layout import LEASE
+from storage.lease import LeaseInfo, LeaseLost, RunBusy, RunLease, read_lease
 from storage.objectstore import ObjectStore, open_store
 from tests.fake_llm_server import FakeLLMServer
 from tests.seaweedfs import SeaweedS3

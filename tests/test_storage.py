@@ -38,6 +38,7 @@ from schemas.records import (
     Row,
     Stage,
 )
+from storage.layout import staging_prefix
 from storage.objectstore import LocalStore, NotFound, ObjectStore, PreconditionFailed, S3Store, open_store
 from storage.reader import manifest_summary, open_manifest, parse_dataset_uri
 from storage.s3 import ProfileDefaults, resolve_s3
@@ -50,7 +51,6 @@ from storage.versions import (
     read_manifest,
     resolve_version,
     set_ref,
-    staging_prefix,
 )
 from tests.seaweedfs import SeaweedS3
 

@@ -36,7 +36,7 @@ from pydantic import BaseModel
 
 from schemas.manifest import Manifest
 from storage.objectstore import ObjectStore
-from storage.versions import read_manifest, version_prefix
+from storage.versions import read_manifest, version_key
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def _probe(data: bytes) -> tuple[int, int]:
     return int(info.frames), int(info.samplerate)
 
 
-def _iter_rows(store: ObjectStore, prefix: str, manifest: Manifest, columns: list[str]
+def _iter_rows(store: ObjectStore, dataset: str, version: str, manifest: Manifest, columns: list[str]
                ) -> Iterator[tuple[str, Iterator[dict[str, Any]]]]:
     """(shard path, its rows) for each shard in manifest order; checks each shard's row count."""
     fs, base = store.arrow_fs()
@@ -167,7 +167,7 @@ def _iter_rows(store: ObjectStore, prefix: str, manifest: Manifest, columns: lis
     def rows_of(path: str, expected: int) -> Iterator[dict[str, Any]]:
         seen = 0
         try:
-            with fs.open_input_file(f"{base}/{prefix}/{path}") as fh:
+            with fs.open_input_file(f"{base}/{version_key(dataset, version, path)}") as fh:
                 for batch in pq.ParquetFile(fh).iter_batches(batch_size=BATCH_ROWS, columns=columns):
                     for row in batch.to_pylist():
                         seen += 1
@@ -202,7 +202,7 @@ def export_version(store: ObjectStore, dataset: str, version: str, dest: Path, f
                    dynamic_ncols=True)
     try:
         with open(part, "w", encoding="utf-8") as out:
-            for shard_path, rows in _iter_rows(store, version_prefix(dataset, version), manifest, columns):
+            for shard_path, rows in _iter_rows(store, dataset, version, manifest, columns):
                 for row in rows:
                     try:
                         line = _export_row(row, dest, fmt, report)

@@ -52,6 +52,7 @@ from pydantic import ValidationError
 
 from schemas.config import LLMConfig
 from schemas.records import QuarantineError
+from storage.layout import cache_scope_prefix
 from storage.objectstore import NotFound, ObjectStore
 from tasks.llm.base import LLMBackend, LLMRequest, LLMResult, OnResult, generate_reporting
 
@@ -98,8 +99,7 @@ def request_key(req: LLMRequest, *, backend: str, model: str | None, revision: s
 
 def scope_prefix(prefix: str, scope: str = DEFAULT_SCOPE) -> str:
     """Where the segments of one scope live: `<prefix>/llm-cache/<scope>/`."""
-    head = prefix.strip("/")
-    return f"{head + '/' if head else ''}{CACHE_DIR}/{scope}/"
+    return cache_scope_prefix(prefix, scope)
 
 
 def stored_keys(store: ObjectStore, prefix: str, scope: str = DEFAULT_SCOPE) -> list[str]:
