@@ -201,6 +201,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from storage.preflight import StorageProblem, check_writable
     from tasks.features.models import ModelLoadError, load_models
     from tasks.ingest import SourceError, iter_refs
+    from tasks.instructions import instruction_pool
     from tasks.llm import make_backend
     from tasks.llm.base import LLMUnavailable
 
@@ -209,6 +210,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         # Fail before any work on a missing, unknown or empty source (reads one clip reference).
         if next(iter_refs(config.sources), None) is None:
             raise SourceError("the sources list no clips: " + ", ".join(s.path for s in config.sources))
+        instruction_pool(config.describe)  # every pool line parsed: a bad tag is a usage error, not quarantines
         check_writable(open_store(config.output.root, config.s3), config.output.dataset)
         make_backend(config.llm).preflight()
         load_models(config.features)  # a missing Whisper/classifier model fails here, naming the setting
@@ -643,6 +645,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from tasks.calibrate import CalibrationError
     from tasks.features.models import ModelLoadError, load_models
     from tasks.ingest import SourceError, iter_refs
+    from tasks.instructions import instruction_pool
 
     _quiet_prefect()
     from flows.calibrate import CalibrateParams, run_calibrate
@@ -653,6 +656,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         # Fail before the flow on a missing or empty source, or a model that cannot load.
         if next(iter_refs(params.config.sources), None) is None:
             raise SourceError("the sources list no clips: " + ", ".join(s.path for s in params.config.sources))
+        instruction_pool(params.config.describe)  # the run this calibrates would fail on a bad pool tag
         load_models(params.config.features)
         if _prefect_api() is None:
             return EXIT_FAILED

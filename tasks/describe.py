@@ -1,4 +1,4 @@
-"""Numbers → words → seed description, and the instruction for each clip.
+"""Numbers → words → seed description (the instruction for each clip: tasks/instructions.py).
 
 Bins are a versioned JSON file (shipped defaults in tasks/resources/bins_v1.json, or a calibrated
 file named in the config); the version string recorded on every row includes a hash of the file,
@@ -28,7 +28,7 @@ import numpy as np
 from pydantic import BaseModel, model_validator
 
 from schemas.attributes import ATTRIBUTE_LABELS, SPAN_ATTRIBUTES, SeedLabel
-from schemas.config import DEFAULT_INSTRUCTION, DescribeConfig, FeaturesConfig
+from schemas.config import FeaturesConfig
 from schemas.records import Features, Segment
 from tasks.features.labels import ATTRIBUTES, corpus_label_key, is_no_label, resolve_attributes
 from tasks.llm.messages import sanitize_prompt_text
@@ -346,41 +346,7 @@ def _span_seed(duration_s: float, attributes: Mapping[str, str], segments: Seque
     return " ".join(parts)
 
 
-@lru_cache(maxsize=8)
-def load_instruction_pool(path: str | None) -> tuple[str, ...]:
-    """One instruction a line (blank lines and # comments skipped); default: DeSTA2's single one."""
-    if path is None:
-        return (DEFAULT_INSTRUCTION,)
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"describe.instruction_pool: no file at {path}")
-    pool = tuple(line.strip() for line in p.read_text(encoding="utf-8").splitlines()
-                 if line.strip() and not line.lstrip().startswith("#"))
-    if not pool:
-        raise ValueError(f"describe.instruction_pool: {path} has no instructions")
-    return pool
-
-
-BUILTIN_POOL = "instructions_v1.txt"
-
-
-def instruction_pool(config: DescribeConfig) -> tuple[str, ...]:
-    """The configured pool: a file, `builtin` (the shipped, versioned pool), or the single instruction."""
-    if config.instruction_pool == "builtin":
-        return load_instruction_pool(str(resources.files("tasks.resources").joinpath(BUILTIN_POOL)))
-    return load_instruction_pool(config.instruction_pool) if config.instruction_pool else (config.instruction,)
-
-
-def pool_hash(pool: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(pool).encode()).hexdigest()[:16]
-
-
 def stable_int(*parts: object) -> int:
     """A 63-bit integer from the parts, the same on every machine and run (unlike hash())."""
     digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "big") >> 1
-
-
-def pick_instruction(pool: Sequence[str], seed: int, clip_id: str) -> str:
-    """Deterministic per (seed, clip id): re-runs and resumed shards ask the same question."""
-    return pool[stable_int(seed, clip_id) % len(pool)]

@@ -13,13 +13,11 @@ from tasks.describe import (
     describe_attributes,
     format_timestamp,
     load_bins,
-    load_instruction_pool,
-    pick_instruction,
-    pool_hash,
     seed_description,
     seed_label_words,
 )
 from tasks.features.labels import resolve_attributes
+from tasks.instructions import load_instruction_pool, pick_instruction, pool_hash
 
 BINS = load_bins(None)
 
@@ -107,7 +105,7 @@ def test_instruction_pool_sampling_is_deterministic_and_spread(tmp_path: Path) -
 
 def test_builtin_pool_alias_loads_the_shipped_versioned_pool() -> None:
     from schemas.config import DescribeConfig
-    from tasks.describe import instruction_pool
+    from tasks.instructions import instruction_pool
 
     pool = instruction_pool(DescribeConfig(instruction_pool="builtin"))
     assert len(pool) >= 200 and "What can you hear from the audio?" in pool

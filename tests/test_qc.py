@@ -1,4 +1,4 @@
-"""Response QC (tasks.llm.qc), the instruction pool and its tags, and prompt-injection hardening."""
+"""Response QC (tasks/llm/qc/), the instruction pool (tasks/instructions.py) and its tags, and prompt-injection hardening."""
 
 from __future__ import annotations
 
@@ -9,19 +9,23 @@ from typing import Any
 import pytest
 
 from schemas.config import QCConfig
-from tasks.describe import load_instruction_pool, pool_hash, seed_description
+from tasks.describe import seed_description
+from tasks.instructions import (
+    Constraint,
+    Instruction,
+    builtin_pool_path,
+    load_instruction_pool,
+    parse_instruction,
+    parse_pool,
+    pool_hash,
+)
 from tasks.llm.base import LLMRequest
 from tasks.llm.messages import DEFAULT_SYSTEM_PROMPT, build_messages, sanitize_transcript
 from tasks.llm.qc import (
     RULE_ORDER,
-    Constraint,
-    Instruction,
-    builtin_pool_path,
     check_response,
     count_words,
     injection_demands,
-    parse_instruction,
-    parse_pool,
     seed_attributes,
 )
 from tasks.llm.template import describe
@@ -228,7 +232,8 @@ SCAN_PHRASES = [
 def test_costly_scans_are_skipped_only_when_they_cannot_match() -> None:
     """Each scan's trigger words are in every text its regex matches (else skipping it would let a
     contradiction through): checked on every QC table response and phrases built to hit each pattern."""
-    from tasks.llm.qc import _ACCENT_SCAN, _AGE_SCAN, _EMOTION_SCAN, _FEMALE, _MALE, words_of
+    from tasks.llm.qc.contradictions import _ACCENT_SCAN, _AGE_SCAN, _EMOTION_SCAN, _FEMALE, _MALE
+    from tasks.llm.qc.text import words_of
 
     texts = [c.response for c in CASES] + SCAN_PHRASES
     hits = 0
