@@ -1,6 +1,6 @@
 """LLM-stage benchmark: the pipeline's LLM stage vs calling the same backend directly.
 
-"Pipeline" = `tasks.pipeline.generate_with_qc` through `run_backend` (request cache, cold, and
+"Pipeline" = `tasks.regenerate.generate_with_qc` through `run_backend` (request cache, cold, and
 response QC); "direct" = `backend.generate` on the same requests. Prints requests/s, output
 tokens/s and the ratio (target ≥ 0.9×) for:
 - the transformers backend on CPU (a tiny random-weight causal LM built here; QC off, since random
@@ -47,10 +47,11 @@ def prepared_requests(config: Any, n: int, workdir: Path) -> list[Any]:
     from tasks.describe import load_bins
     from tasks.features.models import load_models
     from tasks.ingest import iter_refs, load_clip
-    from tasks.pipeline import _Acc, _prepare_batch
+    from tasks.pipeline import prepare_batch
+    from tasks.tally import ShardTally
 
     clips = [load_clip(ref, config.sources) for ref in iter_refs(config.sources)]
-    base = _prepare_batch(clips, config, load_bins(None), _Acc(), load_models(config.features))
+    base = prepare_batch(clips, config, load_bins(None), ShardTally(), load_models(config.features))
     out = []
     for i in range(n):
         p = base[i % len(base)]
@@ -100,7 +101,7 @@ def own_cpu_ms(config: Any, prepared: list[Any], store: Any, answers: list[Any],
     """The pipeline's own client CPU per response (request cache + QC), with the backend's answers
     replayed instantly: deterministic where the throughput ratio is at the mercy of the machine."""
     from tasks.llm.cache import CachedBackend
-    from tasks.pipeline import generate_with_qc
+    from tasks.regenerate import generate_with_qc
 
     samples = []
     for r in range(rounds):
@@ -119,7 +120,9 @@ def measure(config: Any, prepared: list[Any], store: Any, label: str, rounds: in
     """Median of `rounds` alternating direct / pipeline runs (a fresh cache prefix each pipeline run),
     so a passing hiccup of the shared 2 cores lands in one sample, not in the ratio."""
     from tasks.llm import make_backend
-    from tasks.pipeline import RunContext, generate_with_qc, run_backend
+    from tasks.pipeline import run_backend
+    from tasks.regenerate import generate_with_qc
+    from tasks.run import RunContext
 
     direct_backend = make_backend(config.llm)
     direct_backend.generate([p.request for p in prepared[:2]])  # warm-up (model load, connections)

@@ -1,7 +1,7 @@
 """One local Prefect server per user, shared by every `speechpairs` command that needs an API.
 
-Without PREFECT_API_URL, Prefect would start a temporary server for each run (30-50 s before the
-first clip, its history gone afterwards). Instead the first command starts `prefect server start`
+Without PREFECT_API_URL, Prefect would start a temporary server for each run (tens of seconds before
+the first clip, its history gone afterwards; docs/decisions.md). Instead the first command starts `prefect server start`
 in the background (its own session, so it outlives the command; SQLite and its log in the data
 folder) and records where it listens; later commands check that record and reuse the server.
 
@@ -36,7 +36,7 @@ from typing import Literal
 from pydantic import BaseModel, ValidationError
 
 HOME_ENV = "SPEECHPAIRS_HOME"
-START_TIMEOUT_S = 180.0  # a first start on a busy 2-core machine took 42 s
+START_TIMEOUT_S = 180.0  # a first start (database creation) on a busy machine: docs/decisions.md
 STOP_TIMEOUT_S = 15.0
 
 Say = Callable[[str], None]

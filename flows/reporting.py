@@ -1,21 +1,35 @@
 """What a run shows in the Prefect UI: the live `shard-progress` artifact, the `run-summary` table and
-the `attribute-distributions` markdown (linked from the summary), and the RunSummary they come from."""
+the `attribute-distributions` markdown (linked from the summary), the RunSummary they come from, the
+flow run's name (dataset and version), and the pipeline's own log records in the run's logs."""
 
 from __future__ import annotations
 
+import logging
+import time
+from collections import Counter
 from typing import Any, cast
 from uuid import UUID
 
+from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact, update_progress_artifact
+from prefect.client.orchestration import get_client
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.logging.handlers import APILogHandler
+from prefect.runtime import flow_run
 from prefect.settings import PREFECT_UI_URL
 from pydantic import BaseModel, Field
 
 from flows.progress import ProgressMeter
+from schemas.attributes import ATTRIBUTE_LABELS
+from schemas.config import RunConfig
 from schemas.manifest import Stats
+from storage.versions import version_prefix
 from tasks.attribute_order import in_scale_order
 from tasks.describe import Bins, load_bins
+from tasks.llm import make_backend
 from tasks.pipeline import ShardOutcome
-from tasks.plan import skipped_text
+from tasks.plan import RunPlan, skipped_text
+from tasks.run import RunContext, run_store
 
 
 class RunSummary(BaseModel):
@@ -118,3 +132,85 @@ def publish_artifacts(summary: RunSummary, stats: Stats, bins: Bins | None = Non
         key="run-summary", table=summary_table(summary, stats),
         description=f"{summary.dataset} {summary.version} at {summary.location}; attribute distributions: "
                     f"artifact {artifact_link('attribute-distributions', distributions)}")
+
+
+def summarize(config: RunConfig, ctx: RunContext, plan: RunPlan, outcomes: list[ShardOutcome],
+              version: str | None, started: float, already: bool = False) -> RunSummary:
+    """The run in numbers; `version` None for a run that was not committed (its staging area is named)."""
+    stage_seconds: Counter[str] = Counter()
+    by_stage: Counter[str] = Counter()
+    by_reason: Counter[str] = Counter()
+    for o in outcomes:
+        stage_seconds.update(o.stage_seconds)
+        by_stage.update(o.by_stage)
+        by_reason.update(o.by_reason)
+    store = run_store(config)
+    backend = make_backend(config.llm)  # a constructor only: no model is loaded, no endpoint called
+    model = backend.model_info()
+    return RunSummary(
+        llm_backend=backend.name,
+        llm_model=(model.get("name") or backend.name) + (f"@{model['revision']}" if model.get("revision") else ""),
+        seed_attributes=[ATTRIBUTE_LABELS[a] for a in config.describe.attributes],
+        dataset=config.output.dataset,
+        version=version or "not committed",
+        location=store.uri(version_prefix(config.output.dataset, version) if version else ctx.staging),
+        run_id=ctx.run_id,
+        clips_in=plan.clips,
+        skipped_files=plan.skipped_files,
+        unentered_folders=plan.unentered_folders,
+        rows=sum(o.rows for o in outcomes),
+        quarantined=sum(o.quarantined for o in outcomes),
+        quarantine_by_reason=dict(sorted(by_reason.items())),
+        quarantine_by_stage=dict(sorted(by_stage.items())),
+        audio_hours=round(sum(o.audio_seconds for o in outcomes) / 3600, 6),
+        rows_without_transcript=sum(o.rows_without_transcript for o in outcomes),
+        shards=plan.shards,
+        shards_skipped=sum(o.skipped for o in outcomes),
+        seconds=round(time.perf_counter() - started, 3),
+        stage_seconds={k: round(v, 3) for k, v in sorted(stage_seconds.items())},
+        tokens_prompt=sum(o.tokens_prompt for o in outcomes),
+        tokens_completion=sum(o.tokens_completion for o in outcomes),
+        already_committed=already,
+    )
+
+
+def name_flow_run(name: str) -> None:
+    """Rename the current flow run (ops find runs by dataset and version); a failure only warns."""
+    run_id = flow_run.id
+    if not run_id:
+        return
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(UUID(str(run_id)), name=name)
+    except Exception as exc:  # noqa: BLE001 - a cosmetic rename must never fail a committed run
+        get_run_logger().warning("could not rename flow run %s to %r: %s: %s", run_id, name,
+                                 type(exc).__name__, exc)
+
+
+class _RunLogHandler(APILogHandler):
+    """Prefect's API log handler, but silent outside a flow or task run (plain runs, unit tests)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if FlowRunContext.get() is None and TaskRunContext.get() is None:
+            return
+        super().emit(record)
+
+
+# Our loggers: the pipeline's ("speechpairs.*") and the modules' own (`__name__`: storage.versions' commit
+# lines, storage.lease, tasks.*).
+PIPELINE_LOGGERS = ("speechpairs", "storage", "tasks")
+
+
+def forward_pipeline_logs(names: tuple[str, ...] = PIPELINE_LOGGERS) -> None:
+    """Send the plain-Python pipeline's records (quarantined clips by shard and clip id, commit lines)
+    to the run's logs in the Prefect UI, from INFO up: left unset, these loggers would inherit the
+    root's WARNING and drop INFO before any handler. What the console shows is the console handler's
+    business (the CLI raises it to WARNING). Runs when the flow module is imported, so shard tasks in
+    worker processes (process, Dask, Ray runners) forward theirs too; a no-op for a logger that
+    already has an API handler (e.g. named in PREFECT_LOGGING_EXTRA_LOGGERS)."""
+    for name in names:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
+        if not any(isinstance(h, APILogHandler) for h in logger.handlers):
+            logger.addHandler(_RunLogHandler())

@@ -1,4 +1,4 @@
-"""Where a run's shard tasks execute, what they share, and how GPU stages are gated.
+"""Where a run's shard tasks execute, what they share, and how GPU stages and LLM endpoints are gated.
 
 `runner` picks the engine: threads (default) or processes on the flow's machine, a Dask cluster
 (prefect-dask: a local one, or an existing scheduler at `cluster.address`) or a Ray cluster
@@ -14,8 +14,10 @@ from typing import Any, ParamSpec, TypeVar
 from prefect import Task
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
+from flows.endpoint_limits import PrefectEndpointLimits
 from schemas.config import RunConfig
 from tasks.gpu import StageGate, cuda_devices, gpu_stages, no_gate
+from tasks.llm.slots import install_slot_provider
 
 # Task name → the tag its runs carry in the UI.
 TASK_STAGE_TAGS = {"plan-shards": "plan", "process-shard": "shard", "commit-version": "commit"}
@@ -33,12 +35,12 @@ def _missing(runner: str, package: str) -> RunnerUnavailable:
                              "(or set runner: thread)")
 
 
-# Settings for the Dask workers we start (measured with bench/scale.py and a plain shard loop):
+# Settings for the Dask workers we start (how much each costs: docs/decisions.md):
 # - Dask's nanny sets MALLOC_TRIM_THRESHOLD_=65536. Setting any malloc threshold turns off glibc's
 #   dynamic mmap threshold, so every array over 128 KiB is mmapped and unmapped afresh and its pages
-#   faulted in again: our per-clip DSP ran 1.6x slower. None unsets the variable.
+#   faulted in again, which slows per-clip DSP. None unsets the variable.
 # - The worker's statistical profiler samples the task thread's stack every 10 ms for the dashboard's
-#   profile page (our local clusters have no dashboard): 10-20% slower shards with it on.
+#   profile page (our local clusters have no dashboard), which slows shards.
 DASK_WORKER_CONFIG: dict[str, Any] = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
                                       "distributed.worker.profile.enabled": False}
 
@@ -80,6 +82,12 @@ def task_runner(config: RunConfig) -> TaskRunner[Any]:
                                       "_node_ip_address": "127.0.0.1", "configure_logging": False})
 
 
+def in_this_process(config: RunConfig) -> bool:
+    """Whether shard tasks run in the flow's own process (threads), so they can call back into it
+    (the CLI's progress bar); in other processes they have no such callback."""
+    return config.runner in ("thread", "sequential")
+
+
 def flow_options(config: RunConfig) -> dict[str, Any]:
     """`Flow.with_options` keywords for this config: the task runner and, if set, shared result storage."""
     options: dict[str, Any] = {"task_runner": task_runner(config)}
@@ -94,8 +102,8 @@ def task_options(task: Task[P, R], config: RunConfig) -> Task[P, R]:
 
     A shard task that runs a gated stage is tagged `gpu`, so ops can also cap it with a tag limit
     (`prefect concurrency-limit create gpu 1`). Stage tags (`plan`, `shard`, `commit`) are opt-in
-    (`cluster.stage_tags`): Prefect leases a tag-concurrency slot for every tagged task run, which
-    cost about 0.4 s per task run on a local server (6 s over a 14-task run that takes 4 s untagged).
+    (`cluster.stage_tags`): Prefect leases a tag-concurrency slot for every tagged task run, a round
+    trip per task run (docs/decisions.md).
     Results persist to the configured block so remote workers and retries share them.
     """
     tags = {TASK_STAGE_TAGS.get(task.name, task.name)} if config.cluster.stage_tags else set()
@@ -131,6 +139,14 @@ def ensure_gpu_limit(config: RunConfig) -> int | None:
                 wanted = max(1, cuda_devices())
         client.upsert_global_concurrency_limit_by_name(name, wanted)
     return wanted
+
+
+# llm.endpoint_limit: the OpenAI-compatible backends of this process hold their endpoint slots in
+# Prefect global concurrency limits (tasks/llm/slots.py decides where a limit applies, this is how it
+# is held). Installed on import, not at the flow's start: shard tasks build their LLM backend in
+# worker processes (process, Dask, Ray runners), which import this module (with flows/generate.py)
+# to run them but never run the flow's body.
+install_slot_provider(PrefectEndpointLimits())
 
 
 def stage_gate(config: RunConfig) -> StageGate:

@@ -1,9 +1,9 @@
 """One run at a time: a lease object in the run's staging area, created create-only and renewed by
 compare-and-swap while the run works.
 
-Two launches of the same run (a cron trigger and a manual run, a flow retry racing a user) used to
-overwrite each other's staged shards and then both fail at commit. Now the second launch finds the
-lease: it exits at once naming the holder ("started …, host …, pid …") or waits for it, by config.
+Two launches of the same run (a cron trigger and a manual run, a flow retry racing a user) would
+overwrite each other's staged shards and then both fail at commit. The second launch finds the
+lease instead: it exits at once naming the holder ("started …, host …, pid …") or waits for it, by config.
 A holder that died stops renewing; once its lease has expired, the next launch takes it over with a
 compare-and-swap, so exactly one of several waiting launches wins. On the holder's own machine a
 dead holder is recognised at once (its process is gone), so a re-run after `kill -9` resumes

@@ -1,7 +1,7 @@
 """Shard planning: sorted stable ids cut into fixed-size shards, recorded once per run in staging.
 
 The plan is written before any shard runs and reused on every re-run of the same run id, so a
-resumed run never re-partitions (a peer's classic mistake: checkpoints that no longer match).
+resumed run never re-partitions (checkpoints would no longer match).
 Only light `ClipRef`s are held while sorting, never whole records or audio.
 """
 
@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field
 
 from schemas.config import RunConfig
 from schemas.records import utc_now
+from storage.layout import RunLayout
 from storage.objectstore import NotFound, ObjectStore, PreconditionFailed
 from tasks.ingest import ClipRef, SourceError, iter_refs, source_kind
 from tasks.ingest.common import AUDIO_SUFFIXES, PROBLEM
@@ -47,21 +48,13 @@ class ShardPlan(BaseModel):
     created_at: datetime | None = None  # the run's planned-at time (None in plans from before it existed)
 
 
-def plan_key(prefix: str) -> str:
-    return f"{prefix}/plan.json"
-
-
-def shard_plan_key(prefix: str, index: int) -> str:
-    return f"{prefix}/plan/shard-{index:05d}.json"
-
-
 def plan_run(config: RunConfig, store: ObjectStore, prefix: str, run_id: str) -> RunPlan:
     """Load the run's plan if it exists, else make it: shard files first, plan.json last."""
     existing = load_plan(store, prefix)
     if existing is not None:
         return existing
-    # Plain tuples while sorting (~3x lighter than models: ~250 MB per million clips); ties
-    # (duplicate ids) keep source order, manifest offsets compared as numbers, not as text.
+    # Plain tuples while sorting, not models (memory: docs/decisions.md); ties (duplicate ids) keep
+    # source order, clip-list row offsets compared as numbers, not as text.
     keys = sorted((r.id, r.source, int(r.locator) if r.locator.isdigit() else -1, r.locator)
                   for r in iter_refs(config.sources))
     skipped = count_skipped_files(config)
@@ -78,13 +71,13 @@ def plan_run(config: RunConfig, store: ObjectStore, prefix: str, run_id: str) ->
         refs = [ClipRef(id=k[0], source=k[1], locator=k[3], duplicate=is_dup[start + j])
                 for j, k in enumerate(keys[start:start + size])]
         shard = ShardPlan(index=index, of=count, refs=refs, created_at=planned_at)
-        store.put_bytes(shard_plan_key(prefix, index), shard.model_dump_json().encode())
+        store.put_bytes(RunLayout(prefix).shard_plan(index), shard.model_dump_json().encode())
     unentered = Counter(k[3].split(PROBLEM, 2)[1] for k in keys if k[3].startswith(PROBLEM) and k[0].endswith("/"))
     plan = RunPlan(run_id=run_id, config_hash=config.config_hash(), clips=len(keys), shards=count,
                    shard_size=size, duplicates=sum(is_dup), skipped_files=skipped, created_at=planned_at,
                    unentered_folders=dict(sorted(unentered.items(), key=lambda kv: (-kv[1], kv[0]))))
     try:
-        store.put_bytes(plan_key(prefix), plan.model_dump_json(indent=2).encode(), if_none_match=True)
+        store.put_bytes(RunLayout(prefix).plan, plan.model_dump_json(indent=2).encode(), if_none_match=True)
     except PreconditionFailed:
         # Another launcher of the same run planned concurrently: the first plan wins, for both.
         winner = load_plan(store, prefix)
@@ -115,10 +108,10 @@ def skipped_text(counts: dict[str, int]) -> str:
 
 def load_plan(store: ObjectStore, prefix: str) -> RunPlan | None:
     try:
-        return RunPlan.model_validate(json.loads(store.get_bytes(plan_key(prefix))))
+        return RunPlan.model_validate(json.loads(store.get_bytes(RunLayout(prefix).plan)))
     except NotFound:
         return None
 
 
 def load_shard_plan(store: ObjectStore, prefix: str, index: int) -> ShardPlan:
-    return ShardPlan.model_validate(json.loads(store.get_bytes(shard_plan_key(prefix, index))))
+    return ShardPlan.model_validate(json.loads(store.get_bytes(RunLayout(prefix).shard_plan(index))))

@@ -13,7 +13,8 @@ from schemas.config import AudioConfig, RunConfig, SourceConfig
 from schemas.records import Clip, QuarantineError, Stage
 from tasks.audio import encode_audio, load_audio
 from tasks.ingest import iter_refs, load_clip
-from tasks.pipeline import _Acc, _measure
+from tasks.measure import measure_clip as _measure
+from tasks.tally import ShardTally as _Acc
 from tests.corrupt_zoo import build_zoo, ffmpeg_encode
 
 CFG = AudioConfig()

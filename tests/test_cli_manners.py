@@ -19,7 +19,7 @@ SPEECHPAIRS = [sys.executable, "-m", "flows.cli"]
 def test_version_is_the_package_version_and_commit_the_manifests_record() -> None:
     from importlib import metadata
 
-    from flows.generate import code_version
+    from tasks.run import code_version
 
     proc = subprocess.run([*SPEECHPAIRS, "--version"], cwd=REPO, capture_output=True, text=True, timeout=60,
                           check=False)

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from flows.generate import REFUSED, run_context, run_plain
+from flows.generate import run_plain
 from schemas.config import OutputConfig, RunConfig, parse_config
+from storage.layout import REFUSED
 from storage.objectstore import open_store
 from storage.versions import list_versions, read_ref
 from tasks.commit_gate import CommitRefused, QuarantineExample, check_commit, shard_needs_redo
+from tasks.run import run_context
 from tests.fake_llm_server import FakeLLMServer
 
 REPO = Path(__file__).resolve().parent.parent

@@ -23,12 +23,13 @@ PUBLISHER = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
     sys.path.insert(0, {repo!r})
-    import flows.generate as generate
+    import tasks.publish as publish
+    from flows.generate import run_plain
     from tests.datasets_support import sample_config
     root, endpoint, region, repeat, workdir, barrier = sys.argv[1:7]
     config = sample_config(root, "race", workdir=Path(workdir), repeat=int(repeat), shard_size=4,
                            s3_endpoint=endpoint, s3_region=region)
-    commit = generate.commit_version
+    commit = publish.commit_version
 
     def at_the_start_line(*args, **kwargs):
         # Both processes reach the commit, then start it at the same moment.
@@ -37,8 +38,8 @@ PUBLISHER = textwrap.dedent("""
             time.sleep(0.001)
         return commit(*args, **kwargs)
 
-    generate.commit_version = at_the_start_line
-    print(json.dumps({{"version": generate.run_plain(config).lineage.version}}))
+    publish.commit_version = at_the_start_line
+    print(json.dumps({{"version": run_plain(config).lineage.version}}))
 """)
 
 

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.cli import main
-from flows.generate import run_context, run_generate
+from flows.generate import run_generate
 from schemas.arrow import ROW_SCHEMA
 from schemas.config import RunConfig, load_config
 from storage.objectstore import open_store
@@ -18,6 +18,7 @@ from storage.versions import read_manifest, resolve_version
 from tasks.llm import make_backend
 from tasks.pipeline import process_shard
 from tasks.plan import load_shard_plan, plan_run
+from tasks.run import run_context
 from tests.corrupt_zoo import build_zoo
 from tests.seaweedfs import SeaweedS3
 

@@ -12,7 +12,10 @@ from tasks.describe import load_bins
 from tasks.features.models import load_models
 from tasks.ingest import iter_refs, load_clip
 from tasks.llm import LLMRequest, LLMResult
-from tasks.pipeline import _Acc, _prepare_batch, _Prepared, generate_with_qc
+from tasks.pipeline import prepare_batch as _prepare_batch
+from tasks.regenerate import generate_with_qc
+from tasks.rows import Prepared as _Prepared
+from tasks.tally import ShardTally as _Acc
 from tests.datasets_support import sample_config
 
 GOOD = "A calm voice reads a short sentence clearly, with little background noise in the recording."
@@ -128,7 +131,7 @@ def test_responses_are_checked_as_they_arrive_not_after_the_batch(tmp_path: Path
     """QC runs while the rest of the batch is still generating (the server is never left idle while
     the client checks), once per response, directly and through the request cache."""
     from storage.objectstore import LocalStore
-    from tasks import pipeline
+    from tasks import regenerate as pipeline
     from tasks.llm.cache import CachedBackend
 
     config = sample_config(str(tmp_path), "qc", workdir=tmp_path, overrides=["llm.qc.min_words=3"])

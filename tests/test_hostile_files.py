@@ -24,7 +24,6 @@ import pytest
 import soundfile as sf
 import yaml
 
-from flows.generate import run_context
 from schemas.config import AudioConfig, SourceConfig, load_config
 from schemas.records import Clip, QuarantineError, ReasonCode
 from storage.objectstore import open_store
@@ -33,6 +32,7 @@ from tasks.ingest import iter_refs, load_clip, source_fingerprint
 from tasks.ingest.common import MAX_LINE_BYTES, clean_id
 from tasks.ingest.manifest import iter_manifest_records
 from tasks.plan import load_plan
+from tasks.run import run_context
 from tests.hostile_tree import (
     FLAC,
     MAX_FILE_BYTES,
@@ -181,7 +181,7 @@ def test_an_unreadable_sub_directory_is_a_quarantine_row_not_a_silent_loss() -> 
                   "output": {"root": str(work / "out"), "dataset": "locked", "shard_size": 4,
                              "max_quarantine_ratio": 1.0}}
         script = ("import json, sys\n"
-                  "from flows.generate import run_context, run_plain\n"
+                  "from flows.generate import run_plain\nfrom tasks.run import run_context\n"
                   "from schemas.config import parse_config\n"
                   "from storage.objectstore import open_store\n"
                   "from tasks.plan import load_plan\n"

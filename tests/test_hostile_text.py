@@ -32,7 +32,11 @@ from tasks.features.models import load_models
 from tasks.llm import LLMRequest, LLMResult
 from tasks.llm.messages import _ALREADY_SAFE, TextKind, _sanitize, sanitize_prompt_text, transcript_too_long
 from tasks.llm.qc import check_response
-from tasks.pipeline import _Acc, _describe, _measure, _prepare_batch, generate_with_qc
+from tasks.measure import measure_clip as _measure
+from tasks.pipeline import prepare_batch as _prepare_batch
+from tasks.regenerate import generate_with_qc
+from tasks.rows import describe_clip as _describe
+from tasks.tally import ShardTally as _Acc
 from tests.corrupt_zoo import EXPECTED_SEEDS, FULLWIDTH_TRANSCRIPT, INJECTED_ACCENT, build_zoo
 
 SR = 16_000

@@ -215,7 +215,8 @@ def test_plan_counts_skipped_non_audio_files_by_extension(tmp_path: Path, sample
 def test_run_summary_names_the_skipped_files(tmp_path: Path, sample_corpus: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     from flows.cli import main
-    from flows.generate import run_generate, summary_table
+    from flows.generate import run_generate
+    from flows.reporting import summary_table
     from schemas.config import load_config
     from storage.objectstore import open_store
     from storage.versions import read_manifest

@@ -137,11 +137,11 @@ def test_every_model_stage_computes_inside_the_gpu_gate(tiny_models: dict[str, P
     from collections.abc import Iterator
     from contextlib import contextmanager
 
-    from flows.generate import run_context
     from tasks.features.classifiers import AttributeClassifier
     from tasks.llm import make_backend
     from tasks.pipeline import process_shard
     from tasks.plan import load_shard_plan, plan_run
+    from tasks.run import run_context
 
     config = sample_config(str(tmp_path / "out"), "gated", workdir=tmp_path, shard_size=10,
                            overrides=_overrides(tiny_models))

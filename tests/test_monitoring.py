@@ -89,16 +89,16 @@ def test_ui_shows_progress_summary_run_name_and_quarantined_clips(tmp_path: Path
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    import flows.artifacts
+    import flows.reporting
 
     updates: list[dict[str, str]] = []  # every live update, as sent (the real call still goes to the API)
-    real_update = flows.artifacts.update_progress_artifact
+    real_update = flows.reporting.update_progress_artifact
 
     def recording(artifact_id: Any, progress: float, description: str | None = None) -> Any:
         updates.append({"progress": str(progress), **progress_fields(description or "")})
         return real_update(artifact_id, progress=progress, description=description)
 
-    monkeypatch.setattr(flows.artifacts, "update_progress_artifact", recording)
+    monkeypatch.setattr(flows.reporting, "update_progress_artifact", recording)
     config = config_for(tmp_path, corpus_with_a_missing_file(tmp_path, sample_corpus), "monitoring")
     summary = run_generate(config)
     assert (summary.clips_in, summary.rows, summary.quarantined, summary.shards) == (11, 10, 1, 3)
@@ -181,12 +181,12 @@ def test_a_failed_rename_warns_and_the_run_still_commits(tmp_path: Path, sample_
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from prefect.client.orchestration import get_client
 
-    import flows.generate
+    import flows.reporting
 
     def broken(*args: object, **kwargs: object) -> Any:
         raise ConnectionError("API went away")
 
-    monkeypatch.setattr(flows.generate, "get_client", broken)
+    monkeypatch.setattr(flows.reporting, "get_client", broken)
     summary = run_generate(config_for(tmp_path, corpus_with_a_missing_file(tmp_path, sample_corpus), "unrenamed"))
     assert summary.version == "v0001" and summary.rows == 10
     with get_client(sync_client=True) as client:
@@ -202,7 +202,7 @@ def test_shard_logs_each_quarantined_clip_and_sums_tokens(tmp_path: Path, sample
     import flows.generate  # noqa: F401 - installs the forwarding handler, which must stay silent here
 
     config = config_for(tmp_path, corpus_with_a_missing_file(tmp_path, sample_corpus), "plain")
-    from flows.generate import run_context
+    from tasks.run import run_context
 
     ctx = run_context(config)
     store = open_store(str(tmp_path / "out"))

@@ -7,13 +7,13 @@ import re
 
 import pytest
 
-from flows.artifacts import RunSummary, distributions_markdown, summary_table
-from flows.cli import _progress_bar
+from flows.cli.run import _progress_bar
 from flows.progress import ProgressMeter, duration_text
+from flows.reporting import RunSummary, distributions_markdown, summary_table
 from schemas.manifest import Stats
 from tasks.attribute_order import in_scale_order
 from tasks.describe import load_bins
-from tasks.pipeline import report_done, report_total, set_progress_hook
+from tasks.pipeline import report_done, report_total
 
 
 class Clock:
@@ -69,18 +69,16 @@ def test_terminal_bar_shows_clips_rows_quarantined_rate_and_eta(capsys: pytest.C
     clock = Clock()
     hook, close = _progress_bar(True, clock=clock)
     assert hook is not None
-    set_progress_hook(hook)
     try:  # driven through the pipeline's own reporting functions, as process_shard calls them
         clock.now += 120  # start-up before the first clip finishes
-        report_total(12)
-        report_done(4, 4, reused=True)  # a shard finished by an earlier attempt
+        report_total(hook, 12)
+        report_done(hook, 4, 4, reused=True)  # a shard finished by an earlier attempt
         clock.now += 5
-        report_done(4, 3)  # first batch of this launch: starts the clock
+        report_done(hook, 4, 3)  # first batch of this launch: starts the clock
         clock.now += 2
-        report_done(2, 2)
+        report_done(hook, 2, 2)
         text = capsys.readouterr().err
     finally:
-        set_progress_hook(None)
         close()
     last = text.replace("\r", "\n").strip().splitlines()[-1]
     assert "10/12" in last and " 83%" in last

@@ -14,8 +14,9 @@ from flows.generate import run_context  # imported before caplog: Prefect config
 from schemas.config import parse_config
 from storage.objectstore import open_store
 from tasks.llm import make_backend
-from tasks.pipeline import QUARANTINE_LOG_PER_REASON, process_shard
+from tasks.pipeline import process_shard
 from tasks.plan import load_shard_plan, plan_run
+from tasks.tally import QUARANTINE_LOG_PER_REASON
 
 SAMPLE = Path(__file__).resolve().parent.parent / "examples" / "sample_corpus"
 

@@ -160,7 +160,7 @@ class Scenario:
     run_id: str = ""
 
     def __post_init__(self) -> None:
-        from flows.generate import run_context
+        from tasks.run import run_context
 
         self.run_id = run_context(load_config(self.config, [], environ={})).run_id
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from flows.cli import main
-from flows.generate import run_context, run_generate
+from flows.generate import run_generate
 from schemas.canonical import REDACTED, canonical_config, config_record, redact_secrets
 from schemas.config import RunConfig, load_config, parse_config
 from schemas.manifest import Manifest
@@ -21,6 +21,7 @@ from storage.objectstore import open_store
 from storage.reader import open_dataset
 from storage.verify import verify_version
 from storage.versions import config_key, list_versions, manifest_key, read_config, read_manifest
+from tasks.run import run_context
 from tests.datasets_support import SAMPLE, make_version
 
 REPO = Path(__file__).resolve().parent.parent

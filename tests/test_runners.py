@@ -12,7 +12,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from flows.generate import run_context, run_generate
+from flows.generate import run_generate
 from flows.runners import (
     RunnerUnavailable,
     ensure_gpu_limit,
@@ -23,6 +23,7 @@ from flows.runners import (
 )
 from schemas.config import RunConfig, load_config, parse_config
 from tasks.gpu import gpu_stages, model_stages
+from tasks.run import run_context
 from tests.seaweedfs import SeaweedS3
 
 REPO = Path(__file__).resolve().parent.parent
