@@ -182,8 +182,17 @@ class QCConfig(_Strict):
     max_regenerations: int = Field(default=2, ge=0, le=20, description="New-seed retries before quarantine.")
 
 
+# Backends renamed since versions were first made → their current name. The old name still loads,
+# and the config hash spells the backend by its old name, so an old config keeps its hash (its run
+# id, its finished shards) and a renamed spelling of it is the same run.
+BACKEND_ALIASES: dict[str, str] = {"template": "rules"}
+_HASHED_AS: dict[str, str] = {new: old for old, new in BACKEND_ALIASES.items()}
+
+
 class LLMConfig(_Strict):
-    backend: Literal["template", "openai", "transformers", "vllm"] = "template"
+    backend: Literal["rules", "openai", "transformers", "vllm", "template"] = Field(
+        default="rules", description="rules: no model (sentences from the seed's words; `template` is "
+        "its old name); openai: an OpenAI-compatible endpoint; transformers / vllm: in process.")
     base_url: str | None = Field(default=None, description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
     base_urls: list[str] = Field(default_factory=list, description="Data-parallel replicas (load is spread).")
     model: str | None = None
@@ -235,6 +244,11 @@ class LLMConfig(_Strict):
         if self.prompt_format == "completion" and not (self.tokenizer or self.backend in ("transformers", "vllm")):
             raise ValueError("llm.prompt_format 'completion' needs llm.tokenizer (a local tokenizer path)")
         return self
+
+    @property
+    def backend_name(self) -> str:
+        """`backend` by its current name (`template` → `rules`)."""
+        return BACKEND_ALIASES.get(self.backend, self.backend)
 
     @property
     def endpoints(self) -> list[str]:
@@ -327,6 +341,7 @@ class RunConfig(_Strict):
         exclude: dict[str, Any] = {"runner": True, "max_workers": True, "cluster": True,
                                    "output": set(OutputConfig.POLICY_KEYS)}
         payload = self.model_dump(mode="json", exclude=exclude)
+        payload["llm"]["backend"] = _HASHED_AS.get(self.llm.backend, self.llm.backend)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -11,8 +11,10 @@ import pytest
 from schemas.config import LLMConfig
 from schemas.records import QuarantineError, ReasonCode, Stage
 from tasks.llm import LLMBackend, LLMRequest, LLMResult, build_messages, make_backend
-from tasks.llm.openai_compat import OpenAICompatBackend, _retry_after_seconds
-from tasks.llm.template import TemplateBackend, variant
+from tasks.llm.http import retry_after_seconds as _retry_after_seconds
+from tasks.llm.openai_compat import OpenAICompatBackend
+from tasks.llm.rules import RulesBackend as TemplateBackend
+from tasks.llm.rules import variant
 
 try:
     from tests.fake_llm_server import FakeLLMServer
@@ -281,7 +283,7 @@ def test_connections_are_bounded_by_concurrency_and_kept_alive(server):
 
 def test_proxy_variables_are_honoured_and_no_proxy_exempts(monkeypatch):
     """HTTP(S)_PROXY and NO_PROXY apply to the LLM endpoint as they do for any HTTP client here."""
-    from tasks.llm.openai_compat import env_proxy
+    from tasks.llm.http import env_proxy
 
     for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy",
                  "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):

@@ -15,12 +15,15 @@ from pathlib import Path
 
 import pytest
 
+import flows.runners  # noqa: F401 - installs the Prefect endpoint limits (llm.endpoint_limit) for this process
+from flows.endpoint_limits import endpoint_limit_name
 from schemas.config import LLMConfig
 from schemas.records import Generation, QuarantineError
 from storage.objectstore import LocalStore
 from tasks.llm import LLMRequest, LLMResult, build_messages
+from tasks.llm.base import LLMUnavailable
 from tasks.llm.cache import CachedBackend, scope_prefix, stored_keys
-from tasks.llm.openai_compat import LLMUnavailable, OpenAICompatBackend, endpoint_limit_name
+from tasks.llm.openai_compat import OpenAICompatBackend
 
 try:
     from tests.fake_llm_server import FakeLLMServer
@@ -324,7 +327,7 @@ def test_delegates_and_template_is_passed_through(tmp_path):
     backend.close()
     assert inner.closed
 
-    from tasks.llm.template import TemplateBackend
+    from tasks.llm.rules import RulesBackend as TemplateBackend
 
     tmpl = CachedBackend(TemplateBackend(), LocalStore(tmp_path), PREFIX)
     tmpl.generate([_req("t")])
@@ -418,7 +421,7 @@ def test_endpoint_limit_leases_slots_in_chunks(prefect_harness, server):
 
 def test_endpoint_limit_that_cannot_be_held_fails_the_batch(server, monkeypatch):
     """No request goes out without its slot: a Prefect failure fails the call, it quarantines nothing."""
-    from tasks.llm import openai_compat
+    from flows import endpoint_limits as openai_compat
 
     async def no_prefect(self, size):
         raise LLMUnavailable("cannot hold a slot of the Prefect global concurrency limit 'x': API down")

@@ -28,7 +28,8 @@ from tasks.llm import (
     transformers_backend,
     vllm_engine,
 )
-from tasks.llm.chat_template import FALLBACK_CHAT_TEMPLATE, LocalLLMUnavailable, render_prompt
+from tasks.llm.base import LocalLLMUnavailable
+from tasks.llm.chat_template import FALLBACK_CHAT_TEMPLATE, render_prompt
 from tasks.llm.openai_compat import LLMUnavailable, OpenAICompatBackend
 from tasks.llm.transformers_backend import TransformersBackend
 from tasks.llm.vllm_engine import VLLMEngineBackend

@@ -28,7 +28,7 @@ from tasks.llm.qc import (
     injection_demands,
     seed_attributes,
 )
-from tasks.llm.template import describe
+from tasks.llm.rules import describe
 
 FOOD = "the food is really good"
 F_HAPPY = {"Gender": "Female", "Emotion": "Happy"}

@@ -15,12 +15,9 @@ Layout (in the run's staging area, `prefix` = RunContext.staging):
 Finished results are written in small segments (a group of up to 16 results, never later than 50 ms
 after they finish), each a new object named by its writer: concurrent workers never contend for an
 object, there is no index to merge, and a run killed mid-batch loses only what was in flight
-(backends with `supports_on_result`, such as the OpenAI-compatible one, report each result as it
-completes). One object per request cost ~0.35 ms of CPU each plus writer-thread contention with the
-request loop, which took a third of the throughput at 512 requests in flight (bench/llm.py); a
-`threading.Timer` per group and a 32-thread pool on the write path still cost the request loop
-~0.1 ms per result, so groups are now formed and written by a few long-lived threads
-(`_SegmentWriter`, `writers`, default 4) that the request loop only hands results to.
+(backends that stream, such as the OpenAI-compatible one, report each result as it completes).
+Groups are formed and written by a few long-lived threads (`_SegmentWriter`, `writers`, default 4)
+that the request loop only hands results to (why, with the figures: docs/decisions.md).
 A scope is what one process looks up: the pipeline scopes the cache per shard (`scoped`), so a
 resumed shard reads its own segments (bounded by the shard size), never the whole run's; segments
 of a scope are listed and read once, in parallel on a thread pool (`workers`, default 32).
@@ -29,8 +26,8 @@ Only successful results are stored: a QuarantineError is never cached, so a requ
 is sent again on the next run. A hit returns the stored result as it was (same text, same
 generation record, `attempts` included) with only `id` set to the asking request's (identical
 messages and seed under another clip id are the same generation). Unreadable entries count as
-misses (regenerated and stored again). The template backend is passed through uncached: it is free, and its
-output depends on the clip id and attributes, which are not part of the key.
+misses (regenerated and stored again). A backend that is not `cacheable` (the `rules` backend: free,
+and its output depends on the clip id and attributes, which are not part of the key) is passed through.
 """
 
 from __future__ import annotations
@@ -54,14 +51,13 @@ from schemas.config import LLMConfig
 from schemas.records import QuarantineError
 from storage.layout import cache_scope_prefix
 from storage.objectstore import NotFound, ObjectStore
-from tasks.llm.base import LLMBackend, LLMRequest, LLMResult, OnResult, generate_reporting
+from tasks.llm.base import LLMBackend, LLMRequest, LLMResult, OnResult, as_backend
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 CACHE_DIR = "llm-cache"
 DEFAULT_SCOPE = "all"
-UNCACHED_BACKENDS = frozenset({"template"})
 
 
 # Finished responses are written in groups (one object each), never later than WRITE_DELAY_S after
@@ -110,25 +106,27 @@ def stored_keys(store: ObjectStore, prefix: str, scope: str = DEFAULT_SCOPE) -> 
     return out
 
 
-class CachedBackend:
-    """An LLMBackend that answers finished requests from `store` and sends only the rest to `inner`."""
+class CachedBackend(LLMBackend):
+    """An LLMBackend that answers finished requests from `store` and sends only the rest to `inner`.
 
-    # generate() takes on_result=callback(index, result): hits at once, misses as they finish.
-    supports_on_result = True
+    generate(requests, on_result) reports hits at once and misses as the inner backend finishes them."""
+
+    config: LLMConfig
 
     def __init__(self, inner: LLMBackend, store: ObjectStore, prefix: str, config: LLMConfig | None = None,
                  *, workers: int = 32, writers: int = 4, scope: str = DEFAULT_SCOPE) -> None:
-        cfg = config if config is not None else getattr(inner, "config", None)
+        model = as_backend(inner)
+        cfg = config if config is not None else model.config
         if not isinstance(cfg, LLMConfig):
             raise TypeError("CachedBackend needs the LLMConfig (sampling settings are part of the key): "
                              "pass config=, or wrap a backend that has .config")
-        self.inner = inner
-        self.name = inner.name
+        self.inner = model
+        self.name = model.name
         self.store = store
         self.prefix = prefix
         self.config = cfg
         self.scope = scope
-        self.enabled = inner.name not in UNCACHED_BACKENDS
+        self.enabled = model.cacheable
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers),
                                                            thread_name_prefix="llm-cache-read")
         self._segments = _SegmentWriter(writers)
@@ -166,9 +164,10 @@ class CachedBackend:
             return
         self._segments.close()
         self._pool.shutdown(wait=True)
-        close = getattr(self.inner, "close", None)
-        if callable(close):
-            close()
+        self.inner.close()
+
+    def render(self, request: LLMRequest) -> str | None:
+        return self.inner.render(request)
 
     def cache_stats(self) -> dict[str, int]:
         """hits / misses of lookups so far, plus results stored, unreadable entries and failed writes."""
@@ -187,8 +186,7 @@ class CachedBackend:
         if not requests:
             return []
         if not self.enabled:
-            return self.inner.generate(requests) if on_result is None else \
-                generate_reporting(self.inner, requests, on_result)
+            return self.inner.generate(requests, on_result)
         keys = [self.key(r) for r in requests]
         index = self._load_index()
         out: list[LLMResult | QuarantineError | None] = [None] * len(requests)
@@ -258,7 +256,7 @@ class CachedBackend:
                 then(index, res)
 
         try:
-            return generate_reporting(self.inner, requests, store)
+            return self.inner.generate(requests, store)
         finally:  # also when the batch fails: keep what finished
             self._segments.flush(self._save_segment)
 

@@ -1,5 +1,5 @@
 """Prompts rendered with the target backbone's own chat template (DeSTA2: same template for
-generation and for training).
+generation and for training): the helpers every backend that renders prompts shares (not a backend).
 
 `render_prompt(messages, tokenizer_path)` loads the tokenizer saved at a local path (never
 downloads) and renders `messages` with its chat template plus the generation prompt, exactly as
@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from schemas.records import Message
-from tasks.llm.base import LLMUnavailable
+from tasks.llm.base import LocalLLMUnavailable
 
-__all__ = ["FALLBACK_CHAT_TEMPLATE", "LocalLLMUnavailable", "apply_template", "check_tokenizer",
-           "clear_cache", "load_tokenizer", "message_dicts", "render_prompt"]
+__all__ = ["FALLBACK_CHAT_TEMPLATE", "apply_template", "check_tokenizer", "clear_cache", "load_tokenizer",
+           "message_dicts", "render_prompt"]
 
 # Used only by the in-process `transformers` backend, and only for a tokenizer that ships no chat
 # template (a base model): each turn is `<|role|>`, a newline, the content and a newline; the
@@ -37,13 +37,6 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-
-
-class LocalLLMUnavailable(LLMUnavailable, ValueError):
-    """A local model or tokenizer setting that cannot serve the run; the message names the setting.
-
-    An `LLMUnavailable` (the CLI reports it as a usage error before any work) and a `ValueError`.
-    """
 
 
 _lock = threading.Lock()

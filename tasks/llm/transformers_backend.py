@@ -44,8 +44,8 @@ from typing import Any
 
 from schemas.config import LLMConfig
 from schemas.records import Generation, QuarantineError, ReasonCode, Stage
-from tasks.llm.base import LLMRequest, LLMResult
-from tasks.llm.chat_template import LocalLLMUnavailable, apply_template
+from tasks.llm.base import LLMBackend, LLMRequest, LLMResult, LocalLLMUnavailable, OnResult, reported
+from tasks.llm.chat_template import apply_template
 
 log = logging.getLogger(__name__)
 
@@ -222,10 +222,11 @@ class _Prepared:
     ids: list[int]
 
 
-class TransformersBackend:
+class TransformersBackend(LLMBackend):
     """`AutoModelForCausalLM.generate` in this process; see the module docstring."""
 
     name = "transformers"
+    config: LLMConfig
 
     def __init__(self, config: LLMConfig) -> None:
         if not config.model:
@@ -250,7 +251,8 @@ class TransformersBackend:
         loaded = _load(self.config)
         return apply_template(loaded.tokenizer, request.messages, fallback=True)
 
-    def generate(self, requests: Sequence[LLMRequest]) -> list[LLMResult | QuarantineError]:
+    def generate(self, requests: Sequence[LLMRequest],
+                 on_result: OnResult | None = None) -> list[LLMResult | QuarantineError]:
         requests = list(requests)
         if not requests:
             return []
@@ -268,8 +270,9 @@ class TransformersBackend:
             batch = prepared[start:start + self.batch_size]
             for p, result in zip(batch, self._run_with_fallback(loaded, batch), strict=True):
                 out[p.index] = result
-        assert all(r is not None for r in out)
-        return out  # type: ignore[return-value]
+        results = [r for r in out if r is not None]
+        assert len(results) == len(requests)
+        return reported(results, on_result)
 
     # -- internals --------------------------------------------------------------------------------
 

@@ -41,14 +41,8 @@ from typing import Any
 
 from schemas.config import LLMConfig
 from schemas.records import Generation, QuarantineError, ReasonCode, Stage
-from tasks.llm.base import LLMRequest, LLMResult
-from tasks.llm.chat_template import (
-    LocalLLMUnavailable,
-    apply_template,
-    check_tokenizer,
-    message_dicts,
-    render_prompt,
-)
+from tasks.llm.base import LLMBackend, LLMRequest, LLMResult, LocalLLMUnavailable, OnResult, reported
+from tasks.llm.chat_template import apply_template, check_tokenizer, message_dicts, render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +67,11 @@ def require_vllm() -> None:
                                   "llm.backend 'transformers' on CPU, or 'openai' against `vllm serve`)")
 
 
-class VLLMEngineBackend:
+class VLLMEngineBackend(LLMBackend):
     """`vllm.LLM` in this process; see the module docstring."""
 
     name = "vllm"
+    config: LLMConfig
 
     def __init__(self, config: LLMConfig) -> None:
         if not config.model:
@@ -118,16 +113,17 @@ class VLLMEngineBackend:
         llm, lock = self._engine()
         return self._render(llm, lock, request)
 
-    def generate(self, requests: Sequence[LLMRequest]) -> list[LLMResult | QuarantineError]:
+    def generate(self, requests: Sequence[LLMRequest],
+                 on_result: OnResult | None = None) -> list[LLMResult | QuarantineError]:
         requests = list(requests)
         if not requests:
             return []
         llm, lock = self._engine()  # an engine that cannot start fails the shard (preflight catches it first)
         try:
-            return self._run(llm, lock, requests, attempt=1)
+            return reported(self._run(llm, lock, requests, attempt=1), on_result)
         except Exception as exc:  # noqa: BLE001 - find the culprit: retry one by one
             if len(requests) == 1:
-                return [self._failed(requests[0], exc)]
+                return reported([self._failed(requests[0], exc)], on_result)
             log.warning("vLLM batch of %d failed (%s: %s); retrying one by one", len(requests),
                         type(exc).__name__, exc)
         results: list[LLMResult | QuarantineError] = []
@@ -136,7 +132,7 @@ class VLLMEngineBackend:
                 results.extend(self._run(llm, lock, [req], attempt=2))
             except Exception as exc:  # noqa: BLE001 - one bad request must not sink the batch
                 results.append(self._failed(req, exc))
-        return results
+        return reported(results, on_result)
 
     # -- internals --------------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ _NOT_LETTERS = re.compile(r"[\W\d_]+")
 @functools.lru_cache(maxsize=8192)
 def script(ch: str) -> str:
     """The Unicode script of a letter. Called for every letter of every response: ASCII letters
-    answer at once and the rest are remembered (unicodedata.name was a third of QC's CPU)."""
+    answer at once and the rest are remembered (why: docs/decisions.md)."""
     if ch.isascii() and ch.isalpha():
         return "LATIN"
     try:

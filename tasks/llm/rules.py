@@ -1,7 +1,9 @@
-"""Template backend: a deterministic description built from the clip's words, no model.
+"""The `rules` backend: a deterministic description built from the clip's words, no model.
 
-Useful for demos, tests and CPU-only runs. The phrasing varies by a stable hash of
-(clip id, seed) among a few sentence templates so the dataset is not one sentence shape.
+For demos, tests and CPU-only runs (`llm.backend: rules`; `template`, its first name, still works).
+The phrasing varies by a stable hash of (clip id, seed) among a few sentence templates, so the
+dataset is not one sentence shape. Rows record it as backend/model `template`, revision 1: the
+name every version made with it carries (docs/decisions.md, "LLM stage").
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from collections.abc import Sequence
 
 from schemas.config import LLMConfig
 from schemas.records import Generation, QuarantineError, ReasonCode, Stage
-from tasks.llm.base import LLMRequest, LLMResult
+from tasks.llm.base import LLMBackend, LLMRequest, LLMResult, OnResult, reported
 
+RECORDED_NAME = "template"  # generation.backend/model of its rows, unchanged by the rename
 TEMPLATE_REVISION = "1"
 
 # Values that carry no information and are left out of the sentence.
@@ -172,21 +175,21 @@ def describe(request: LLMRequest) -> str:
     return " ".join([sentence, *extras])
 
 
-class TemplateBackend:
+class RulesBackend(LLMBackend):
     """Deterministic, model-free backend."""
 
-    name = "template"
+    name = RECORDED_NAME
+    config: LLMConfig
+    cacheable = False  # free, and its output depends on the clip id and attributes, not in the cache key
 
     def __init__(self, config: LLMConfig | None = None) -> None:
         self.config = config or LLMConfig()
 
     def model_info(self) -> dict[str, str | None]:
-        return {"name": "template", "revision": TEMPLATE_REVISION}
+        return {"name": RECORDED_NAME, "revision": TEMPLATE_REVISION}
 
-    def preflight(self) -> None:
-        """Nothing to check: no model, no endpoint."""
-
-    def generate(self, requests: Sequence[LLMRequest]) -> list[LLMResult | QuarantineError]:
+    def generate(self, requests: Sequence[LLMRequest],
+                 on_result: OnResult | None = None) -> list[LLMResult | QuarantineError]:
         out: list[LLMResult | QuarantineError] = []
         for req in requests:
             try:
@@ -198,10 +201,7 @@ class TemplateBackend:
             if not text.strip():
                 out.append(QuarantineError(Stage.llm, ReasonCode.llm_empty, f"{req.id}: template produced no text"))
                 continue
-            gen = Generation(backend="template", model="template", revision=TEMPLATE_REVISION, seed=req.seed,
+            gen = Generation(backend=RECORDED_NAME, model=RECORDED_NAME, revision=TEMPLATE_REVISION, seed=req.seed,
                              finish_reason="stop", completion_tokens=len(text.split()), attempts=1)
             out.append(LLMResult(id=req.id, text=text, generation=gen))
-        return out
-
-    def close(self) -> None:
-        pass
+        return reported(out, on_result)
