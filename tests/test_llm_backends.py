@@ -28,6 +28,14 @@ from tests.fake_llm_server import FakeLLMServer
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _python(code: str) -> str:
+    """What `code` prints in a fresh interpreter (which modules a path imports shows only there)."""
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
 def _req(clip: str, seed: int = 3) -> LLMRequest:
     return LLMRequest(id=clip, messages=build_messages(f"(Gender: Female) clip={clip}", "Describe it."), seed=seed,
                       attributes={"Gender": "Female", "Emotion": "Happy"}, transcript="hello there", duration_s=2.0)
@@ -58,10 +66,7 @@ def test_a_rules_run_imports_no_http_client_nor_model_runtime() -> None:
             "b.generate([LLMRequest(id='a', messages=build_messages('s', 'q'), seed=1, duration_s=1.0)])\n"
             "print(sorted(m for m in ('aiohttp', 'httpx', 'torch', 'transformers', 'vllm', 'prefect') "
             "if m in sys.modules))\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                         check=False)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    assert _python(code) == "[]"
 
 
 # -- hooks with defaults, and duck-typed backends -------------------------------------------------
@@ -219,7 +224,4 @@ def test_the_openai_backend_imports_no_prefect(server: FakeLLMServer) -> None:
             f"b = OpenAICompatBackend(LLMConfig(**json.loads({json.dumps(json.dumps(_config(server).model_dump()))})))\n"
             "b.preflight()\nr = b.generate([LLMRequest(id='a', messages=build_messages('clip=a', 'q'), seed=1, "
             "duration_s=1.0)])\nprint(type(r[0]).__name__, 'prefect' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
-                         check=False)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["LLMResult", "False"]
+    assert _python(code).split() == ["LLMResult", "False"]
