@@ -139,3 +139,25 @@ def test_summary_table_always_has_qc_and_names_the_backend() -> None:
     failed = Stats(clips_in=12, rows=10, quarantined=2, qc_failures={"refusal": 2, "too_short": 1})
     table = {r["metric"]: r["value"] for r in summary_table(_summary(), failed)}
     assert (table["QC failures"], table["QC failures: refusal"], table["QC failures: too_short"]) == (3, 2, 1)
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_hook_passed_to_the_flow_hears_every_clip_and_a_rerun_reports_them_reused(tmp_path) -> None:
+    """The progress hook is a parameter (no module global): the flow reports the total, its in-process
+    shard tasks each finished batch; a re-run of the committed config reports every clip as reused."""
+    from flows.generate import run_generate
+    from tests.datasets_support import sample_config
+
+    config = sample_config(str(tmp_path / "out"), "hooked", workdir=tmp_path, shard_size=4)
+    calls: list[tuple[str, int, int]] = []
+    summary = run_generate(config, lambda kind, n, rows: calls.append((kind, n, rows)))
+    assert calls[0] == ("total", summary.clips_in, 0)
+    done = [c for c in calls[1:] if c[0] == "done"]
+    assert len(done) == len(calls) - 1 >= summary.shards  # a batch at least per shard, nothing else
+    assert sum(n for _, n, _ in done) == summary.clips_in and sum(r for _, _, r in done) == summary.rows
+
+    again: list[tuple[str, int, int]] = []
+    rerun = run_generate(config, lambda kind, n, rows: again.append((kind, n, rows)))
+    assert rerun.already_committed and again[0] == ("total", summary.clips_in, 0)
+    assert {c[0] for c in again[1:]} == {"reused"} and sum(n for _, n, _ in again[1:]) == summary.clips_in
+    assert run_generate(config).version == summary.version  # and without a hook, nothing to report to
