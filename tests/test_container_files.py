@@ -414,7 +414,7 @@ def test_dockerignore_keeps_local_state_and_secrets_out() -> None:
     for path in (".venv", "data", ".prefect", ".git", ".mypy_cache", ".pytest_cache", ".ruff_cache",
                  "flows/__pycache__", "speechpairs.egg-info", "bench/out", "docker/.env", ".env"):
         assert dockerignored(path), f".dockerignore should exclude {path}"
-    for path in ("flows/cli.py", "examples/quickstart.yaml", "constraints.txt", "prefect.yaml"):
+    for path in ("flows/cli/__init__.py", "examples/quickstart.yaml", "constraints.txt", "prefect.yaml"):
         assert not dockerignored(path), f".dockerignore must not exclude {path}"
 
 
