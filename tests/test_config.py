@@ -11,7 +11,7 @@ def test_quickstart_loads_and_resolves_source_paths() -> None:
     config = load_config(REPO / "examples" / "quickstart.yaml", environ={})
     assert Path(config.sources[0].path).is_file()
     assert config.output.root == "./data"
-    assert config.llm.backend == "template"
+    assert config.llm.backend == "rules"
 
 
 def test_set_overrides_beat_environment_and_coerce_types() -> None:

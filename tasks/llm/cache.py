@@ -56,7 +56,6 @@ from tasks.llm.base import LLMBackend, LLMRequest, LLMResult, OnResult, as_backe
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-CACHE_DIR = "llm-cache"
 DEFAULT_SCOPE = "all"
 
 
