@@ -16,7 +16,15 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from schemas.attributes import SeedLabel, check_seed_labels
 
@@ -45,12 +53,55 @@ def refuse_userinfo(url: str | None, fix: str) -> str | None:
     return url
 
 
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class SourceS3Config(_Strict):
+    """A corpus in another S3 store than the run's `s3` block: unset fields fall back to that block.
+    Keys never live in the config: name a Prefect block, an AWS profile, or the environment
+    variables that hold them (their names are logged, never their values)."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    addressing_style: Literal["auto", "path", "virtual"] | None = None
+    credentials_block: str | None = Field(default=None, description="Name of a Prefect AwsCredentials block.")
+    profile: str | None = Field(default=None, description="An AWS profile (~/.aws/config) for this source.")
+    access_key_id_env: str | None = Field(default=None, description="Name of the environment variable holding "
+                                          "this source's access key id (with secret_access_key_env).")
+    secret_access_key_env: str | None = Field(default=None, description="Name of the environment variable "
+                                              "holding this source's secret key.")
+    session_token_env: str | None = Field(default=None, description="Name of the environment variable holding "
+                                          "a session token, if any.")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def _no_secret_in_url(cls, value: str | None) -> str | None:
+        return refuse_userinfo(value, "name the environment variables holding the keys "
+                               "(access_key_id_env / secret_access_key_env), a profile or a credentials_block")
+
+    @field_validator("access_key_id_env", "secret_access_key_env", "session_token_env")
+    @classmethod
+    def _env_name(cls, value: str | None) -> str | None:
+        if value is not None and not _ENV_NAME.match(value):
+            raise ValueError("give the NAME of an environment variable (letters, digits, '_'), never a key itself")
+        return value
+
+    @model_validator(mode="after")
+    def _keys_in_pairs(self) -> SourceS3Config:
+        if bool(self.access_key_id_env) != bool(self.secret_access_key_env):
+            raise ValueError("set access_key_id_env and secret_access_key_env together")
+        return self
+
+
 class SourceConfig(_Strict):
     """One corpus to read. `kind: auto` picks manifest for a file and folder for a directory."""
 
     kind: Literal["auto", "manifest", "folder", "lhotse", "hf_parquet", "librispeech", "libritts", "vctk",
                   "commonvoice", "cremad", "esd"] = "auto"
-    path: str = Field(description="Local path or s3:// URI of a manifest file or an audio folder.")
+    path: str = Field(description="Local path, s3:// URI (any kind) or http(s):// URL (a manifest) of the corpus.")
+    s3: SourceS3Config | None = Field(
+        default=None, description="Endpoint/region/credentials for an s3:// source in another store than the "
+        "run's `s3` block (unset fields fall back to that block).")
     dataset: str | None = Field(default=None, description="Corpus name written to rows; default: file/folder stem.")
     language: str | None = None
     labels: dict[str, str] = Field(default_factory=dict, description="Labels added to every clip of this source.")
@@ -69,10 +120,26 @@ class SourceConfig(_Strict):
         default=True, description="false: a non-speech corpus (sound, music): its clips are never quarantined "
         "as no_speech, get no transcript or Whisper, and a labels-only seed without voice attributes.")
 
+    _run_s3: S3Config | None = PrivateAttr(default=None)  # the run's `s3` block, bound by RunConfig
+
     @field_validator("seed_labels")
     @classmethod
     def _seed_labels(cls, value: list[SeedLabel] | None) -> list[SeedLabel] | None:
         return None if value is None else check_seed_labels(value)
+
+    @field_validator("path")
+    @classmethod
+    def _no_secret_in_path(cls, value: str) -> str:
+        refuse_userinfo(value, "serve the corpus without credentials in the URL, or put it on S3 with sources[].s3")
+        return value
+
+    @property
+    def run_s3(self) -> S3Config | None:
+        """The run's `s3` block (what an s3:// source uses where `sources[].s3` sets nothing)."""
+        return self._run_s3
+
+    def bind_run_s3(self, s3: S3Config) -> None:
+        self._run_s3 = s3
 
 
 class AudioConfig(_Strict):
@@ -92,6 +159,33 @@ class AudioConfig(_Strict):
     def _order(self) -> AudioConfig:
         if self.min_duration_s >= self.max_duration_s:
             raise ValueError("audio.min_duration_s must be smaller than audio.max_duration_s")
+        return self
+
+
+class SegmentConfig(_Strict):
+    """How a long recording becomes clips (tasks/segment): speech regions from a VAD, cut at the
+    longest pauses into segments of min_s..max_s (DeSTA2 caps clips at 30 s). `auto` segments
+    recordings longer than audio.max_duration_s, `always` every recording, `never` none (a long
+    one stays `too_long`). max_s should not exceed audio.max_duration_s (checked where wired)."""
+
+    mode: Literal["auto", "always", "never"] = "auto"
+    min_s: float = Field(default=2.0, gt=0, description="Shorter pieces join a neighbour or are dropped.")
+    max_s: float = Field(default=30.0, gt=0, description="Longer speech is cut at its longest pauses.")
+    pad_s: float = Field(default=0.15, ge=0, le=1.0, description="Silence kept on each side of a segment "
+                         "(never past the middle of the pause to the next one).")
+    vad: Literal["auto", "silero", "energy"] = Field(default="auto", description="auto: Silero VAD when "
+                                                     "the silero-vad package is installed, else the energy VAD.")
+    threshold: float = Field(default=0.5, gt=0, lt=1, description="Silero speech probability that starts speech.")
+    min_silence_s: float = Field(default=0.1, ge=0, le=5.0, description="Shorter pauses stay inside speech.")
+    min_speech_s: float = Field(default=0.25, ge=0, le=5.0, description="Shorter speech islands are ignored.")
+    block_s: float = Field(default=30.0, ge=1.0, le=600.0, description="Seconds decoded at a time (memory bound).")
+
+    @model_validator(mode="after")
+    def _order(self) -> SegmentConfig:
+        if self.min_s >= self.max_s:
+            raise ValueError(f"segment.min_s ({self.min_s}) must be smaller than segment.max_s ({self.max_s})")
+        if 2 * self.pad_s >= self.min_s:
+            raise ValueError(f"segment.pad_s ({self.pad_s}) must be under half of segment.min_s ({self.min_s})")
         return self
 
 
@@ -336,11 +430,21 @@ class RunConfig(_Strict):
     max_workers: int = Field(default=2, ge=1, le=256, description="Shard tasks in parallel (thread/process).")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
+    @model_validator(mode="after")
+    def _bind_sources_s3(self) -> RunConfig:
+        """Each source carries the run's `s3` block, so ingest reads s3:// sources with it."""
+        for source in self.sources:
+            source.bind_run_s3(self.s3)
+        return self
+
     def config_hash(self) -> str:
         """Hash of everything that changes the output rows; shards are reused only on equal hashes."""
         exclude: dict[str, Any] = {"runner": True, "max_workers": True, "cluster": True,
                                    "output": set(OutputConfig.POLICY_KEYS)}
         payload = self.model_dump(mode="json", exclude=exclude)
+        for source in payload["sources"]:
+            if source.get("s3") is None:  # no override: the hash of configs written before it existed
+                source.pop("s3", None)
         payload["llm"]["backend"] = _HASHED_AS.get(self.llm.backend, self.llm.backend)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -183,9 +183,10 @@ class S3Access:
     """Resolved settings plus the boto3 session that goes with them: the only maker of S3 clients."""
 
     def __init__(self, config: S3Config | S3Settings | None = None, *,
-                 environ: Mapping[str, str] | None = None) -> None:
+                 environ: Mapping[str, str] | None = None, session: Any = None) -> None:
+        """`session`: a boto3 session to use instead of the block/chain one (a source's own keys)."""
         block = config.credentials_block if config is not None else None
-        self.session = boto3_session(block)
+        self.session = session if session is not None else boto3_session(block)
         if isinstance(config, S3Settings):
             self.settings = config
         else:

@@ -35,6 +35,7 @@ import soxr
 
 from schemas.config import AudioConfig
 from schemas.records import Clip, QuarantineError, ReasonCode, Stage
+from storage import sources
 
 AUDIO_VERSION = "soundfile-ffmpeg-soxr/3"  # 3: DC offset removed, out_of_range
 
@@ -178,11 +179,29 @@ def _read_all(f: BinaryIO, size: int, where: str) -> bytes:
         raise _os_fail(exc, where) from None
 
 
+def read_remote(uri: str, max_bytes: int | None = DEFAULT_MAX_FILE_BYTES) -> bytes:
+    """Bytes of one remote clip (s3://, http(s)://) through storage/sources.py, size checked before
+    the body is read: a missing object is `missing_file`, one above the cap `too_large`, access
+    denied or an unreachable store `storage_error` (transient: the run stops before commit and the
+    next run retries), each naming the URI and the setting to check."""
+    try:
+        return sources.read(uri, max_bytes=max_bytes)
+    except sources.SourceReadError as exc:
+        if exc.problem == "missing":
+            raise _fail(ReasonCode.missing_file, str(exc)) from None
+        if exc.problem == "too_large" and max_bytes is not None:
+            raise _too_large(exc.size or 0, max_bytes, uri) from None
+        raise _fail(ReasonCode.storage_error, str(exc)) from None
+
+
 def read_source_bytes(uri: str, max_bytes: int | None = DEFAULT_MAX_FILE_BYTES) -> bytes:
-    """Bytes of a local clip (`file://` or plain path): a regular file of at most `max_bytes`."""
+    """Bytes of a clip: a local regular file (`file://` or plain path) or a remote object, of at
+    most `max_bytes`."""
+    if sources.is_remote(uri):
+        return read_remote(uri, max_bytes)
     path = _local_path(uri)
     if "://" in str(path):
-        raise _fail(ReasonCode.unreadable, f"{uri}: remote audio URIs are not supported yet; copy the corpus locally")
+        raise _fail(ReasonCode.unreadable, f"{uri}: only local paths, s3:// and http(s):// URIs are read")
     f, size = open_regular(path, uri, max_bytes)
     with f:
         return _read_all(f, size, uri)
@@ -198,10 +217,12 @@ def load_audio(clip: Clip, config: AudioConfig) -> DecodedAudio:
         if len(clip.audio_bytes) > config.max_file_bytes:
             raise _too_large(len(clip.audio_bytes), config.max_file_bytes, clip.audio_uri)
         return decode_bytes(clip.audio_bytes, clip.audio_uri, config)
+    if sources.is_remote(clip.audio_uri):  # one object read per clip, never the corpus
+        return decode_bytes(read_remote(clip.audio_uri, config.max_file_bytes), clip.audio_uri, config)
     path = _local_path(clip.audio_uri)
     if "://" in str(path):
         raise _fail(ReasonCode.unreadable,
-                    f"{clip.audio_uri}: remote audio URIs are not supported yet; copy the corpus locally")
+                    f"{clip.audio_uri}: only local paths, s3:// and http(s):// URIs are read")
     f, size = open_regular(path, clip.audio_uri, config.max_file_bytes)
     with f:
         _check_header_first(f, size, clip.audio_uri, config)
@@ -350,6 +371,11 @@ def _read_soundfile(data: bytes, where: str, config: AudioConfig,
 def _ffmpeg() -> tuple[str, str] | None:
     ffmpeg, ffprobe = shutil.which("ffmpeg"), shutil.which("ffprobe")
     return (ffmpeg, ffprobe) if ffmpeg and ffprobe else None
+
+
+def ffmpeg_tools() -> tuple[str, str] | None:
+    """(ffmpeg, ffprobe) paths, or None when either is missing (the long-recording reader's too)."""
+    return _ffmpeg()
 
 
 def _read_ffmpeg(data: bytes, where: str, config: AudioConfig, path: Path | None,

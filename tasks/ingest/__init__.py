@@ -7,6 +7,10 @@ LibriTTS-R), `vctk`, `commonvoice`, `cremad`, `esd`. Each adapter yields light `
 walk and re-loads one clip from its locator, reading audio only below the source's `Roots` (its
 root plus `sources[N].allowed_roots`). A ref for a folder a walk could not enter carries its
 reason in the locator and loads as a quarantined clip.
+
+Remote sources (`s3://` for manifests and folders, `http(s)://` for manifests) are listed and read
+through storage/sources.py with the run's `s3` block merged with `sources[N].s3`; each remote root
+is registered there, so the audio stage reads a clip with its source's settings.
 """
 
 from __future__ import annotations
@@ -19,9 +23,17 @@ from typing import cast
 
 from schemas.config import SourceConfig
 from schemas.records import Clip, ReasonCode
+from storage import sources as stores
 from tasks.ingest import commonvoice, emotion, hf_parquet, lhotse, librispeech, vctk
 from tasks.ingest.common import ClipRef, Roots, SourceError, ref_problem, stat_key, walk
-from tasks.ingest.folder import folder_clip, is_audio_name, iter_folder_refs
+from tasks.ingest.folder import (
+    folder_clip,
+    is_audio_name,
+    iter_folder_refs,
+    iter_remote_folder_refs,
+    remote_folder_clip,
+    remote_listing,
+)
 from tasks.ingest.manifest import (
     MANIFEST_SUFFIXES,
     iter_manifest_refs,
@@ -53,13 +65,55 @@ ADAPTERS: dict[str, Adapter] = {
 }
 
 
-def source_kind(source: SourceConfig) -> str:
+def register_source(source: SourceConfig, index: int | None = None) -> None:
+    """Make the source's remote root and remote allowed_roots readable with its S3 settings."""
+    setting = f"sources[{index}].s3" if index is not None else "sources[].s3"
+    for root in (source.path, *source.allowed_roots):
+        if stores.is_remote(root):
+            store = stores.source_store(root, source.run_s3, source.s3, setting)
+            folder = stores.parent(root) if "." in root.rstrip("/").rsplit("/", 1)[-1] else root
+            stores.register(folder, store)
+
+
+_REMOTE_KINDS: dict[tuple[str, str], str] = {}  # (path, kind) → kind, once a source was found
+
+
+def _remote_kind(source: SourceConfig) -> str:
+    """The layout of an s3:// or http(s):// source, checked once per process (a stat or a listing)."""
+    found = _REMOTE_KINDS.get((source.path, source.kind))
+    if found is not None:
+        return found
+    uri, kind = source.path, source.kind
+    suffix = Path(uri).suffix.lower()
+    if kind == "auto":
+        kind = "manifest" if suffix in MANIFEST_SUFFIXES else "folder"
+    if uri.partition("://")[0].lower() in ("http", "https") and kind != "manifest":
+        raise SourceError(f"source {uri}: an http(s):// source must be a manifest ({sorted(MANIFEST_SUFFIXES)}) "
+                          "listing its audio; folders and corpus layouts need s3:// or a local path")
+    if kind not in ("manifest", "folder"):
+        raise SourceError(f"source {uri}: kind {kind!r} is not readable from a remote URI yet (s3:// works for "
+                          "manifest, folder and hf_parquet); copy the corpus locally or write a manifest for it")
+    try:
+        if kind == "manifest":
+            stores.stat(uri)
+        elif not remote_listing(uri):
+            raise SourceError(f"source {uri}: nothing below this prefix; fix sources[].path (s3://bucket/prefix)")
+    except stores.SourceReadError as exc:
+        raise SourceError(f"source {uri}: {exc}") from None
+    _REMOTE_KINDS[(source.path, source.kind)] = kind
+    return kind
+
+
+def source_kind(source: SourceConfig, index: int | None = None) -> str:
+    """The source's layout (`index` names it in messages); a remote source is registered and checked."""
     path = Path(source.path)
     if "://" in source.path:
         if source.kind == "hf_parquet" and source.path.startswith("s3://"):
             return source.kind
-        raise SourceError(f"source {source.path}: only local paths are supported as corpus sources for now "
-                          "(and s3:// for kind hf_parquet)")
+        if stores.is_remote(source.path):
+            register_source(source, index)
+            return _remote_kind(source)
+        raise SourceError(f"source {source.path}: only local paths, s3:// and http(s):// URIs are corpus sources")
     if "\0" in source.path or not path.exists():
         raise SourceError(f"source {source.path!r}: no such file or directory; fix sources[].path in the config")
     if not path.is_dir() and not path.is_file():  # never open a FIFO or device as a manifest
@@ -106,13 +160,15 @@ def source_roots(source: SourceConfig, index: int | None = None) -> Roots:
 def iter_refs(sources: list[SourceConfig]) -> Iterator[ClipRef]:
     """Every clip reference of every source, lazily."""
     for index, source in enumerate(sources):
-        kind = source_kind(source)
+        kind = source_kind(source, index)
         name = dataset_name(source)
         roots = source_roots(source, index)
+        remote = stores.is_remote(source.path)
         if kind == "folder":
-            yield from iter_folder_refs(Path(source.path), index, name, roots)
+            yield from (iter_remote_folder_refs(source.path, index, name) if remote
+                        else iter_folder_refs(Path(source.path), index, name, roots))
         elif kind == "manifest":
-            yield from iter_manifest_refs(Path(source.path), index, name)
+            yield from iter_manifest_refs(source.path if remote else Path(source.path), index, name)
         else:
             yield from ADAPTERS[kind].iter_refs(_root(source), index, name, roots=roots)
 
@@ -132,8 +188,10 @@ def source_fingerprint(sources: list[SourceConfig]) -> str:
     for index, source in enumerate(sources):
         digest.update(f"\x1e{index}:{source.path}\x1f".encode())
         path = Path(source.path)
-        kind = source_kind(source)
-        if kind == "folder":
+        kind = source_kind(source, index)
+        if stores.is_remote(source.path) and kind != "hf_parquet":
+            _remote_digest(digest, source.path, kind)
+        elif kind == "folder":
             _walk_digest(digest, path, is_audio_name, source_roots(source, index))
         elif kind == "manifest":
             with path.open("rb") as f:
@@ -145,6 +203,16 @@ def source_fingerprint(sources: list[SourceConfig]) -> str:
         else:
             _stat_digest(digest, path, ADAPTERS[kind], source_roots(source, index))
     return digest.hexdigest()[:16]
+
+
+def _remote_digest(digest: hashlib._Hash, uri: str, kind: str) -> None:
+    """A remote manifest's size and ETag; a remote folder's keys, sizes and ETags (one listing)."""
+    try:
+        entries = [stores.stat(uri)] if kind == "manifest" else remote_listing(uri)
+    except stores.SourceReadError as exc:
+        raise SourceError(f"source {uri}: {exc}") from None
+    for entry in entries:
+        digest.update(f"{entry.rel}\x1f{entry.size}\x1f{entry.version}\n".encode())
 
 
 def _walk_digest(digest: hashlib._Hash, path: Path, match: Callable[[str], bool], roots: Roots) -> None:
@@ -179,9 +247,13 @@ def load_clip(ref: ClipRef, sources: list[SourceConfig]) -> Clip:
     if problem is not None:  # a folder the walk could not enter
         reason, rel, message = problem
         return Clip(id=ref.id, dataset=name, audio_uri=str(path / rel), ingest_error=(reason, message))
-    kind = source_kind(source)
+    kind = source_kind(source, ref.source)
     roots = source_roots(source, ref.source)
-    if kind == "folder":
+    remote = stores.is_remote(source.path)
+    if kind == "folder" and remote:
+        clip = remote_folder_clip(source.path, ref.locator, clip_id=ref.id, dataset=name, language=source.language,
+                                  extra_labels=source.labels, roots=roots)
+    elif kind == "folder":
         clip = folder_clip(path, ref.locator, clip_id=ref.id, dataset=name, language=source.language,
                            extra_labels=source.labels, roots=roots)
     elif kind in ADAPTERS:
@@ -189,10 +261,12 @@ def load_clip(ref: ClipRef, sources: list[SourceConfig]) -> Clip:
                                    language=source.language, extra_labels=source.labels, roots=roots)
     else:
         offset = int(ref.locator)
-        record = read_record_at(path, offset)
-        clip = record_to_clip(record, clip_id=ref.id, dataset=name, base=path.parent, language=source.language,
-                              extra_labels=source.labels, where=f"{path} at byte {offset}", roots=roots,
-                              locate=row_locator(path, offset))
+        manifest: Path | str = source.path if remote else path
+        record = read_record_at(manifest, offset)
+        base = stores.parent(source.path) if remote else path.parent
+        clip = record_to_clip(record, clip_id=ref.id, dataset=name, base=base, language=source.language,
+                              extra_labels=source.labels, where=f"{manifest} at byte {offset}", roots=roots,
+                              locate=row_locator(manifest, offset))
     if ref.duplicate and clip.ingest_error is None:
         msg = f"{clip.audio_uri}: id {ref.id!r} appears more than once in the sources; give each clip a unique id"
         clip = clip.model_copy(update={"ingest_error": (ReasonCode.duplicate_id, msg)})

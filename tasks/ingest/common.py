@@ -13,6 +13,7 @@ import os
 import posixpath
 import stat
 import unicodedata
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,9 @@ from typing import Any, BinaryIO
 from pydantic import BaseModel, ConfigDict
 
 from schemas.records import Clip, ReasonCode
+from storage.sources import SourceReadError, is_remote, open_uri
+from storage.sources import join as join_uri
+from storage.sources import stat as remote_stat
 
 # libsndfile reads the first six in-process; the rest (and whatever it cannot open) go through ffmpeg.
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".wma", ".webm", ".mp4")
@@ -37,11 +41,14 @@ class ClipRef(BaseModel):
     duplicate: bool = False
 
 
-def resolve_audio_uri(path: str, base: Path) -> str:
+def resolve_audio_uri(path: str, base: Path | str) -> str:
     """Relative paths join the manifest's folder (absolute, not yet resolved: `Roots.check` does
-    that, so it can see a dangling link); URIs (s3://, file://) stay as given."""
+    that, so it can see a dangling link); URIs (s3://, file://) stay as given. A remote manifest's
+    folder (`base` an s3:// or http(s):// URI) joins its relative paths as URIs."""
     if "://" in path or "\0" in path:
         return path
+    if is_remote(base):
+        return path if path.startswith("/") else join_uri(str(base), path.replace("\\", "/"))
     p = Path(path).expanduser()
     return str(p if p.is_absolute() else base / p)
 
@@ -260,6 +267,24 @@ def file_key(path: Path) -> FileKey:
     """(path, mtime_ns, size): the key of per-file metadata caches, so an edited file is re-read."""
     st = path.stat()
     return (str(path), st.st_mtime_ns, st.st_size)
+
+
+def source_key(path: Path | str) -> FileKey:
+    """`file_key` of a local file; (uri, crc of its ETag, size) of a remote one."""
+    if is_remote(path):
+        entry = remote_stat(str(path))
+        return (str(path), zlib.crc32(entry.version.encode()), entry.size)
+    return file_key(Path(path))
+
+
+def open_source(path: Path | str, buffer_size: int = 1 << 20) -> BinaryIO:
+    """A local file, or a remote one read by range requests (never downloaded whole): seekable either way."""
+    if is_remote(path):
+        try:
+            return open_uri(str(path), buffer_size=buffer_size)
+        except SourceReadError as exc:
+            raise SourceError(str(exc)) from None
+    return open(path, "rb")
 
 
 def require_file(path: Path, what: str, fix: str) -> Path:

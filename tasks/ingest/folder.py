@@ -7,6 +7,9 @@ cannot enter (unreadable, a link loop, a link to a folder outside the allowed ro
 quarantine row `<dataset>/<relative dir>/`. Files that are neither audio nor sidecars are not
 clips, but they are counted (`skipped_files`) so a run names what it left out instead of dropping
 a folder of .m4b or .pdf files silently.
+
+An s3:// folder is listed instead of walked (one listing, sorted keys; hidden names left out), and
+its sidecars are read per clip through storage/sources.py.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from schemas.records import Clip
+from storage import sources
 from tasks.ingest.common import (
     AUDIO_SUFFIXES,
     ClipRef,
@@ -94,3 +98,51 @@ def folder_clip(root: Path, rel: str, *, clip_id: str, dataset: str, language: s
         language=language,
         labels=dict(extra_labels),
     )
+
+
+def _visible(rel: str) -> bool:
+    return not any(part.startswith(".") for part in rel.split("/"))
+
+
+def remote_listing(root: str) -> list[sources.Entry]:
+    """Every object below the remote folder `root` whose path has no hidden part (sorted by key);
+    a listing that fails is a SourceError naming the URI and the setting to check."""
+    try:
+        return [e for e in sources.listing(root) if _visible(e.rel)]
+    except sources.SourceReadError as exc:
+        raise SourceError(f"source {root}: cannot be listed: {exc}") from None
+
+
+def iter_remote_folder_refs(root: str, source_index: int, dataset: str) -> Iterator[ClipRef]:
+    """A remote (s3://) folder's audio objects, from one listing: no object is opened."""
+    for entry in remote_listing(root):
+        if is_audio_name(entry.rel.rsplit("/", 1)[-1]):
+            yield ClipRef(id=make_id(dataset, entry.rel.rsplit(".", 1)[0]), source=source_index, locator=entry.rel)
+
+
+def read_remote_sidecar(audio_uri: str, roots: Roots) -> str | None:
+    """The `.txt` / `.lab` transcript next to a remote clip (inside the roots), else none."""
+    stem = audio_uri.rsplit(".", 1)[0]
+    for suffix in SIDECAR_SUFFIXES:
+        side = stem + suffix
+        if not isinstance(roots.check(side), str):
+            return None
+        try:
+            data = sources.read(side, max_bytes=MAX_SIDECAR_BYTES)
+        except sources.SourceReadError as exc:
+            if exc.problem == "missing":
+                continue
+            return None
+        return " ".join(data.decode("utf-8", errors="replace").split()) or None
+    return None
+
+
+def remote_folder_clip(root: str, rel: str, *, clip_id: str, dataset: str, language: str | None,
+                       extra_labels: dict[str, str], roots: Roots) -> Clip:
+    """One clip of a remote folder: its URI (checked against the roots) and sidecar transcript."""
+    uri = sources.join(root, rel)
+    real = roots.check(uri)
+    if isinstance(real, Rejected):
+        return real.clip(clip_id, dataset, uri)
+    return Clip(id=clip_id, dataset=dataset, audio_uri=real, transcript=read_remote_sidecar(real, roots),
+                language=language, labels=dict(extra_labels))

@@ -29,12 +29,13 @@ from tasks.ingest.common import (
     Roots,
     SourceError,
     clean_label_value,
-    file_key,
     json_object,
     make_id,
     not_utf8,
+    open_source,
     read_line,
     resolve_audio_uri,
+    source_key,
     too_long_line,
 )
 
@@ -43,12 +44,13 @@ TRANSCRIPT_COLUMNS = ("transcript", "text")
 MANIFEST_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 
 
-def manifest_format(path: Path) -> str:
+def manifest_format(path: Path | str) -> str:
+    suffix = posixpath.splitext(str(path))[1]
     try:
-        return MANIFEST_SUFFIXES[path.suffix.lower()]
+        return MANIFEST_SUFFIXES[suffix.lower()]
     except KeyError:
         raise ValueError(
-            f"{path}: unknown manifest type {path.suffix!r}; use one of {sorted(MANIFEST_SUFFIXES)}"
+            f"{path}: unknown manifest type {suffix!r}; use one of {sorted(MANIFEST_SUFFIXES)}"
         ) from None
 
 
@@ -84,7 +86,7 @@ class _Lines:
             return raw.decode("utf-8", errors="replace")
 
 
-def _csv_header(f: BinaryIO, delimiter: str, path: Path) -> list[str]:
+def _csv_header(f: BinaryIO, delimiter: str, path: Path | str) -> list[str]:
     raw, size = read_line(f)
     if size and not raw:
         raise SourceError(f"{path} line 1 (the header): {too_long_line(size)}")
@@ -96,15 +98,16 @@ def _csv_header(f: BinaryIO, delimiter: str, path: Path) -> list[str]:
     return [h.strip() for h in header]
 
 
-def _where(path: Path, line: int | None, offset: int) -> str:
+def _where(path: Path | str, line: int | None, offset: int) -> str:
     """`<file> line N (byte B)`; a re-read row (line None) counts its line only now that it failed."""
     return f"{path} line {line if line is not None else line_number(path, offset)} (byte {offset})"
 
 
-def iter_manifest_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
-    """(byte offset, record) for each row; a record that cannot be parsed comes back as its error text."""
+def iter_manifest_records(path: Path | str) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    """(byte offset, record) for each row; a record that cannot be parsed comes back as its error text.
+    `path` may be an s3:// or http(s):// URI (str): read by range requests, never downloaded whole."""
     fmt = manifest_format(path)
-    with path.open("rb") as f:
+    with open_source(path) as f:
         if fmt == "jsonl":
             line = 0
             while True:
@@ -143,7 +146,7 @@ def iter_manifest_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | st
             yield offset, _zip_row(header, values, path, first, offset)
 
 
-def _json_row(raw: bytes, path: Path, line: int | None, offset: int) -> dict[str, Any] | str:
+def _json_row(raw: bytes, path: Path | str, line: int | None, offset: int) -> dict[str, Any] | str:
     record = json_object(raw)
     if isinstance(record, str):
         fix = "; fix or remove the line" if record.startswith("not valid JSON") else ""
@@ -151,7 +154,7 @@ def _json_row(raw: bytes, path: Path, line: int | None, offset: int) -> dict[str
     return record
 
 
-def _zip_row(header: list[str], values: list[str], path: Path, line: int | None, offset: int) -> dict[str, Any] | str:
+def _zip_row(header: list[str], values: list[str], path: Path | str, line: int | None, offset: int) -> dict[str, Any] | str:
     if len(values) != len(header):
         return (f"{_where(path, line, offset)}: row has {len(values)} fields, header has {len(header)}; "
                 "quote fields that contain the delimiter")
@@ -159,10 +162,10 @@ def _zip_row(header: list[str], values: list[str], path: Path, line: int | None,
     return dict(zip(header, (v.replace("\r\n", "\n").replace("\r", "\n") for v in values), strict=True))
 
 
-def read_record_at(path: Path, offset: int) -> dict[str, Any] | str:
+def read_record_at(path: Path | str, offset: int) -> dict[str, Any] | str:
     """Re-read the single row starting at `offset` (as found by `iter_manifest_records`)."""
     fmt = manifest_format(path)
-    with path.open("rb") as f:
+    with open_source(path, buffer_size=_ROW_BUFFER) as f:
         if fmt == "jsonl":
             f.seek(offset)
             raw, size = read_line(f)
@@ -187,23 +190,24 @@ def read_record_at(path: Path, offset: int) -> dict[str, Any] | str:
 
 
 _BLOCK = 1 << 16
+_ROW_BUFFER = 1 << 16  # a remote row re-read: one 64 KiB range request for most rows
 
 
 @lru_cache(maxsize=8)
 def _newlines_before_blocks(key: FileKey) -> tuple[int, ...]:
     """Newlines before each 64 KiB block: one pass per file, then a row's line costs one block read."""
     counts = [0]
-    with open(key[0], "rb") as f:
+    with open_source(key[0]) as f:
         while block := f.read(_BLOCK):
             counts.append(counts[-1] + block.count(b"\n"))
     return tuple(counts)
 
 
-def line_number(path: Path, offset: int) -> int:
+def line_number(path: Path | str, offset: int) -> int:
     """1-based physical line at byte `offset`, for error messages (only bad rows pay for it)."""
-    index = _newlines_before_blocks(file_key(path))
+    index = _newlines_before_blocks(source_key(path))
     block = min(offset // _BLOCK, len(index) - 1)
-    with path.open("rb") as f:
+    with open_source(path, buffer_size=_ROW_BUFFER) as f:
         f.seek(block * _BLOCK)
         head = f.read(max(0, offset - block * _BLOCK))
     return index[block] + head.count(b"\n") + 1
@@ -228,17 +232,17 @@ def local_id(record: dict[str, Any] | str, offset: int) -> str:
     return f"row@{offset}"
 
 
-def iter_manifest_refs(path: Path, source_index: int, dataset: str) -> Iterator[ClipRef]:
+def iter_manifest_refs(path: Path | str, source_index: int, dataset: str) -> Iterator[ClipRef]:
     for offset, record in iter_manifest_records(path):
         yield ClipRef(id=make_id(dataset, local_id(record, offset)), source=source_index, locator=str(offset))
 
 
-def row_locator(path: Path, offset: int) -> Callable[[], str]:
+def row_locator(path: Path | str, offset: int) -> Callable[[], str]:
     """`<file> line N (byte B)`, computed only when a row's message needs it."""
     return lambda: _where(path, None, offset)
 
 
-def record_to_clip(record: dict[str, Any] | str, *, clip_id: str, dataset: str, base: Path,
+def record_to_clip(record: dict[str, Any] | str, *, clip_id: str, dataset: str, base: Path | str,
                    language: str | None, extra_labels: dict[str, str], where: str, roots: Roots | None = None,
                    locate: Callable[[], str] | None = None) -> Clip:
     """One manifest row → Clip; a row without usable audio path (or one that leads outside `roots`,
