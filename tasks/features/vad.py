@@ -77,6 +77,14 @@ def speech_mask(audio: np.ndarray, sr: int, frame_s: float = FRAME_S) -> np.ndar
     if len(audio):
         audio = audio - np.float32(np.mean(audio, dtype=np.float64))
     power_db = 10.0 * np.log10(np.maximum(frame_power(audio, sr, frame_s), POWER_FLOOR))
+    mask = mask_from_power_db(power_db)
+    mask = fill_short_gaps(mask, round(MIN_GAP_S / frame_s))
+    return drop_short_runs(mask, round(MIN_SPEECH_S / frame_s))
+
+
+def mask_from_power_db(power_db: np.ndarray) -> np.ndarray:
+    """Frames above the adaptive threshold (floor/peak of these frames), before gap filling; also
+    used on a long recording's frame energies gathered block by block (tasks/segment/vad.py)."""
     peak = float(power_db.max())
     k = (len(power_db) - 1) * NOISE_PERCENTILE // 100
     floor = float(np.partition(power_db, k)[k])
@@ -85,8 +93,7 @@ def speech_mask(audio: np.ndarray, sr: int, frame_s: float = FRAME_S) -> np.ndar
     if peak <= floor:  # flat energy (a tone, stationary noise): no pauses to find
         mask[:] = True
     mask &= power_db > MIN_FRAME_DB  # digital silence is flat too, but it is not speech
-    mask = fill_short_gaps(mask, round(MIN_GAP_S / frame_s))
-    return drop_short_runs(mask, round(MIN_SPEECH_S / frame_s))
+    return mask
 
 
 def speech_duration(audio: np.ndarray, sr: int, frame_s: float = FRAME_S) -> float:
