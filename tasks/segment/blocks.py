@@ -2,8 +2,9 @@
 
 A 3-hour file is never held whole: WAV/FLAC/OGG (and the other libsndfile containers) are read
 block by block and resampled by one `soxr.ResampleStream`, so the filter state runs on across
-block joins; MP3, M4A and everything else stream out of an `ffmpeg` child process through a pipe,
-read in block-sized chunks (ffmpeg downmixes and resamples). Every block has exactly `block_s`
+block joins; MP3, M4A and everything else stream out of an `ffmpeg` child process through a pipe at
+their own rate, read in block-sized chunks (ffmpeg downmixes, the same soxr stream resamples, so a
+span read later by `read_segment` lands on the very samples the VAD saw). Every block has exactly `block_s`
 seconds of samples except the last, which is shorter.
 
 The hostile-file rules of tasks/audio.py apply: only regular files within `max_file_bytes` are
@@ -104,7 +105,24 @@ def iter_blocks(uri: str, block_s: float = DEFAULT_BLOCK_S,
         if info is not None:
             yield from _rechunk(_soundfile_blocks(f, info, uri, block), block)
             return
-    yield from _rechunk(_ffmpeg_stream(local_path(uri), uri, block, start_s=0.0, duration_s=None), block)
+    _, rate, _ = _ffprobe(local_path(uri), uri)
+    yield from _rechunk(_resampled(_ffmpeg_stream(local_path(uri), uri, block, rate, 0.0, None), rate), block)
+
+
+def _resampled(chunks: Iterator[np.ndarray], rate: int) -> Iterator[np.ndarray]:
+    """16 kHz chunks from `rate` chunks through one soxr stream (the same resampler for every reader,
+    so a span read later lands on the same samples)."""
+    if rate == SR:
+        yield from chunks
+        return
+    resampler = soxr.ResampleStream(rate, SR, 1, dtype="float32", quality="HQ")
+    for chunk in chunks:
+        out = resampler.resample_chunk(chunk)
+        if len(out):
+            yield out
+    tail = resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+    if len(tail):
+        yield tail
 
 
 SILERO_SAFE_MIN = 512  # blocks shorter than one VAD frame only cost Python calls
@@ -172,34 +190,39 @@ def read_segment(uri: str, start_s: float, end_s: float,
         if info is not None:
             samples = _soundfile_span(f, info, uri, first, count)
         else:
-            margin = min(FFMPEG_PREROLL_S, first / SR)
-            out = list(_ffmpeg_stream(local_path(uri), uri, 1 << 20, start_s=first / SR - margin,
-                                      duration_s=count / SR + margin + SEEK_MARGIN_S))
-            joined = np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
-            skip = round(margin * SR)
-            samples = joined[skip: skip + count]
+            samples = _ffmpeg_span(local_path(uri), uri, first, count)
     return np.ascontiguousarray(samples, dtype=np.float32)
+
+
+def _span_plan(rate: int, first: int, count: int, margin_s: float) -> tuple[int, int, int]:
+    """(first input sample, input samples, output samples to skip) for output samples
+    [first, first + count): the read starts on a sample shared by both rate grids, at least
+    `margin_s` early, so the resampled span lands on the stream's own 16 kHz grid."""
+    period_in = rate // math.gcd(rate, SR)
+    period_out = SR // math.gcd(rate, SR)
+    margin_periods = math.ceil(margin_s * rate / period_in)
+    start_period = max(0, first // period_out - margin_periods)
+    skip = first - start_period * period_out
+    in_count = math.ceil((skip + count) * rate / SR) + margin_periods * period_in
+    return start_period * period_in, in_count, skip
 
 
 def _soundfile_span(f: BinaryIO, info: sf._SoundFileInfo, uri: str, first: int, count: int) -> np.ndarray:
     rate = int(info.samplerate)
-    if rate == SR:
-        with sf.SoundFile(f) as sound:
-            sound.seek(min(first, sound.frames))
-            return _mono(sound.read(count, dtype="float32", always_2d=True), uri)
-    # Start the read on a sample shared by both rate grids, so the output grid is the stream's.
-    period_in = rate // math.gcd(rate, SR)
-    period_out = SR // math.gcd(rate, SR)
-    margin_periods = math.ceil(SEEK_MARGIN_S * rate / period_in)
-    start_period = max(0, first // period_out - margin_periods)
-    in_start = start_period * period_in
-    skip = first - start_period * period_out
-    in_count = math.ceil((skip + count) * rate / SR) + margin_periods * period_in
+    in_start, in_count, skip = _span_plan(rate, first, count, SEEK_MARGIN_S if rate != SR else 0.0)
     with sf.SoundFile(f) as sound:
         sound.seek(min(in_start, sound.frames))
         mono = _mono(sound.read(in_count, dtype="float32", always_2d=True), uri)
-    resampler = soxr.ResampleStream(rate, SR, 1, dtype="float32", quality="HQ")
-    out = resampler.resample_chunk(mono, last=True)
+    out = np.concatenate(list(_resampled(iter([mono]), rate))) if len(mono) else mono
+    return out[skip: skip + count]
+
+
+def _ffmpeg_span(path: Path, uri: str, first: int, count: int) -> np.ndarray:
+    _, rate, _ = _ffprobe(path, uri)
+    in_start, in_count, skip = _span_plan(rate, first, count, FFMPEG_PREROLL_S)
+    chunks = _ffmpeg_stream(path, uri, 1 << 20, rate, in_start / rate, in_count / rate)
+    pieces = list(_resampled(chunks, rate))
+    out = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
     return out[skip: skip + count]
 
 
@@ -234,14 +257,15 @@ def _ffprobe(path: Path, uri: str) -> tuple[float, int, int]:
     return duration, rate, channels
 
 
-def _ffmpeg_stream(path: Path, uri: str, block: int, start_s: float,
+def _ffmpeg_stream(path: Path, uri: str, block: int, rate: int, start_s: float,
                    duration_s: float | None) -> Iterator[np.ndarray]:
-    """16 kHz mono float32 chunks of at most `block` samples from an ffmpeg pipe."""
+    """Mono float32 chunks at the source `rate` (ffmpeg downmixes; soxr resamples, as for
+    libsndfile files) of at most `block` samples from an ffmpeg pipe."""
     ffmpeg, _ = _need_ffmpeg(uri)
     seek = ["-ss", f"{start_s:.6f}"] if start_s > 0 else []
     limit = ["-t", f"{duration_s:.6f}"] if duration_s is not None else []
     cmd = [ffmpeg, "-nostdin", "-hide_banner", "-v", "error", *seek, *_ffmpeg_cmd(path), *limit,
-           "-map", "0:a:0", "-vn", "-sn", "-dn", "-ac", "1", "-ar", str(SR), "-c:a", "pcm_f32le", "-f", "f32le",
+           "-map", "0:a:0", "-vn", "-sn", "-dn", "-ac", "1", "-ar", str(rate), "-c:a", "pcm_f32le", "-f", "f32le",
            "pipe:1"]
     with tempfile.TemporaryFile() as errors:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors)
