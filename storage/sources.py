@@ -422,7 +422,7 @@ def register(prefix: str, store: SourceStore) -> None:
 def store_for(uri: str) -> SourceStore:
     """The registered store of the longest prefix holding `uri`, else the default one for its scheme."""
     with _REGISTRY_LOCK:
-        matches = [p for p in _REGISTERED if uri.startswith(p)]
+        matches = [p for p in _REGISTERED if f"{uri.rstrip('/')}/".startswith(p)]  # the prefix itself, or below
         if matches:
             return _REGISTERED[max(matches, key=len)]
     return source_store(uri)

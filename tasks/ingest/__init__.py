@@ -75,6 +75,7 @@ def register_source(source: SourceConfig, index: int | None = None) -> None:
             stores.register(folder, store)
 
 
+REMOTE_LAYOUTS = ("manifest", "folder", "hf_parquet")
 _REMOTE_KINDS: dict[tuple[str, str], str] = {}  # (path, kind) → kind, once a source was found
 
 
@@ -90,9 +91,9 @@ def _remote_kind(source: SourceConfig) -> str:
     if uri.partition("://")[0].lower() in ("http", "https") and kind != "manifest":
         raise SourceError(f"source {uri}: an http(s):// source must be a manifest ({sorted(MANIFEST_SUFFIXES)}) "
                           "listing its audio; folders and corpus layouts need s3:// or a local path")
-    if kind not in ("manifest", "folder"):
-        raise SourceError(f"source {uri}: kind {kind!r} is not readable from a remote URI yet (s3:// works for "
-                          "manifest, folder and hf_parquet); copy the corpus locally or write a manifest for it")
+    if kind not in REMOTE_LAYOUTS:
+        raise SourceError(f"source {uri}: for kind {kind!r} only local paths are supported (s3:// works for "
+                          f"{', '.join(REMOTE_LAYOUTS)}); copy the corpus locally or write a manifest for it")
     try:
         if kind == "manifest":
             stores.stat(uri)
