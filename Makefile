@@ -68,6 +68,7 @@ bench: setup
 	$(PY) bench/llm.py
 	$(PY) bench/scale.py
 	$(PY) bench/cli.py
+	$(PY) bench/longform.py
 
 # The service stack: a Prefect server (SQLite under .prefect) on HOST:PORT, the work pool, the
 # deployments and a process worker; refuses a port already taken; Ctrl-C stops all of it (flows/serve.py).
