@@ -21,6 +21,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -32,7 +33,7 @@ SILERO_FRAME = 512  # samples per probability at 16 kHz (32 ms)
 SILERO_CONTEXT = 64  # samples of the previous frame the model sees before each frame
 ENERGY_FRAME = 160  # 10 ms
 Engine = Literal["auto", "silero", "energy"]
-VAD_VERSIONS = {"silero": "silero-v6-batched+energy-edges/1", "energy": "energy/2"}
+VAD_VERSIONS = {"silero": "silero-v6-batched+energy-edges/2", "energy": "energy/2"}
 
 
 @dataclass(frozen=True)
@@ -67,15 +68,35 @@ class FrameDetector(Protocol):
     def finish(self, params: VADParams) -> tuple[np.ndarray, float]: ...
 
 
+def load_silero_jit() -> Any:
+    """The TorchScript model shipped in the `silero-vad` wheel, loaded without importing `silero_vad`.
+
+    Why not `silero_vad.load_silero_vad`: importing the package runs its model.py, which calls
+    `torch.set_num_threads(1)` for the whole process (Whisper and the classifiers run in the same
+    process), and its loader warns (`importlib.resources.path`). The file is found by the package's
+    spec, which does not execute the package; torch 2.13's deprecation warning for `torch.jit.load` is
+    silenced here only (the wheel's safetensors copy would need the network rebuilt here)."""
+    import warnings
+
+    import torch
+
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the silero-vad package is not installed (models-cpu extra)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.jit"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.load.* is deprecated", category=DeprecationWarning)
+        model = torch.jit.load(str(path), map_location="cpu")
+    return model.eval()
+
+
 class _SileroNet:
     """The 16 kHz Silero network split into its batched parts; weights read from the wheel once."""
 
     def __init__(self) -> None:
         import torch
-        from silero_vad import load_silero_vad
 
-        jit = load_silero_vad()  # TorchScript, from the wheel's data folder
-        net = jit._model
+        net = load_silero_jit()._model
         self.torch = torch
         self.stft, self.encoder, self.out = net.stft, net.encoder, net.decoder.decoder
         cell = net.decoder.rnn
@@ -158,23 +179,53 @@ EDGE_PARAMS = VADParams(min_silence_s=0.1, min_speech_s=0.03)
 
 def refine_edges(regions: list[tuple[float, float]], edges: list[tuple[float, float]],
                  reach_s: float) -> list[tuple[float, float]]:
-    """Each region's start (end) moved to the first (last) `edges` region overlapping it, by at most
-    `reach_s`; regions that then touch are joined."""
+    """Each region's start (end) moved to the start (end) of the first (last) `edges` region that
+    belongs to it, by at most `reach_s`; regions that then touch are joined.
+
+    An edge region belongs to the region it overlaps most, else to the nearest region within
+    `reach_s`; so a region's start never reaches back into the previous utterance's energy across a
+    short pause (which joined utterances 0.3 s apart when any edge region in reach could move it).
+    Regions that one edge region spans are joined first: sound went on between them."""
+    regions = _join_spanned(regions, edges)
+    owner: list[list[tuple[float, float]]] = [[] for _ in regions]
+    i = 0
+    for e_start, e_end in edges:
+        while i < len(regions) and regions[i][1] <= e_start - reach_s:
+            i += 1
+        best, best_key = -1, (0.0, 0.0)
+        k = i
+        while k < len(regions) and regions[k][0] < e_end + reach_s:
+            start, end = regions[k]
+            overlap = min(end, e_end) - max(start, e_start)
+            key = (overlap, 0.0) if overlap > 0 else (0.0, overlap)  # overlap first, then nearness
+            if best < 0 or key > best_key:
+                best, best_key = k, key
+            k += 1
+        if best >= 0:
+            owner[best].append((e_start, e_end))
     out: list[tuple[float, float]] = []
-    j = 0
-    for start, end in regions:
-        while j < len(edges) and edges[j][1] <= start - reach_s:
-            j += 1
-        near = [e for e in edges[j:] if e[0] < end + reach_s]
-        if near:
-            if near[0][0] < start + reach_s:
-                start = min(max(near[0][0], start - reach_s), start + reach_s)
-            if near[-1][1] > end - reach_s:
-                end = max(min(near[-1][1], end + reach_s), end - reach_s)
+    for (start, end), mine in zip(regions, owner, strict=True):
+        if mine:
+            start = min(max(mine[0][0], start - reach_s), start + reach_s)
+            end = max(min(mine[-1][1], end + reach_s), end - reach_s)
         if out and start <= out[-1][1]:
             out[-1] = (out[-1][0], max(end, out[-1][1]))
         elif end > start:
             out.append((start, end))
+    return out
+
+
+def _join_spanned(regions: list[tuple[float, float]], edges: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    j = 0
+    for start, end in regions:
+        if out:
+            while j < len(edges) and edges[j][1] <= out[-1][1]:
+                j += 1
+            if j < len(edges) and edges[j][0] < out[-1][1] and edges[j][1] > start:
+                out[-1] = (out[-1][0], end)
+                continue
+        out.append((start, end))
     return out
 
 

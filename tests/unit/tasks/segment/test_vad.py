@@ -15,7 +15,15 @@ import soxr
 
 from schemas.config import SegmentConfig
 from tasks.segment import segment_recording
-from tasks.segment.vad import SileroFrames, VADParams, silero_available, speech_regions, speech_seconds
+from tasks.segment.vad import (
+    SileroFrames,
+    VADParams,
+    load_silero_jit,
+    refine_edges,
+    silero_available,
+    speech_regions,
+    speech_seconds,
+)
 
 SR = 16_000
 SAMPLES = Path(__file__).resolve().parents[4] / "examples" / "sample_corpus" / "audio"
@@ -88,11 +96,10 @@ def boundary_f1(found: list[tuple[float, float]], known: list[tuple[float, float
 @needs_silero
 def test_batched_silero_equals_the_stock_streaming_model(utterances: list[np.ndarray]) -> None:
     import torch
-    from silero_vad import load_silero_vad
 
     audio, _ = build(utterances[:3])
     audio = audio[: len(audio) // 512 * 512]
-    stock = load_silero_vad()
+    stock = load_silero_jit()  # the wheel's TorchScript model, run frame by frame as silero does
     x = torch.from_numpy(audio)
     expected = np.array([stock(x[i:i + 512].unsqueeze(0), SR).item() for i in range(0, len(audio), 512)])
     ours = SileroFrames()
@@ -141,3 +148,34 @@ def test_segments_of_a_recording_file(utterances: list[np.ndarray], tmp_path: Pa
         assert left.end_s <= right.start_s
         cut = (left.end_s + right.start_s) / 2
         assert not any(a + 0.05 < cut < b - 0.05 for a, b in known), f"cut at {cut:.2f} s inside speech"
+
+
+def test_refined_edges_stay_with_their_own_utterance() -> None:
+    """A late Silero onset 0.3 s after the previous utterance's energy must not reach back into it
+    (that joined utterances); its own energy onset 0.2 s earlier is taken, an end too."""
+    silero = [(1.0, 2.0), (2.6, 4.0)]
+    energy = [(0.98, 2.35), (2.4, 3.5), (3.6, 4.1)]  # the first utterance ends 0.35 s after silero's end
+    assert refine_edges(silero, energy, 0.3) == [(0.98, 2.3), (2.4, 4.1)]  # ends move by 0.3 s at most
+    # Sound that goes on through a Silero pause joins the two regions; an edge region out of reach
+    # (a noise 0.5 s away) moves nothing.
+    assert refine_edges([(1.0, 2.0), (2.2, 3.0)], [(1.0, 3.0)], 0.3) == [(1.0, 3.0)]
+    assert refine_edges([(1.0, 2.0)], [(2.5, 2.7)], 0.3) == [(1.0, 2.0)]
+
+
+@needs_silero
+def test_silero_path_leaves_torch_threads_and_warnings_alone(tmp_path: Path) -> None:
+    """Importing silero_vad sets torch's thread count to 1 for the whole process; our loader does not
+    import it. Fresh interpreter (the model is cached per process), DeprecationWarnings as errors."""
+    import sys
+
+    code = ("import sys, numpy as np, torch\n"
+            "torch.set_num_threads(3)\n"
+            "from tasks.segment.vad import speech_regions\n"
+            "tone = np.sin(np.arange(16000) * 0.1).astype(np.float32) * 0.3\n"
+            "speech_regions([np.zeros(8000, np.float32), tone], engine='silero')\n"
+            "print(torch.get_num_threads(), 'silero_vad' in sys.modules)\n")
+    root = Path(__file__).resolve().parents[4]
+    done = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", code], cwd=root,
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["3", "False"]
