@@ -104,6 +104,7 @@ class S3SourceStore:
         self.setting = setting  # the config key whose settings these are ("s3" or "sources[0].s3")
         self.credentials_from = credentials_from
         self._client: Any = None
+        self._arrow: Any = None
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -173,6 +174,22 @@ class S3SourceStore:
         except Exception as exc:  # noqa: BLE001
             raise self._error(exc, prefix) from None
         yield from sorted(found, key=lambda e: e.rel)
+
+    def has_objects(self, prefix: str) -> bool:
+        """Whether any object lies below `prefix` (a folder): one listing request for one key."""
+        bucket, key = self.split(prefix.rstrip("/"))
+        try:
+            page = self.client.list_objects_v2(Bucket=bucket, Prefix=f"{key}/" if key else "", MaxKeys=1)
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(exc, prefix) from None
+        return bool(page.get("Contents"))
+
+    def arrow_filesystem(self) -> Any:
+        """A pyarrow S3 filesystem with this store's settings and keys (Parquet sources), made once."""
+        with self._lock:
+            if self._arrow is None:
+                self._arrow = self.access.arrow_filesystem()
+            return self._arrow
 
     def read(self, uri: str, start: int | None = None, end: int | None = None,
              max_bytes: int | None = None) -> bytes:
@@ -444,6 +461,21 @@ def stat(uri: str) -> Entry:
     return store_for(uri).stat(uri)
 
 
+def has_objects(prefix: str) -> bool:
+    """Whether anything lies below the s3:// folder `prefix` (False for http(s)://: not listable)."""
+    store = store_for(prefix)
+    return isinstance(store, S3SourceStore) and store.has_objects(prefix)
+
+
+def arrow_filesystem(uri: str) -> Any:
+    """The pyarrow filesystem that reads the s3:// `uri` with its source's settings (the run's `s3`
+    block merged with `sources[N].s3`, as registered by ingest)."""
+    store = store_for(uri)
+    if not isinstance(store, S3SourceStore):
+        raise TypeError(f"{uri}: not an s3:// URI")
+    return store.arrow_filesystem()
+
+
 def listing(prefix: str) -> list[Entry]:
     """Every object below `prefix`, sorted by its key relative to `prefix`."""
     return list(store_for(prefix).list(prefix))
@@ -460,6 +492,6 @@ def parent(uri: str) -> str:
     return uri.rstrip("/").rsplit("/", 1)[0]
 
 
-__all__ = ["Entry", "HttpSourceStore", "RangeFile", "S3SourceStore", "SourceReadError", "SourceStore", "is_remote",
-           "join", "listing", "merged_s3", "open_uri", "parent", "read", "read_range", "register", "source_store",
-           "stat", "store_for"]
+__all__ = ["Entry", "HttpSourceStore", "RangeFile", "S3SourceStore", "SourceReadError", "SourceStore",
+           "arrow_filesystem", "has_objects", "is_remote", "join", "listing", "merged_s3", "open_uri", "parent",
+           "read", "read_range", "register", "source_store", "stat", "store_for"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 from collections import Counter
 from datetime import datetime
-from pathlib import Path
 
 from pydantic import BaseModel, Field
 
@@ -90,12 +89,12 @@ def count_skipped_files(config: RunConfig) -> dict[str, int]:
     """Extension → count of the files folder sources leave out, most frequent first.
 
     A second listing of each folder (the ref walk stays the adapters' own); listing is cheap next
-    to the per-file stat the source fingerprint already does.
+    to the per-file stat the source fingerprint already does. An s3:// folder: one listing too.
     """
     counts: Counter[str] = Counter()
     for source in config.sources:
         if source_kind(source) == "folder":
-            counts.update(skipped_files(Path(source.path)))
+            counts.update(skipped_files(source.path))
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 

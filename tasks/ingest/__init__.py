@@ -8,9 +8,11 @@ walk and re-loads one clip from its locator, reading audio only below the source
 root plus `sources[N].allowed_roots`). A ref for a folder a walk could not enter carries its
 reason in the locator and loads as a quarantined clip.
 
-Remote sources (`s3://` for manifests and folders, `http(s)://` for manifests) are listed and read
-through storage/sources.py with the run's `s3` block merged with `sources[N].s3`; each remote root
-is registered there, so the audio stage reads a clip with its source's settings.
+Remote sources (`s3://` for every kind, `http(s)://` for manifests) are listed and read through
+storage/sources.py with the run's `s3` block merged with `sources[N].s3`; each remote root (and the
+folder above it, where LibriSpeech keeps SPEAKERS.TXT) is registered there, so the audio stage reads
+a clip with its source's settings. The named layouts and lhotse get an s3:// root as a `RemotePath`
+(tasks/ingest/remote.py): one code path per adapter for local and remote corpora.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from schemas.config import SourceConfig
 from schemas.records import Clip, ReasonCode
 from storage import sources as stores
 from tasks.ingest import commonvoice, emotion, hf_parquet, lhotse, librispeech, vctk
-from tasks.ingest.common import ClipRef, Roots, SourceError, ref_problem, stat_key, walk
+from tasks.ingest.common import ClipRef, CorpusPath, Roots, SourceError, ref_problem, stat_key, walk
 from tasks.ingest.folder import (
     folder_clip,
     is_audio_name,
@@ -41,6 +43,7 @@ from tasks.ingest.manifest import (
     record_to_clip,
     row_locator,
 )
+from tasks.ingest.remote import RemotePath, forget
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ class Adapter:
     iter_refs: Callable[..., Iterator[ClipRef]]  # (root, source index, dataset, *, roots) -> refs
     load: Callable[..., Clip]  # (root, locator, *, clip_id, dataset, language, extra_labels, roots) -> Clip
     needs: str  # "dir", "file" or "any"
-    files: Callable[[Path], list[Path]] | None = None  # what the fingerprint stats; None: every file below
+    files: Callable[[CorpusPath], list[CorpusPath]] | None = None  # what the fingerprint stats; None: all below
 
 
 ADAPTERS: dict[str, Adapter] = {
@@ -73,9 +76,11 @@ def register_source(source: SourceConfig, index: int | None = None) -> None:
             store = stores.source_store(root, source.run_s3, source.s3, setting)
             folder = stores.parent(root) if "." in root.rstrip("/").rsplit("/", 1)[-1] else root
             stores.register(folder, store)
+            if root == source.path and source.kind in ADAPTERS and folder.count("/") > 2:  # s3://bucket/a/b
+                stores.register(stores.parent(folder), store)  # corpus metadata one level up (SPEAKERS.TXT)
 
 
-REMOTE_LAYOUTS = ("manifest", "folder", "hf_parquet")
+FILE_KINDS = ("lhotse", "commonvoice", "hf_parquet")  # a source of these kinds may be one file (a manifest, a TSV)
 _REMOTE_KINDS: dict[tuple[str, str], str] = {}  # (path, kind) → kind, once a source was found
 
 
@@ -91,13 +96,10 @@ def _remote_kind(source: SourceConfig) -> str:
     if uri.partition("://")[0].lower() in ("http", "https") and kind != "manifest":
         raise SourceError(f"source {uri}: an http(s):// source must be a manifest ({sorted(MANIFEST_SUFFIXES)}) "
                           "listing its audio; folders and corpus layouts need s3:// or a local path")
-    if kind not in REMOTE_LAYOUTS:
-        raise SourceError(f"source {uri}: for kind {kind!r} only local paths are supported (s3:// works for "
-                          f"{', '.join(REMOTE_LAYOUTS)}); copy the corpus locally or write a manifest for it")
     try:
-        if kind == "manifest":
+        if kind == "manifest" or (kind in FILE_KINDS and "." in uri.rsplit("/", 1)[-1]):
             stores.stat(uri)
-        elif not remote_listing(uri):
+        elif not (stores.has_objects(uri) if kind in ADAPTERS else remote_listing(uri)):
             raise SourceError(f"source {uri}: nothing below this prefix; fix sources[].path (s3://bucket/prefix)")
     except stores.SourceReadError as exc:
         raise SourceError(f"source {uri}: {exc}") from None
@@ -109,8 +111,6 @@ def source_kind(source: SourceConfig, index: int | None = None) -> str:
     """The source's layout (`index` names it in messages); a remote source is registered and checked."""
     path = Path(source.path)
     if "://" in source.path:
-        if source.kind == "hf_parquet" and source.path.startswith("s3://"):
-            return source.kind
         if stores.is_remote(source.path):
             register_source(source, index)
             return _remote_kind(source)
@@ -171,12 +171,17 @@ def iter_refs(sources: list[SourceConfig]) -> Iterator[ClipRef]:
         elif kind == "manifest":
             yield from iter_manifest_refs(source.path if remote else Path(source.path), index, name)
         else:
+            if remote:
+                forget(source.path)  # planning looks at the corpus as it is now
             yield from ADAPTERS[kind].iter_refs(_root(source), index, name, roots=roots)
 
 
-def _root(source: SourceConfig) -> Path:
-    """The adapter's root. An s3:// URI (hf_parquet only) stays a string: Path would fold its `//`."""
-    return Path(source.path) if "://" not in source.path else cast(Path, source.path)
+def _root(source: SourceConfig) -> CorpusPath:
+    """The adapter's root: a `RemotePath` for an s3:// corpus; for hf_parquet a URI stays a string
+    (Path would fold its `//`)."""
+    if "://" not in source.path:
+        return Path(source.path)
+    return cast(Path, source.path) if source.kind == "hf_parquet" else RemotePath(source.path)
 
 
 def source_fingerprint(sources: list[SourceConfig]) -> str:
@@ -190,7 +195,10 @@ def source_fingerprint(sources: list[SourceConfig]) -> str:
         digest.update(f"\x1e{index}:{source.path}\x1f".encode())
         path = Path(source.path)
         kind = source_kind(source, index)
-        if stores.is_remote(source.path) and kind != "hf_parquet":
+        if stores.is_remote(source.path) and kind in ADAPTERS and kind != "hf_parquet":
+            forget(source.path)
+            _stat_digest(digest, RemotePath(source.path), ADAPTERS[kind], source_roots(source, index))
+        elif stores.is_remote(source.path) and kind != "hf_parquet":
             _remote_digest(digest, source.path, kind)
         elif kind == "folder":
             _walk_digest(digest, path, is_audio_name, source_roots(source, index))
@@ -216,7 +224,7 @@ def _remote_digest(digest: hashlib._Hash, uri: str, kind: str) -> None:
         digest.update(f"{entry.rel}\x1f{entry.size}\x1f{entry.version}\n".encode())
 
 
-def _walk_digest(digest: hashlib._Hash, path: Path, match: Callable[[str], bool], roots: Roots) -> None:
+def _walk_digest(digest: hashlib._Hash, path: CorpusPath, match: Callable[[str], bool], roots: Roots) -> None:
     """Names, sizes and mtimes of the files a walk finds (stat only: FIFOs and devices are never
     opened, a dangling link does not fail the run), and the folders it could not enter."""
     for item in walk(path, match, roots):
@@ -226,10 +234,14 @@ def _walk_digest(digest: hashlib._Hash, path: Path, match: Callable[[str], bool]
             digest.update(f"{item.rel}/\x1f{item.reason.value}\n".encode("utf-8", "surrogateescape"))
 
 
-def _stat_digest(digest: hashlib._Hash, path: Path, adapter: Adapter, roots: Roots) -> None:
-    """Names, sizes and mtimes of every file a corpus source reads (audio and metadata alike)."""
+def _stat_digest(digest: hashlib._Hash, path: CorpusPath, adapter: Adapter, roots: Roots) -> None:
+    """Names, sizes and mtimes (s3://: ETags, from one listing) of every file a corpus source reads
+    (audio and metadata alike)."""
     if adapter.files is not None:
         files = [(p.name, p) for p in adapter.files(path)]
+    elif isinstance(path, RemotePath) and path.is_dir():
+        _remote_digest(digest, str(path), "folder")  # one listing: keys, sizes, ETags
+        return
     elif path.is_dir():
         _walk_digest(digest, path, lambda _: True, roots)
         return

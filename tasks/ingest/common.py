@@ -24,7 +24,16 @@ from pydantic import BaseModel, ConfigDict
 from schemas.records import Clip, ReasonCode
 from storage.sources import SourceReadError, is_remote, open_uri
 from storage.sources import join as join_uri
+from storage.sources import read as remote_read
 from storage.sources import stat as remote_stat
+from tasks.ingest import remote
+
+CorpusPath = Path | remote.RemotePath  # what a corpus adapter walks and reads: a local path, or an s3:// one
+
+
+def path_of(text: str) -> CorpusPath:
+    """A `RemotePath` for an s3:// URI, else a `Path` (metadata caches keep paths as text)."""
+    return remote.RemotePath(text) if text.startswith("s3://") else Path(text)
 
 # libsndfile reads the first six in-process; the rest (and whatever it cannot open) go through ffmpeg.
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".wma", ".webm", ".mp4")
@@ -116,7 +125,7 @@ class Roots:
     source: int | None = None  # index in `sources`, for the fix in messages
 
     @classmethod
-    def of(cls, root: str | Path, allowed: Iterable[str] = (), source: int | None = None) -> Roots:
+    def of(cls, root: str | CorpusPath, allowed: Iterable[str] = (), source: int | None = None) -> Roots:
         """Roots for a source rooted at `root` (a folder, or a file: then its folder)."""
         entries = [str(root), *allowed]
         out: list[str] = []
@@ -277,14 +286,14 @@ def source_key(path: Path | str) -> FileKey:
     return file_key(Path(path))
 
 
-def open_source(path: Path | str, buffer_size: int = 1 << 20) -> BinaryIO:
+def open_source(path: CorpusPath | str, buffer_size: int = 1 << 20) -> BinaryIO:
     """A local file, or a remote one read by range requests (never downloaded whole): seekable either way."""
     if is_remote(path):
         try:
             return open_uri(str(path), buffer_size=buffer_size)
         except SourceReadError as exc:
             raise SourceError(str(exc)) from None
-    return open(path, "rb")
+    return open(str(path), "rb")
 
 
 def require_file(path: Path, what: str, fix: str) -> Path:
@@ -306,8 +315,17 @@ def _pseudo(real: str) -> bool:
     return real.startswith(("/proc/", "/sys/", "/dev/")) or real in ("/proc", "/sys", "/dev")
 
 
-def metadata_key(path: Path, what: str, fix: str) -> FileKey:
-    """`file_key` of a metadata file that must exist (a SourceError naming it and the fix otherwise)."""
+def metadata_key(path: CorpusPath, what: str, fix: str) -> FileKey:
+    """`file_key` of a metadata file that must exist (a SourceError naming it and the fix otherwise);
+    for an s3:// one (uri, crc of its ETag, size), from its folder's listing or a HEAD."""
+    if isinstance(path, remote.RemotePath):
+        try:
+            found = remote.entry(path.uri)
+        except SourceReadError as exc:
+            raise SourceError(f"{path}: cannot read the {what}: {exc}") from None
+        if found is None:
+            raise SourceError(f"{path}: missing {what}; {fix}")
+        return (path.uri, zlib.crc32(found.version.encode()), found.size)
     try:
         return file_key(require_file(path, what, fix))
     except FileNotFoundError:  # removed between the check and the stat
@@ -336,7 +354,7 @@ def _utf8(name: str) -> bool:
     return True
 
 
-def walk(root: Path, match: Callable[[str], bool], roots: Roots | None = None) -> Iterator[str | WalkProblem]:
+def walk(root: CorpusPath, match: Callable[[str], bool], roots: Roots | None = None) -> Iterator[str | WalkProblem]:
     """Relative posix paths of files whose name matches (hidden ones left out), depth-first in sorted
     order, lazily, and a `WalkProblem` for each folder not entered (and each matching file whose
     name is not UTF-8).
@@ -344,7 +362,14 @@ def walk(root: Path, match: Callable[[str], bool], roots: Roots | None = None) -
     Only directory entries are read, never a file, so a FIFO or a device cannot block or flood the
     walk (the audio stage refuses them). Symbolic links to folders are followed when their real path
     is inside `roots` (default: `root`); loops are caught by (device, inode) and reported once.
+    An s3:// folder is one listing (no links, no unreadable folders there).
     """
+    if isinstance(root, remote.RemotePath):
+        try:
+            yield from (rel for rel in root.walk_files() if match(rel.rsplit("/", 1)[-1]))
+        except SourceReadError as exc:
+            raise SourceError(f"source {root}: cannot be listed: {exc}") from None
+        return
     roots = roots or Roots.of(root)
     try:
         top = os.stat(root)
@@ -420,9 +445,15 @@ def _lstat_key(path: str) -> tuple[int, int]:
     return (st.st_dev, st.st_ino)
 
 
-def stat_key(path: Path) -> str:
+def stat_key(path: CorpusPath) -> str:
     """`size\x1fmtime_ns` of what `path` leads to, for fingerprints; never opens, never raises (a
-    dangling link or a loop gives its own marker)."""
+    dangling link or a loop gives its own marker). An s3:// object: `size\x1fETag`, looked up now."""
+    if isinstance(path, remote.RemotePath):
+        try:
+            found = remote.fresh_entry(path.uri)
+        except SourceReadError as exc:
+            raise SourceError(f"source {path}: {exc}") from None
+        return "missing" if found is None else f"{found.size}\x1f{found.version}"
     try:
         st = os.stat(path)
     except (OSError, ValueError):
@@ -464,9 +495,19 @@ def too_long_line(size: int | None, limit: int = MAX_LINE_BYTES) -> str:
 MAX_METADATA_BYTES = 512 * 1024 * 1024
 
 
-def read_small(path: Path, limit: int = MAX_METADATA_BYTES) -> bytes:
+def read_small(path: CorpusPath, limit: int = MAX_METADATA_BYTES) -> bytes:
     """Bytes of a small metadata file: a regular file (a FIFO or device is refused, before any
-    open) of at most `limit` bytes, else SourceError; a missing file raises FileNotFoundError."""
+    open) of at most `limit` bytes, else SourceError; a missing file raises FileNotFoundError.
+    An s3:// one is one GET, its size checked first (storage/sources.py)."""
+    if isinstance(path, remote.RemotePath):
+        try:
+            return remote_read(path.uri, max_bytes=limit)
+        except SourceReadError as exc:
+            if exc.problem == "missing":
+                raise FileNotFoundError(str(exc)) from None
+            if exc.problem == "too_large":
+                raise SourceError(f"{path}: metadata file larger than {limit:,} bytes; is it the right file?") from None
+            raise SourceError(f"{path}: cannot read the metadata file: {exc}") from None
     st = os.stat(path)
     if not stat.S_ISREG(st.st_mode) or _pseudo(_real(str(path))):
         raise SourceError(f"{path}: metadata file is not a regular file (a FIFO, device or link to one); "
@@ -481,7 +522,18 @@ def read_small(path: Path, limit: int = MAX_METADATA_BYTES) -> bytes:
     return data
 
 
-def read_text(path: Path) -> str:
+def folder_names(folder: CorpusPath) -> list[str]:
+    """Sorted names right below a folder: `os.listdir` (OSError as it comes), or an s3:// folder's
+    listing (a SourceError naming the URI and the setting when it fails)."""
+    if isinstance(folder, remote.RemotePath):
+        try:
+            return folder.names()
+        except SourceReadError as exc:
+            raise SourceError(f"{folder}: cannot be listed: {exc}") from None
+    return sorted(os.listdir(folder))
+
+
+def read_text(path: CorpusPath) -> str:
     """Text of a small metadata file (see `read_small`): UTF-8 (BOM tolerated), else GB18030
     (Chinese corpora), lenient."""
     data = read_small(path)

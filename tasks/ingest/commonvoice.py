@@ -3,7 +3,8 @@
 Layout: `<locale>/clips/*.mp3` and tab-separated `validated.tsv`, `train.tsv`, `dev.tsv`, `test.tsv`
 (columns client_id, path, sentence, up_votes, down_votes, age, gender, accent or accents, locale,
 segment, and in newer releases sentence_id, sentence_domain, variant). The source path is the
-locale folder (reads `validated.tsv`, else train+dev+test) or one of its .tsv files. The TSVs are
+locale folder (reads `validated.tsv`, else train+dev+test) or one of its .tsv files, local or
+`s3://` (TSVs read by range requests, clips never listed). The TSVs are
 unquoted (QUOTE_NONE), one row a line, so a row is located again by its byte offset.
 
 Labels, verbatim: speaker (client_id), gender, age, accent, and every other non-empty column.
@@ -20,6 +21,7 @@ from pathlib import Path
 from schemas.records import Clip, ReasonCode
 from tasks.ingest.common import (
     ClipRef,
+    CorpusPath,
     FileKey,
     Rejected,
     Roots,
@@ -28,6 +30,8 @@ from tasks.ingest.common import (
     make_id,
     metadata_key,
     one_line,
+    open_source,
+    path_of,
     prepare,
     read_line,
     too_long_line,
@@ -37,11 +41,12 @@ DEFAULT_TSVS = ("validated.tsv",)
 FALLBACK_TSVS = ("train.tsv", "dev.tsv", "test.tsv")
 RENAMED = {"client_id": "speaker", "accents": "accent"}
 NOT_LABELS = {"path", "sentence"}
+ROW_BUFFER = 1 << 16  # one row (or the header) re-read: a 64 KiB range request on s3://, not 1 MiB
 TSV_FIX = ("point sources[].path at a Common Voice locale folder (cv-corpus-*/<locale>/) holding clips/ and "
            "validated.tsv, or at one of its .tsv files")
 
 
-def tsv_files(path: Path) -> tuple[Path, list[str]]:
+def tsv_files(path: CorpusPath) -> tuple[CorpusPath, list[str]]:
     """(locale folder, TSV names in it) for a folder or a single TSV source."""
     if path.is_file():
         return path.parent, [path.name]
@@ -56,7 +61,7 @@ def tsv_files(path: Path) -> tuple[Path, list[str]]:
 @lru_cache(maxsize=8)
 def _header(key: FileKey) -> tuple[list[str], int]:
     """(column names, byte offset of the first row)."""
-    with open(key[0], "rb") as f:
+    with open_source(path_of(key[0]), buffer_size=ROW_BUFFER) as f:
         line, size = read_line(f)
         if size and not line:
             raise SourceError(f"{key[0]} line 1 (the header): {too_long_line(size)}")
@@ -64,7 +69,7 @@ def _header(key: FileKey) -> tuple[list[str], int]:
         return columns, f.tell()
 
 
-def _columns(tsv: Path) -> tuple[FileKey, list[str], int]:
+def _columns(tsv: CorpusPath) -> tuple[FileKey, list[str], int]:
     key = metadata_key(tsv, "Common Voice index", TSV_FIX)
     columns, start = _header(key)
     if "path" not in columns:
@@ -81,7 +86,7 @@ def _local_id(path_value: str) -> str:
     return name.rsplit(".", 1)[0] if "." in name else name
 
 
-def iter_commonvoice_refs(root: Path, source_index: int, dataset: str, *,
+def iter_commonvoice_refs(root: CorpusPath, source_index: int, dataset: str, *,
                           roots: Roots | None = None) -> Iterator[ClipRef]:
     base, names = tsv_files(root)
     if not (base / "clips").is_dir():
@@ -89,7 +94,7 @@ def iter_commonvoice_refs(root: Path, source_index: int, dataset: str, *,
     for name in names:
         _, columns, start = _columns(base / name)
         i_path = columns.index("path")
-        with open(base / name, "rb") as f:
+        with open_source(base / name) as f:
             f.seek(start)
             offset = start
             while True:
@@ -104,7 +109,7 @@ def iter_commonvoice_refs(root: Path, source_index: int, dataset: str, *,
                 offset += size
 
 
-def load_commonvoice_clip(root: Path, locator: str, *, clip_id: str, dataset: str, language: str | None,
+def load_commonvoice_clip(root: CorpusPath, locator: str, *, clip_id: str, dataset: str, language: str | None,
                           extra_labels: dict[str, str], roots: Roots | None = None) -> Clip:
     base = root.parent if root.is_file() else root
     name, _, off = locator.rpartition(":")
@@ -112,7 +117,7 @@ def load_commonvoice_clip(root: Path, locator: str, *, clip_id: str, dataset: st
     _, columns, _ = _columns(tsv)
     offset = int(off)
     where = f"{tsv} at byte {offset}"
-    with open(tsv, "rb") as f:
+    with open_source(tsv, buffer_size=ROW_BUFFER) as f:
         f.seek(offset)
         line, size = read_line(f)
     if size and not line:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import re
 from collections.abc import Iterable, Iterator
 from functools import lru_cache
@@ -28,15 +27,18 @@ from schemas.attributes import SeedLabel
 from schemas.records import Clip
 from tasks.ingest.common import (
     ClipRef,
+    CorpusPath,
     FileKey,
     Rejected,
     Roots,
     SourceError,
     WalkProblem,
+    folder_names,
     label_dict,
     make_id,
     metadata_key,
     one_line,
+    path_of,
     prepare,
     read_text,
     walk,
@@ -71,7 +73,7 @@ CREMAD_SEED_LABELS = [
 
 @lru_cache(maxsize=4)
 def _demographics(key: FileKey) -> dict[str, dict[str, str]]:
-    reader = csv.DictReader(io.StringIO(read_text(Path(key[0]))))
+    reader = csv.DictReader(io.StringIO(read_text(path_of(key[0]))))
     out: dict[str, dict[str, str]] = {}
     for row in reader:
         norm = {str(k).strip().lower(): (v or "").strip() for k, v in row.items() if k is not None}
@@ -81,7 +83,7 @@ def _demographics(key: FileKey) -> dict[str, dict[str, str]]:
     return out
 
 
-def iter_cremad_refs(root: Path, source_index: int, dataset: str, *,
+def iter_cremad_refs(root: CorpusPath, source_index: int, dataset: str, *,
                      roots: Roots | None = None) -> Iterator[ClipRef]:
     metadata_key(root / CREMAD_DEMOGRAPHICS, "CREMA-D speaker demographics", CREMAD_FIX)
     audio_dir = root / "AudioWAV"
@@ -89,7 +91,7 @@ def iter_cremad_refs(root: Path, source_index: int, dataset: str, *,
         raise SourceError(f"{audio_dir}: missing CREMA-D audio folder; point sources[].path at the CREMA-D "
                           "folder holding AudioWAV/ and VideoDemographics.csv")
     try:
-        names = sorted(os.listdir(audio_dir))
+        names = folder_names(audio_dir)
     except OSError as exc:
         raise SourceError(f"{audio_dir}: cannot list the CREMA-D audio folder ({exc.strerror}); "
                           "make it readable (chmod a+rx)") from None
@@ -103,7 +105,7 @@ def iter_cremad_refs(root: Path, source_index: int, dataset: str, *,
         raise SourceError(f"{audio_dir}: no CREMA-D clips named <actor>_<sentence>_<emotion>_<level>.wav")
 
 
-def load_cremad_clip(root: Path, locator: str, *, clip_id: str, dataset: str, language: str | None,
+def load_cremad_clip(root: CorpusPath, locator: str, *, clip_id: str, dataset: str, language: str | None,
                      extra_labels: dict[str, str], roots: Roots | None = None) -> Clip:
     audio = root / locator
     m = CREMAD_AUDIO.match(audio.name)
@@ -136,15 +138,15 @@ def _esd_transcript_fix(speaker: str) -> str:
 @lru_cache(maxsize=32)
 def _esd_transcripts(key: FileKey) -> dict[str, tuple[str, str]]:
     out: dict[str, tuple[str, str]] = {}
-    for line in read_text(Path(key[0])).splitlines():
+    for line in read_text(path_of(key[0])).splitlines():
         fields = [f.strip() for f in line.split("\t")]
         if len(fields) >= 2 and fields[0]:
             out[fields[0]] = (fields[1], fields[2] if len(fields) > 2 else "")
     return out
 
 
-def iter_esd_refs(root: Path, source_index: int, dataset: str, *, roots: Roots | None = None) -> Iterator[ClipRef]:
-    speakers = sorted(d.name for d in os.scandir(root) if d.is_dir() and ESD_SPEAKER.match(d.name))
+def iter_esd_refs(root: CorpusPath, source_index: int, dataset: str, *, roots: Roots | None = None) -> Iterator[ClipRef]:
+    speakers = [name for name in folder_names(root) if ESD_SPEAKER.match(name) and (root / name).is_dir()]
     if not speakers:
         raise SourceError(f"{root}: no ESD speaker folders (0001/ ... 0020/); point sources[].path at the folder "
                           "holding them (`Emotion Speech Dataset/`)")
@@ -160,7 +162,7 @@ def iter_esd_refs(root: Path, source_index: int, dataset: str, *, roots: Roots |
                               locator=f"{speaker}/{rel}")
 
 
-def load_esd_clip(root: Path, locator: str, *, clip_id: str, dataset: str, language: str | None,
+def load_esd_clip(root: CorpusPath, locator: str, *, clip_id: str, dataset: str, language: str | None,
                   extra_labels: dict[str, str], roots: Roots | None = None) -> Clip:
     real = (roots or Roots.of(root)).check(str(root / locator))
     if isinstance(real, Rejected):

@@ -50,20 +50,29 @@ def iter_folder_refs(root: Path, source_index: int, dataset: str, roots: Roots |
             yield item.ref(dataset, source_index)
 
 
-def skipped_files(root: Path) -> Counter[str]:
+def skipped_files(root: Path | str) -> Counter[str]:
     """Extension (lower case) → number of files below `root` that are neither audio nor sidecars.
 
     Hidden files and folders (`.DS_Store`, `.git/`) are not counted: they are never corpus content.
+    An s3:// folder is counted from one listing (names only, nothing opened).
     """
     counts: Counter[str] = Counter()
-    for _, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            lower = name.lower()
-            if name.startswith(".") or lower.endswith(AUDIO_SUFFIXES) or lower.endswith(SIDECAR_SUFFIXES):
-                continue
-            counts[clean_id(posixpath.splitext(lower)[1]) or NO_EXTENSION] += 1  # clean: the plan is JSON
+    if sources.is_remote(root):
+        names: Iterator[str] = (e.rel.rsplit("/", 1)[-1] for e in remote_listing(str(root)))
+    else:
+        names = (name for _, dirnames, filenames in _visible_walk(Path(root)) for name in filenames)
+    for name in names:
+        lower = name.lower()
+        if name.startswith(".") or lower.endswith(AUDIO_SUFFIXES) or lower.endswith(SIDECAR_SUFFIXES):
+            continue
+        counts[clean_id(posixpath.splitext(lower)[1]) or NO_EXTENSION] += 1  # clean: the plan is JSON
     return counts
+
+
+def _visible_walk(root: Path) -> Iterator[tuple[str, list[str], list[str]]]:
+    for folder, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        yield folder, dirnames, filenames
 
 
 MAX_SIDECAR_BYTES = 1024 * 1024

@@ -12,9 +12,9 @@ a shard re-reads its rows one row group at a time (a few row groups cached), nev
 Transcript: the first of `text`, `sentence`, `transcript`, `transcription` present; `language`
 fills the clip's language; every other scalar column becomes a label, verbatim.
 
-S3: the filesystem comes from storage/s3.py, the project's one S3 resolution: endpoint, region and
-credentials from the usual AWS_* variables (`AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL` for
-S3-compatible stores such as SeaweedFS or MinIO), as for the output store.
+S3: the filesystem comes from storage/sources.py with the source's own settings: the run's `s3` block
+merged with `sources[N].s3` (ingest registers them per source), then the usual AWS_* variables
+(`AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL` for S3-compatible stores such as SeaweedFS or MinIO).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from schemas.records import Clip, ReasonCode
-from storage.s3 import shared_arrow_filesystem
+from storage import sources
 from tasks.ingest.common import (
     ClipRef,
     Rejected,
@@ -60,7 +60,7 @@ def is_remote(uri: str) -> bool:
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """(pyarrow filesystem, path inside it) for a local path or an s3:// URI."""
     if uri.startswith("s3://"):
-        return shared_arrow_filesystem(), uri.removeprefix("s3://").rstrip("/")
+        return sources.arrow_filesystem(uri), uri.removeprefix("s3://").rstrip("/")
     if is_remote(uri):
         raise SourceError(f"source {uri}: only local paths and s3:// URIs are supported for kind hf_parquet")
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())

@@ -26,7 +26,11 @@ Seed labels by default: every scalar supervision `custom` key that is not a cano
 
 Random access: each row is found again by its byte offset in the uncompressed stream. A `.jsonl.gz`
 is decompressed once per machine into a cache file (`$TMPDIR/speechpairs-lhotse/`, keyed by path,
-mtime and size) the first time a shard loads from it.
+mtime and size; an s3:// one by URI, ETag and size) the first time a shard loads from it.
+
+On s3:// (a manifest URI or a prefix of them): manifests are streamed by range requests, a row is
+re-read by one range request (plain .jsonl), relative audio paths resolve against the manifest's
+own folder, and a segment is cut from its recording by range reads (never a whole-corpus copy).
 
 Audio is read only below the manifest's folder and `sources[N].allowed_roots`: recordings often hold
 absolute paths from wherever lhotse ran, and such a clip is `path_outside_root` (its message names
@@ -52,19 +56,24 @@ import soundfile as sf
 
 from schemas.attributes import SeedLabel, display_name
 from schemas.records import Clip, QuarantineError, ReasonCode, Segment
+from storage.sources import join
 from tasks.audio import open_regular
 from tasks.features.labels import is_attribute_label
 from tasks.ingest.common import (
     ClipRef,
+    CorpusPath,
     FileKey,
     Rejected,
     Roots,
     SourceError,
     clean_label_value,
-    file_key,
+    folder_names,
     make_id,
+    metadata_key,
     one_line,
+    open_source,
     parse_json_object,
+    path_of,
     prepare,
     read_line,
     too_long_line,
@@ -99,7 +108,7 @@ def manifest_stem(name: str) -> str:
     return name
 
 
-def _sibling(path: Path, src: str, dst: str) -> Path:
+def _sibling(path: CorpusPath, src: str, dst: str) -> CorpusPath:
     return path.with_name(path.name.replace(src, dst).replace(src.capitalize(), dst.capitalize()))
 
 
@@ -108,15 +117,15 @@ class Unit:
     """One thing to read: a cuts file, or a recordings file with its supervisions file (or None)."""
 
     kind: str  # "cuts" | "recordings"
-    main: Path
-    supervisions: Path | None = None
+    main: CorpusPath
+    supervisions: CorpusPath | None = None
 
 
-def manifest_units(path: Path) -> list[Unit]:
+def manifest_units(path: CorpusPath) -> list[Unit]:
     """The manifests a source stands for, in sorted order; raises SourceError naming what is missing."""
     if path.is_dir():
         # Regular files only: a FIFO named cuts_x.jsonl would block the run when opened.
-        names = sorted(n for n in os.listdir(path) if not n.startswith(".") and manifest_kind(n)
+        names = sorted(n for n in folder_names(path) if not n.startswith(".") and manifest_kind(n)
                        and (path / n).is_file())
         cuts = [Unit("cuts", path / n) for n in names if manifest_kind(n) == "cuts"]
         if cuts:
@@ -142,14 +151,14 @@ def manifest_units(path: Path) -> list[Unit]:
                       f"one of {list(KINDS)})")
 
 
-def _recordings_unit(rec: Path) -> Unit:
+def _recordings_unit(rec: CorpusPath) -> Unit:
     sup = _sibling(rec, "recordings", "supervisions")
     return Unit("recordings", rec, sup if sup.is_file() else None)
 
 
-def manifest_files(path: Path) -> list[Path]:
+def manifest_files(path: CorpusPath) -> list[CorpusPath]:
     """Every file the source reads (for the run's source fingerprint)."""
-    out: list[Path] = []
+    out: list[CorpusPath] = []
     for unit in manifest_units(path):
         out.append(unit.main)
         if unit.supervisions is not None:
@@ -157,13 +166,14 @@ def manifest_files(path: Path) -> list[Path]:
     return out
 
 
-def _open(path: Path) -> io.BufferedIOBase:
+def _open(path: CorpusPath) -> io.BufferedIOBase:
+    raw = open_source(path)  # a local file, or range reads of an s3:// object
     if path.name.lower().endswith(".gz"):
-        return gzip.open(path, "rb")  # type: ignore[return-value]
-    return path.open("rb")
+        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+    return raw  # type: ignore[return-value]
 
 
-def iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+def iter_lines(path: CorpusPath) -> Iterator[tuple[int, bytes]]:
     """(uncompressed byte offset, line) for every non-blank line; a line above MAX_LINE_BYTES comes
     back as b"" (never held in memory), so its row is reported instead of read."""
     offset = 0
@@ -183,12 +193,14 @@ def _parse(line: bytes, where: str) -> dict[str, Any] | str:
     return parse_json_object(line, where)
 
 
-def _rel(path: Path, root: Path) -> str:
+def _rel(path: CorpusPath, root: CorpusPath) -> str:
     base = root if root.is_dir() else root.parent
-    return path.relative_to(base).as_posix()
+    if isinstance(path, Path) and isinstance(base, Path):
+        return path.relative_to(base).as_posix()
+    return str(path)[len(str(base).rstrip("/")) + 1:]
 
 
-def iter_lhotse_refs(root: Path, source_index: int, dataset: str, *,
+def iter_lhotse_refs(root: CorpusPath, source_index: int, dataset: str, *,
                      roots: Roots | None = None) -> Iterator[ClipRef]:
     """Locators: `<offset>@<file>` (cuts, recordings), `<sup offset>@<file>|<rec offset>@<file>`."""
     for unit in manifest_units(root):
@@ -230,7 +242,7 @@ def _plain_copy(key: FileKey) -> str:
     if not target.is_file():
         fd, tmp = tempfile.mkstemp(dir=cache, suffix=".part")
         try:
-            with os.fdopen(fd, "wb") as out, gzip.open(key[0], "rb") as src:
+            with os.fdopen(fd, "wb") as out, _open(path_of(key[0])) as src:
                 while chunk := src.read(1 << 20):
                     out.write(chunk)
             os.replace(tmp, target)
@@ -240,13 +252,10 @@ def _plain_copy(key: FileKey) -> str:
     return str(target)
 
 
-def read_line_at(path: Path, offset: int) -> bytes:
-    try:
-        key = file_key(path)
-    except FileNotFoundError:
-        raise SourceError(f"{path}: lhotse manifest disappeared after planning; restore it or re-run") from None
-    plain = _plain_copy(key) if path.name.lower().endswith(".gz") else str(path)
-    with open(plain, "rb") as f:
+def read_line_at(path: CorpusPath, offset: int) -> bytes:
+    key = metadata_key(path, "lhotse manifest", "it was there at planning: restore it or re-run")
+    plain = path_of(_plain_copy(key)) if path.name.lower().endswith(".gz") else path
+    with open_source(plain, buffer_size=1 << 16) as f:
         f.seek(offset)
         return read_line(f, MAX_LINE_BYTES)[0]
 
@@ -254,7 +263,7 @@ def read_line_at(path: Path, offset: int) -> bytes:
 # ---------------------------------------------------------------- records → clips
 
 
-def load_lhotse_clip(root: Path, locator: str, *, clip_id: str, dataset: str, language: str | None,
+def load_lhotse_clip(root: CorpusPath, locator: str, *, clip_id: str, dataset: str, language: str | None,
                      extra_labels: dict[str, str], roots: Roots | None = None) -> Clip:
     base = root if root.is_dir() else root.parent
     roots = roots or Roots.of(root)
@@ -297,7 +306,7 @@ def _float(value: Any) -> float | None:
         return None
 
 
-def _cut_clip(cut: dict[str, Any], base: Path, where: str, clip_id: str, dataset: str, language: str | None,
+def _cut_clip(cut: dict[str, Any], base: CorpusPath, where: str, clip_id: str, dataset: str, language: str | None,
               extra_labels: dict[str, str], bad: Callable[[str], Clip], roots: Roots) -> Clip:
     cut_type = cut.get("type") or ("MixedCut" if "tracks" in cut else "MonoCut")
     recording = cut.get("recording")
@@ -390,7 +399,7 @@ def default_seed_labels(sups: list[dict[str, Any]]) -> list[SeedLabel]:
 
 
 def _make_clip(recording: dict[str, Any], sups: list[dict[str, Any]], start: float, duration: float | None,
-               channel: Any, custom: dict[str, Any], base: Path, where: str, clip_id: str, dataset: str,
+               channel: Any, custom: dict[str, Any], base: CorpusPath, where: str, clip_id: str, dataset: str,
                language: str | None, extra_labels: dict[str, str], bad: Callable[[str], Clip], roots: Roots) -> Clip:
     length = duration if duration is not None else _float(recording.get("duration"))
     own = inside(sups, length, channel)
@@ -413,12 +422,15 @@ def _make_clip(recording: dict[str, Any], sups: list[dict[str, Any]], start: flo
                 seed_labels=default_seed_labels(own), spans=spans if len(spans) > 1 else [])
 
 
-def _resolve(source: str, base: Path, roots: Roots, where: str) -> str | Rejected:
+def _resolve(source: str, base: CorpusPath, roots: Roots, where: str) -> str | Rejected:
     """The real path of a recording's audio, or why it is not read. Relative paths are relative to
     where lhotse ran: the manifest folder, its parents and the cwd are tried, but only candidates
-    inside `roots` count; one found only outside them is `path_outside_root`, naming the folder."""
-    if "\0" in source or Path(source).expanduser().is_absolute():
+    inside `roots` count; one found only outside them is `path_outside_root`, naming the folder.
+    In an s3:// manifest a relative path is relative to the manifest's own folder (one URI)."""
+    if "\0" in source or "://" in source or Path(source).expanduser().is_absolute():
         return _hinted(roots.check(source, where))
+    if not isinstance(base, Path):
+        return _hinted(roots.check(join(str(base), source), where))
     p = Path(source).expanduser()
     found_outside: Rejected | None = None
     for folder in (base, *list(base.parents)[:3], Path.cwd()):
@@ -440,7 +452,7 @@ def _hinted(checked: str | Rejected) -> str | Rejected:
     return checked
 
 
-def _audio(recording: dict[str, Any], start: float, duration: float | None, channel: Any, base: Path,
+def _audio(recording: dict[str, Any], start: float, duration: float | None, channel: Any, base: CorpusPath,
            where: str, roots: Roots) -> tuple[str, bytes | None] | str | Rejected:
     """(audio uri, embedded bytes or None for the whole file), an error message (bad_row), or a
     rejection with its own reason (a path outside the roots, a FIFO...)."""
@@ -477,21 +489,25 @@ def _audio(recording: dict[str, Any], start: float, duration: float | None, chan
     resolved = _resolve(value, base, roots, where)
     if isinstance(resolved, Rejected):
         return resolved
-    path = Path(resolved)
-    if whole or not os.path.lexists(path):  # the audio stage reads (or reports) the whole file
-        return str(path), None
+    if whole or (isinstance(base, Path) and not os.path.lexists(resolved)):  # the audio stage reads it
+        return resolved, None
+    path = path_of(resolved)
     src_channels = [int(c) for c in src.get("channels") or [0]]
     return _segment(path, start, duration, [src_channels.index(c) for c in wanted if c in src_channels], where)
 
 
-def _segment(path: Path, start: float, duration: float | None, channels: list[int],
+def _segment(path: CorpusPath, start: float, duration: float | None, channels: list[int],
              where: str) -> tuple[str, bytes] | str | Rejected:
     """Cut [start, start+duration) (and the wanted channels) out of a file as FLAC bytes; only a
-    regular file is opened (a FIFO or device is `not_a_file`, see `tasks.audio.open_regular`)."""
+    regular file is opened (a FIFO or device is `not_a_file`, see `tasks.audio.open_regular`); an
+    s3:// recording is read by range requests."""
     try:
-        handle, _ = open_regular(path, f"{where}: {path}", None)
+        handle = open_source(path) if not isinstance(path, Path) else open_regular(path, f"{where}: {path}", None)[0]
     except QuarantineError as exc:
         return Rejected(exc.reason, exc.message)
+    except SourceError as exc:
+        missing = "no such object" in str(exc)
+        return Rejected(ReasonCode.missing_file if missing else ReasonCode.storage_error, f"{where}: {exc}")
     try:
         with handle, sf.SoundFile(handle) as f:
             sr = f.samplerate

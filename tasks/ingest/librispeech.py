@@ -7,8 +7,9 @@ LibriTTS(-R): `<split>/<spk>/<chapter>/<spk>_<chapter>_<para>_<sent>.wav` with p
 `.normalized.txt` (the transcript) and `.original.txt`, a `<spk>_<chapter>.trans.tsv` per chapter,
 and `speakers.tsv` or `SPEAKERS.txt` at the top of `LibriTTS/`.
 
-The source path is either the corpus folder (holding the split folders) or one split folder; the
-speakers file is looked up there and one level up. Clip ids are the corpus's utterance ids
+The source path is either the corpus folder (holding the split folders) or one split folder, local
+or `s3://` (one listing; see tasks/ingest/remote.py); the speakers file is looked up there and one
+level up. Clip ids are the corpus's utterance ids
 (unique across splits); the locator is the audio path relative to the source folder. No seed
 labels by default: gender is a canonical attribute, chapter and subset are bookkeeping.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 from schemas.records import Clip, ReasonCode
 from tasks.ingest.common import (
     ClipRef,
+    CorpusPath,
     FileKey,
     Rejected,
     Roots,
@@ -32,6 +34,7 @@ from tasks.ingest.common import (
     make_id,
     metadata_key,
     one_line,
+    path_of,
     prepare,
     read_text,
     walk,
@@ -45,7 +48,7 @@ SPEAKER_FILES = {
 }
 
 
-def _speakers_path(root: Path, corpus: str) -> Path:
+def _speakers_path(root: CorpusPath, corpus: str) -> CorpusPath:
     names = SPEAKER_FILES[corpus]
     for folder in (root, root.parent):
         for name in names:
@@ -62,7 +65,7 @@ def _speakers_path(root: Path, corpus: str) -> Path:
 @lru_cache(maxsize=8)
 def _speakers(key: FileKey) -> dict[str, dict[str, str]]:
     """Speaker id → {gender, subset}, from SPEAKERS.TXT (pipe separated) or speakers.tsv (tab, header)."""
-    path = Path(key[0])
+    path = path_of(key[0])
     text = read_text(path)
     out: dict[str, dict[str, str]] = {}
     if path.suffix.lower() == ".tsv":
@@ -88,7 +91,7 @@ def _speakers(key: FileKey) -> dict[str, dict[str, str]]:
     return out
 
 
-def _speaker_labels(root: Path, corpus: str, speaker: str) -> dict[str, str]:
+def _speaker_labels(root: CorpusPath, corpus: str, speaker: str) -> dict[str, str]:
     path = _speakers_path(root, corpus)
     return _speakers(metadata_key(path, "speaker list", "restore it from the corpus tarball")).get(speaker, {})
 
@@ -101,7 +104,7 @@ def _trans_txt_name(speaker: str, chapter: str) -> str:
 def _chapter_transcripts(key: FileKey) -> dict[str, str]:
     """LibriSpeech `<spk>-<chapter>.trans.txt`: utterance id → text."""
     out: dict[str, str] = {}
-    for line in read_text(Path(key[0])).splitlines():
+    for line in read_text(path_of(key[0])).splitlines():
         utt, _, text = line.strip().partition(" ")
         if utt:
             out[utt] = text.strip()
@@ -112,14 +115,14 @@ def _chapter_transcripts(key: FileKey) -> dict[str, str]:
 def _chapter_tsv(key: FileKey) -> dict[str, tuple[str, str]]:
     """LibriTTS `<spk>_<chapter>.trans.tsv`: utterance id → (original, normalized)."""
     out: dict[str, tuple[str, str]] = {}
-    for line in read_text(Path(key[0])).splitlines():
+    for line in read_text(path_of(key[0])).splitlines():
         fields = line.rstrip("\r\n").split("\t")
         if len(fields) >= 3:
             out[fields[0]] = (fields[1], fields[2])
     return out
 
 
-def _layout_error(root: Path, corpus: str) -> SourceError:
+def _layout_error(root: CorpusPath, corpus: str) -> SourceError:
     if corpus == "librispeech":
         return SourceError(f"{root}: no LibriSpeech utterances (<spk>/<chapter>/<spk>-<chapter>-<utt>.flac) found; "
                            "point sources[].path at LibriSpeech/ or one split folder (for LibriTTS use kind: libritts)")
@@ -128,7 +131,7 @@ def _layout_error(root: Path, corpus: str) -> SourceError:
                        "(for LibriSpeech use kind: librispeech)")
 
 
-def iter_libri_refs(root: Path, source_index: int, dataset: str, corpus: str,
+def iter_libri_refs(root: CorpusPath, source_index: int, dataset: str, corpus: str,
                     roots: Roots | None = None) -> Iterator[ClipRef]:
     """Every utterance below `root` in sorted order; LibriSpeech chapters must have their transcript file.
     A folder the walk cannot enter is a quarantine ref (see `common.walk`)."""
@@ -155,12 +158,12 @@ def iter_libri_refs(root: Path, source_index: int, dataset: str, corpus: str,
         raise _layout_error(root, corpus)
 
 
-def iter_librispeech_refs(root: Path, source_index: int, dataset: str, *,
+def iter_librispeech_refs(root: CorpusPath, source_index: int, dataset: str, *,
                           roots: Roots | None = None) -> Iterator[ClipRef]:
     return iter_libri_refs(root, source_index, dataset, "librispeech", roots)
 
 
-def iter_libritts_refs(root: Path, source_index: int, dataset: str, *,
+def iter_libritts_refs(root: CorpusPath, source_index: int, dataset: str, *,
                        roots: Roots | None = None) -> Iterator[ClipRef]:
     return iter_libri_refs(root, source_index, dataset, "libritts", roots)
 
@@ -171,7 +174,7 @@ def _split_of(rel: str) -> str | None:
     return parts[0] if len(parts) >= 4 else None
 
 
-def load_librispeech_clip(root: Path, locator: str, *, clip_id: str, dataset: str, language: str | None,
+def load_librispeech_clip(root: CorpusPath, locator: str, *, clip_id: str, dataset: str, language: str | None,
                           extra_labels: dict[str, str], roots: Roots | None = None) -> Clip:
     audio = root / locator
     real = (roots or Roots.of(root)).check(str(audio))
@@ -189,14 +192,14 @@ def load_librispeech_clip(root: Path, locator: str, *, clip_id: str, dataset: st
                 language=language or "en", labels=labels)
 
 
-def _read_optional(path: Path) -> str | None:
+def _read_optional(path: CorpusPath) -> str | None:
     try:
         return read_text(path)
     except FileNotFoundError:
         return None
 
 
-def load_libritts_clip(root: Path, locator: str, *, clip_id: str, dataset: str, language: str | None,
+def load_libritts_clip(root: CorpusPath, locator: str, *, clip_id: str, dataset: str, language: str | None,
                        extra_labels: dict[str, str], roots: Roots | None = None) -> Clip:
     audio = root / locator
     real = (roots or Roots.of(root)).check(str(audio))

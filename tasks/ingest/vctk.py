@@ -20,6 +20,7 @@ from schemas.attributes import SeedLabel
 from schemas.records import Clip, ReasonCode
 from tasks.ingest.common import (
     ClipRef,
+    CorpusPath,
     FileKey,
     Rejected,
     Roots,
@@ -29,6 +30,7 @@ from tasks.ingest.common import (
     make_id,
     metadata_key,
     one_line,
+    path_of,
     prepare,
     read_text,
     walk,
@@ -42,7 +44,7 @@ SPEAKER_INFO_FIX = ("it ships at the top of the VCTK corpus (next to txt/ and wa
                     "restore it from the corpus archive, or use kind: folder to ingest without speaker labels")
 
 
-def _audio_dir(root: Path) -> Path:
+def _audio_dir(root: CorpusPath) -> CorpusPath:
     for name in AUDIO_DIRS:
         if (root / name).is_dir():
             return root / name
@@ -53,7 +55,7 @@ def _audio_dir(root: Path) -> Path:
 @lru_cache(maxsize=4)
 def _speaker_info(key: FileKey) -> dict[str, dict[str, str]]:
     out: dict[str, dict[str, str]] = {}
-    for line in read_text(Path(key[0])).splitlines():
+    for line in read_text(path_of(key[0])).splitlines():
         tokens = line.split()
         if len(tokens) < 3 or tokens[0].upper() == "ID":
             continue
@@ -69,7 +71,7 @@ def _mic_rank(mic: str | None) -> tuple[int, str]:
     return (0, "") if mic in (None, "mic1") else (1, mic or "")
 
 
-def iter_vctk_refs(root: Path, source_index: int, dataset: str, *, roots: Roots | None = None) -> Iterator[ClipRef]:
+def iter_vctk_refs(root: CorpusPath, source_index: int, dataset: str, *, roots: Roots | None = None) -> Iterator[ClipRef]:
     """One ref per utterance (preferring mic1), speakers and utterances in sorted order; a speaker
     folder that cannot be entered is a quarantine ref (see `common.walk`)."""
     metadata_key(root / SPEAKER_INFO, "VCTK speaker list", SPEAKER_INFO_FIX)
@@ -99,7 +101,7 @@ def iter_vctk_refs(root: Path, source_index: int, dataset: str, *, roots: Roots 
         raise SourceError(f"{audio_dir}: no VCTK audio (<spk>/<spk>_<utt>_mic1.flac or <spk>/<spk>_<utt>.wav)")
 
 
-def load_vctk_clip(root: Path, locator: str, *, clip_id: str, dataset: str, language: str | None,
+def load_vctk_clip(root: CorpusPath, locator: str, *, clip_id: str, dataset: str, language: str | None,
                    extra_labels: dict[str, str], roots: Roots | None = None) -> Clip:
     audio = root / locator
     m = AUDIO_NAME.match(audio.name)
