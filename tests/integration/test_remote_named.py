@@ -232,3 +232,36 @@ def test_end_to_end_librispeech_from_one_bucket_to_another(seaweedfs: SeaweedS3,
          "audio_sha256": _sha(corpus["local"][f"LibriSpeech/dev-clean/{utt.split('-')[0]}/{utt.split('-')[1]}/{utt}.flac"])}
         for utt, sample in LIBRI.items()]
     assert read_manifest(open_store(root, config.s3), "libri", "v0001").stats.quarantine_by_reason == {}
+
+
+def test_commonvoice_cremad_and_esd_on_s3(seaweedfs: SeaweedS3, corpus: dict[str, Any]) -> None:
+    client, bucket = corpus["client"], corpus["bucket"]
+    header = "client_id\tpath\tsentence\tup_votes\tdown_votes\tage\tgender\taccents\tlocale\tsegment\n"
+    rows = "c1\tcommon_voice_en_1.mp3\tThe first sentence.\t2\t0\ttwenties\tmale\tUS\ten\t\n" \
+           "c2\tcommon_voice_en_2.mp3\tThe second one.\t3\t1\t\tfemale\t\ten\t\n"
+    client.put_object(Bucket=bucket, Key="cv/en/validated.tsv", Body=(header + rows).encode())
+    client.upload_file(str(AUDIO / "librivox_ss01_0930.mp3"), bucket, "cv/en/clips/common_voice_en_1.mp3")
+    client.upload_file(str(AUDIO / "librivox_ss01_0930.mp3"), bucket, "cv/en/clips/common_voice_en_2.mp3")
+    cv = _config(seaweedfs.endpoint_url, kind="commonvoice", path=f"{corpus['s3']}/cv/en", dataset="cv")
+    clips = [load_clip(r, cv.sources) for r in iter_refs(cv.sources)]
+    assert [(c.id, c.transcript, c.language) for c in clips] == [
+        ("cv/common_voice_en_1", "The first sentence.", "en"), ("cv/common_voice_en_2", "The second one.", "en")]
+    assert clips[0].audio_uri == f"{corpus['s3']}/cv/en/clips/common_voice_en_1.mp3"
+    assert clips[0].labels["speaker"] == "c1" and clips[1].labels["gender"] == "female"
+    assert load_audio(clips[1], AudioConfig()).sha256 == _sha(AUDIO / "librivox_ss01_0930.mp3")
+
+    client.put_object(Bucket=bucket, Key="cremad/VideoDemographics.csv",
+                      Body=b"ActorID,Age,Sex,Race,Ethnicity\n1001,51,Male,Caucasian,Not Hispanic\n")
+    client.upload_file(str(AUDIO / "arctic_slt_a0009.wav"), bucket, "cremad/AudioWAV/1001_DFA_ANG_XX.wav")
+    cremad = _config(seaweedfs.endpoint_url, kind="cremad", path=f"{corpus['s3']}/cremad", dataset="cr")
+    (clip,) = (load_clip(r, cremad.sources) for r in iter_refs(cremad.sources))
+    assert (clip.id, clip.transcript) == ("cr/1001_DFA_ANG_XX", "Don't forget a jacket.")
+    assert (clip.labels["emotion"], clip.labels["gender"], clip.labels["age"]) == ("ANG", "Male", "51")
+
+    client.put_object(Bucket=bucket, Key="esd/0011/0011.txt", Body=b"0011_000001\tHello world\tNeutral\n")
+    client.upload_file(str(AUDIO / "cmu_cards_002.wav"), bucket, "esd/0011/Neutral/0011_000001.wav")
+    esd = _config(seaweedfs.endpoint_url, kind="esd", path=f"{corpus['s3']}/esd", dataset="esd")
+    (clip,) = (load_clip(r, esd.sources) for r in iter_refs(esd.sources))
+    assert (clip.id, clip.transcript, clip.language) == ("esd/0011_000001", "Hello world", "en")
+    assert clip.labels == {"speaker": "0011", "emotion": "Neutral"}
+    assert load_audio(clip, AudioConfig()).sha256 == _sha(AUDIO / "cmu_cards_002.wav")
