@@ -17,6 +17,9 @@ import pyarrow as pa
 from schemas.records import Features, QuarantineRow, Row
 
 SAMPLING_RATE = 16_000
+# Bumped when ROW_SCHEMA gains a column: staged shards of an older one are redone, never committed
+# under the new schema (2: audio_offset_s). Committed versions keep the schema in their manifest.
+ROW_SCHEMA_VERSION = 2
 
 _STR = pa.string()
 _F32 = pa.float32()
@@ -93,6 +96,7 @@ _ROW_FIELDS: list[pa.Field] = [
     pa.field("audio_sha256", _STR),
     pa.field("sampling_rate", pa.int32()),
     pa.field("duration_s", _F32),
+    pa.field("audio_offset_s", _F32),  # null for whole-file clips; absent from versions before segments
     pa.field("transcript", _STR),
     pa.field("transcript_source", _STR),
     pa.field("language", _STR),

@@ -120,6 +120,10 @@ class SourceConfig(_Strict):
         default=True, description="false: a non-speech corpus (sound, music): its clips are never quarantined "
         "as no_speech, get no transcript or Whisper, and a labels-only seed without voice attributes.")
 
+    segment: SourceSegmentConfig | None = Field(
+        default=None, description="Overrides of the run's `segment` block for this source (fields given here "
+        "win; e.g. {mode: always} for a source of long recordings, {mode: never} to keep `too_long`).")
+
     _run_s3: S3Config | None = PrivateAttr(default=None)  # the run's `s3` block, bound by RunConfig
 
     @field_validator("seed_labels")
@@ -187,6 +191,24 @@ class SegmentConfig(_Strict):
         if 2 * self.pad_s >= self.min_s:
             raise ValueError(f"segment.pad_s ({self.pad_s}) must be under half of segment.min_s ({self.min_s})")
         return self
+
+
+class SourceSegmentConfig(_Strict):
+    """`sources[].segment`: the fields of the run's `segment` block this source sets differently."""
+
+    mode: Literal["auto", "always", "never"] | None = None
+    min_s: float | None = Field(default=None, gt=0)
+    max_s: float | None = Field(default=None, gt=0)
+    pad_s: float | None = Field(default=None, ge=0, le=1.0)
+    vad: Literal["auto", "silero", "energy"] | None = None
+    threshold: float | None = Field(default=None, gt=0, lt=1)
+    min_silence_s: float | None = Field(default=None, ge=0, le=5.0)
+    min_speech_s: float | None = Field(default=None, ge=0, le=5.0)
+    block_s: float | None = Field(default=None, ge=1.0, le=600.0)
+
+    def over(self, base: SegmentConfig) -> SegmentConfig:
+        """`base` with the fields set here replacing its own (validated again as a whole)."""
+        return SegmentConfig.model_validate(base.model_dump() | self.model_dump(exclude_none=True))
 
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -429,6 +451,34 @@ class RunConfig(_Strict):
         "a Dask cluster (prefect-dask) or a Ray cluster (prefect-ray).")
     max_workers: int = Field(default=2, ge=1, le=256, description="Shard tasks in parallel (thread/process).")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    segment: SegmentConfig | None = Field(
+        default=None, description="How recordings longer than audio.max_duration_s (or every recording of a "
+        "source with mode: always) become clips; sources[].segment overrides it per source. Unset (and no "
+        "source override): mode never, a long clip stays `too_long` as in configs from before segments.")
+
+    @model_validator(mode="after")
+    def _segments_fit(self) -> RunConfig:
+        """Every source's segments must fit under audio.max_duration_s, or each would be `too_long`."""
+        for index, source in enumerate(self.sources):
+            try:
+                segment = self.segment_for(source)
+            except ValidationError as exc:
+                problem = "; ".join(e["msg"] for e in exc.errors())
+                raise ValueError(f"sources[{index}].segment over the run's segment block: {problem}") from None
+            if segment.mode != "never" and segment.max_s > self.audio.max_duration_s:
+                where = "segment.max_s" if source.segment is None or source.segment.max_s is None \
+                    else f"sources[{index}].segment.max_s"
+                raise ValueError(f"{where} ({segment.max_s}) must not exceed audio.max_duration_s "
+                                 f"({self.audio.max_duration_s}): every segment would be too_long; lower "
+                                 f"{where} or raise audio.max_duration_s")
+        return self
+
+    def segment_for(self, source: SourceConfig) -> SegmentConfig:
+        """The segment settings of one source: the run's block with the source's overrides; with
+        neither set, mode never (what configs written before segments meant, under the same hash)."""
+        if source.segment is None:
+            return self.segment or SegmentConfig(mode="never")
+        return source.segment.over(self.segment or SegmentConfig())
 
     @model_validator(mode="after")
     def _bind_sources_s3(self) -> RunConfig:
@@ -443,8 +493,11 @@ class RunConfig(_Strict):
                                    "output": set(OutputConfig.POLICY_KEYS)}
         payload = self.model_dump(mode="json", exclude=exclude)
         for source in payload["sources"]:
-            if source.get("s3") is None:  # no override: the hash of configs written before it existed
-                source.pop("s3", None)
+            for key in ("s3", "segment"):  # no override: the hash of configs written before it existed
+                if source.get(key) is None:
+                    source.pop(key, None)
+        if payload.get("segment") is None:  # unset: the hash of configs from before it existed
+            payload.pop("segment", None)
         payload["llm"]["backend"] = _HASHED_AS.get(self.llm.backend, self.llm.backend)
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -58,6 +58,10 @@ class Stats(BaseModel):
     quarantine_by_reason: dict[str, int] = Field(default_factory=dict)
     audio_hours: float = 0.0
     rows_without_transcript: int = 0  # rows whose seed has labels only (no corpus or Whisper text)
+    # Long recordings cut into segments: each recording counts once in clips_in, its segments each
+    # as a row or quarantine row (rows + quarantined = clips_in - recordings_cut + segments).
+    recordings_cut: int = 0
+    segments: int = 0
     # Every QC failure by rule, regenerated ones included (how often the LLM needed a second try).
     qc_failures: dict[str, int] = Field(default_factory=dict)
     attribute_counts: dict[str, dict[str, int]] = Field(default_factory=dict)

@@ -109,6 +109,11 @@ class Clip(BaseModel):
     # False for a clip of a `sources[].speech: false` source (sound, music): labels-only seed, and
     # the VAD never quarantines it as `no_speech`.
     speech: bool = True
+    # A segment cut from a long recording (tasks/segment/clips.py): its start in the recording
+    # (`audio_uri`), seconds; its samples travel in `audio_bytes`. None for a whole-file clip.
+    offset_s: float | None = None
+    # A clip-list row's timestamped transcript (SRT, TextGrid, …) for cutting the recording's text.
+    timestamps_uri: str | None = None
 
 
 class Features(BaseModel):
@@ -205,6 +210,8 @@ class Row(BaseModel):
     audio_sha256: str
     sampling_rate: int
     duration_s: float
+    # Where in `audio_uri` the clip starts (a segment of a long recording); None = the whole file.
+    audio_offset_s: float | None = None
     transcript: str | None
     transcript_source: str | None
     language: str | None

@@ -17,7 +17,13 @@ from collections.abc import Callable, Iterable, Iterator
 
 from pydantic import BaseModel, Field
 
-from schemas.arrow import QUARANTINE_SCHEMA, ROW_SCHEMA, quarantine_to_table, rows_to_table
+from schemas.arrow import (
+    QUARANTINE_SCHEMA,
+    ROW_SCHEMA,
+    ROW_SCHEMA_VERSION,
+    quarantine_to_table,
+    rows_to_table,
+)
 from schemas.config import RunConfig
 from schemas.manifest import ShardInfo
 from schemas.records import Clip, Features, QuarantineError, QuarantineRow, utc_now
@@ -27,7 +33,6 @@ from tasks.commit_gate import QuarantineExample, shard_needs_redo
 from tasks.describe import Bins, load_bins
 from tasks.features.models import LoadedModels, load_models
 from tasks.gpu import StageGate, no_gate
-from tasks.ingest import load_clip
 from tasks.llm import LLMBackend, LLMResult, make_backend
 from tasks.llm.cache import CachedBackend
 from tasks.measure import measure_batch
@@ -35,6 +40,7 @@ from tasks.plan import ShardPlan
 from tasks.regenerate import generate_with_qc
 from tasks.rows import Prepared, build_row, describe_clip
 from tasks.run import RunContext
+from tasks.segment.clips import shard_clips
 from tasks.stopping import check_stop
 from tasks.tally import ShardTally
 
@@ -54,7 +60,7 @@ def report_total(progress: ProgressHook | None, clips: int) -> None:
 
 
 def report_done(progress: ProgressHook | None, n: int, rows: int, *, reused: bool = False) -> None:
-    if progress is not None and n:
+    if progress is not None and (n or rows):  # rows without a finished clip: segments of a recording
         progress("reused" if reused else "done", n, rows)
 
 
@@ -74,6 +80,13 @@ class ShardOutcome(BaseModel):
     tokens_prompt: int = 0  # summed over the shard's rows (0 where the backend reports none)
     tokens_completion: int = 0
     rows_without_transcript: int = 0  # labels-only seeds
+    # Long recordings cut inside the shard: recordings that gave >= 1 segment, and those segments
+    # (each a row or a quarantine row of its own: rows + quarantined = clips - recordings_cut + segments).
+    recordings_cut: int = 0
+    segments: int = 0
+    # The row schema the staged shard was written with: a marker from before the current one is redone
+    # (its Parquet lacks a column the version's schema has); the request cache keeps that cheap.
+    row_schema: int = 1
     examples: dict[str, QuarantineExample] = Field(default_factory=dict)  # the first clip per reason
     shard: ShardInfo | None = None
     quarantine: ShardInfo | None = None
@@ -98,6 +111,9 @@ def finished_outcome(store: ObjectStore, ctx: RunContext, index: int, *, redo: b
         return None
     outcome = ShardOutcome.model_validate(payload)
     if outcome.config_hash != ctx.config_hash:
+        return None
+    if outcome.row_schema != ROW_SCHEMA_VERSION:
+        log.info("shard %05d: redoing it, staged with an older row schema", index)
         return None
     if redo and shard_needs_redo(outcome.by_reason, outcome.by_stage, ctx.after_refusal):
         log.info("shard %05d: redoing it, an earlier attempt quarantined clips a re-run retries (%s)",
@@ -127,7 +143,8 @@ def process_shard(plan: ShardPlan, config: RunConfig, store: ObjectStore, ctx: R
     acc = ShardTally(shard=plan.index, run_id=ctx.run_id, created_at=plan.created_at or utc_now(), gate=gate)
     key = ctx.layout.shard(plan.index)
     with ParquetShardWriter(store, key, ROW_SCHEMA, compression=config.output.compression) as writer:
-        for batch in _batches((load_clip(ref, config.sources) for ref in plan.refs), batch_size):
+        reported = 0  # progress counts planned clips (a recording once all its segments are through)
+        for batch in _batches(shard_clips(plan.refs, config, acc), batch_size):
             check_stop(f"shard {plan.index:05d}")
             prepared = prepare_batch(batch, config, bins, acc, models)
             t0 = time.perf_counter()
@@ -142,7 +159,8 @@ def process_shard(plan: ShardPlan, config: RunConfig, store: ObjectStore, ctx: R
             writer.write(rows_to_table(rows))  # streamed: the shard is never held in memory
             acc.n_rows += len(rows)
             acc.stage_seconds["write"] += time.perf_counter() - t0
-            report_done(progress, len(batch), len(rows))
+            report_done(progress, acc.refs_done - reported, len(rows))
+            reported = acc.refs_done
         t0 = time.perf_counter()
         shard = writer.close()
         acc.stage_seconds["write"] += time.perf_counter() - t0
@@ -203,13 +221,19 @@ def _write_outcome(plan: ShardPlan, store: ObjectStore, ctx: RunContext, config:
         tokens_prompt=acc.tokens_prompt,
         tokens_completion=acc.tokens_completion,
         rows_without_transcript=acc.rows_without_transcript,
+        recordings_cut=acc.recordings_cut,
+        segments=acc.segments,
+        row_schema=ROW_SCHEMA_VERSION,
         examples=acc.examples,
         shard=shard,
         quarantine=quarantine,
         config_hash=ctx.config_hash,
     )
-    if outcome.rows + outcome.quarantined != outcome.clips:
-        raise RuntimeError(f"shard {plan.index}: {outcome.clips} clips in but {outcome.rows} rows + "
+    expected = outcome.clips - outcome.recordings_cut + outcome.segments
+    if outcome.rows + outcome.quarantined != expected:
+        cut = (f" ({outcome.recordings_cut} recordings cut into {outcome.segments} segments)"
+               if outcome.recordings_cut else "")
+        raise RuntimeError(f"shard {plan.index}: {outcome.clips} clips in{cut} but {outcome.rows} rows + "
                            f"{outcome.quarantined} quarantined out; refusing to mark it complete")
     write_marker(store, ctx.layout.marker(plan.index), outcome.model_dump(mode="json"))
     return outcome

@@ -73,7 +73,8 @@ def commit_refusal(config: RunConfig, plan: RunPlan, outcomes: list[ShardOutcome
         by_reason.update(o.by_reason)
         for reason, example in o.examples.items():
             examples.setdefault(reason, example)
-    return check_commit(clips_in=plan.clips, rows=sum(o.rows for o in outcomes), by_reason=by_reason,
+    extra = sum(o.segments - o.recordings_cut for o in outcomes)  # a recording's segments are clips each
+    return check_commit(clips_in=plan.clips + extra, rows=sum(o.rows for o in outcomes), by_reason=by_reason,
                         examples=examples, output=config.output)
 
 
@@ -139,10 +140,13 @@ def combine_stats(plan: RunPlan, outcomes: list[ShardOutcome]) -> Stats:
         quarantine_by_reason=dict(sorted(by_reason.items())),
         audio_hours=round(sum(o.audio_seconds for o in outcomes) / 3600, 6),
         rows_without_transcript=sum(o.rows_without_transcript for o in outcomes),
+        recordings_cut=sum(o.recordings_cut for o in outcomes),
+        segments=sum(o.segments for o in outcomes),
         qc_failures=dict(sorted(qc.items())),
         attribute_counts={k: dict(v.most_common()) for k, v in attrs.items()},
     )
-    if stats.rows + stats.quarantined != stats.clips_in:
-        raise RuntimeError(f"clips in ({stats.clips_in}) != rows ({stats.rows}) + quarantined "
+    if stats.rows + stats.quarantined != stats.clips_in - stats.recordings_cut + stats.segments:
+        cut = f" - recordings cut ({stats.recordings_cut}) + segments ({stats.segments})" if stats.segments else ""
+        raise RuntimeError(f"clips in ({stats.clips_in}){cut} != rows ({stats.rows}) + quarantined "
                            f"({stats.quarantined}); not committing")
     return stats

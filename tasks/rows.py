@@ -122,6 +122,7 @@ def build_row(p: Prepared, result: LLMResult | QuarantineError, config: RunConfi
         audio_sha256=m.audio.sha256,
         sampling_rate=m.audio.sampling_rate,
         duration_s=m.audio.duration_s,
+        audio_offset_s=m.clip.offset_s,
         transcript=m.transcript,
         transcript_source=m.transcript_source,
         language=m.language,

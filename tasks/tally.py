@@ -35,6 +35,11 @@ class ShardTally:
     tokens_prompt: int = 0
     tokens_completion: int = 0
     rows_without_transcript: int = 0
+    # Long recordings (tasks/segment/clips.py): planned clips fully handed on (each whole clip, or a
+    # recording once its last segment is), recordings cut into >= 1 segment, and those segments.
+    refs_done: int = 0
+    recordings_cut: int = 0
+    segments: int = 0
     examples: dict[str, QuarantineExample] = field(default_factory=dict)
     unlogged: Counter[str] = field(default_factory=Counter)  # quarantined beyond the log budget
     run_id: str = ""

@@ -258,8 +258,11 @@ def record_to_clip(record: dict[str, Any] | str, *, clip_id: str, dataset: str, 
     if isinstance(real, Rejected):
         return real.clip(clip_id, dataset, where)
     tkey, transcript = _first(record, TRANSCRIPT_COLUMNS)
+    timestamps = _timestamps(record.get(TIMESTAMPS_COLUMN), base, roots, locate or where)
+    if isinstance(timestamps, Rejected):
+        return timestamps.clip(clip_id, dataset, where)
     lang = record.get("language") or language
-    skip = {"id", "language", key, tkey}
+    skip = {"id", "language", key, tkey, TIMESTAMPS_COLUMN}
     labels = dict(extra_labels)
     labels.update({str(k): clean_label_value(v) for k, v in record.items() if k not in skip and v not in (None, "")})
     return Clip(
@@ -269,4 +272,21 @@ def record_to_clip(record: dict[str, Any] | str, *, clip_id: str, dataset: str, 
         transcript=" ".join(str(transcript).split()) if transcript is not None else None,
         language=str(lang) if lang else None,
         labels=labels,
+        timestamps_uri=timestamps,
     )
+
+
+# A row's timestamped transcript (SRT, WebVTT, TextGrid, CTM, lhotse, Whisper JSON), relative to the
+# manifest like the audio path: a long recording's segments take their words from it.
+TIMESTAMPS_COLUMN = "timestamps"
+
+
+def _timestamps(value: Any, base: Path | str, roots: Roots | None, where: str | Callable[[], str]
+                ) -> str | Rejected | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or not value.strip():
+        shown = where() if callable(where) else where
+        return Rejected(ReasonCode.bad_row, f"{shown}: `{TIMESTAMPS_COLUMN}` must be the path of a timestamped "
+                                            "transcript file (SRT, TextGrid, …) relative to the manifest")
+    return (roots or Roots.of(base)).check(resolve_audio_uri(value.strip(), base), where)

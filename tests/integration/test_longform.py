@@ -1,0 +1,271 @@
+"""Long recordings become clips inside a run (issue 14 parts 2, 3, 5).
+
+Recordings are built here from real sample clips (examples/sample_corpus) and espeak-ng sentences
+with known silences between them, so each utterance's span and words are known; an SRT sidecar
+(next to the audio of a folder source) and a TextGrid (named by a clip-list row's `timestamps`)
+carry those words and times. A run with the `rules` backend must give segments within
+[min_s, max_s], ids `<recording>@<ms>-<ms>` identical on a second run, the words inside each
+segment's span as its transcript, the recording as `audio_uri`, the offset of the id, and the
+recording's very samples as the row's audio.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import soundfile as sf
+import soxr
+
+from flows.generate import run_generate
+from schemas.arrow import ROW_SCHEMA
+from schemas.config import RunConfig, parse_config
+from storage.objectstore import open_store
+from storage.versions import read_manifest
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLES = REPO / "examples" / "sample_corpus"
+SR = 16_000
+SENTENCES = ["The quick brown fox jumps over the lazy dog.", "She sells sea shells by the sea shore.",
+             "Please call Stella and ask her to bring these things with her from the store."]
+ID = re.compile(r"^(?P<rec>.+)@(?P<start>\d+)-(?P<end>\d+)$")
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+@dataclass(frozen=True)
+class Utterance:
+    start_s: float
+    end_s: float
+    text: str
+
+
+@dataclass(frozen=True)
+class Recording:
+    path: Path
+    utterances: list[Utterance]
+    samples: np.ndarray  # int16, as written
+
+
+def _load(path: Path) -> np.ndarray:
+    audio, rate = sf.read(path, dtype="float32", always_2d=True)
+    mono = audio.mean(axis=1, dtype=np.float32)
+    return soxr.resample(mono, rate, SR).astype(np.float32) if rate != SR else mono
+
+
+def _trim(audio: np.ndarray, level: float = 0.01) -> np.ndarray:
+    loud = np.flatnonzero(np.abs(audio) > level)
+    return audio[loud[0]: loud[-1] + 1]
+
+
+@pytest.fixture(scope="module")
+def utterances(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[np.ndarray, str]]:
+    """Trimmed real sample clips with their corpus transcripts, and espeak-ng sentences (16 kHz)."""
+    binary = shutil.which("espeak-ng")
+    if binary is None:
+        pytest.skip("espeak-ng not installed (apt-get install espeak-ng)")
+    folder = tmp_path_factory.mktemp("espeak")
+    out: list[tuple[np.ndarray, str]] = []
+    for i, text in enumerate(SENTENCES):
+        wav = folder / f"s{i}.wav"
+        subprocess.run([binary, "-w", str(wav), "-s", "160", text], check=True, capture_output=True)
+        out.append((_trim(_load(wav)), text))
+    for line in (SAMPLES / "manifest.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row.get("transcript") and row["path"].endswith((".wav", ".flac")):
+            out.append((_trim(_load(SAMPLES / row["path"])), row["transcript"]))
+    return out
+
+
+def build_recording(path: Path, utterances: list[tuple[np.ndarray, str]], seed: int, seconds: float) -> Recording:
+    """Utterances in a seeded order with seeded silences of 0.8-1.6 s, until `seconds`; 16-bit WAV."""
+    rng = np.random.default_rng(seed)
+    parts, spans, t = [np.zeros(SR // 2, np.float32)], [], SR // 2
+    while t < seconds * SR:
+        audio, text = utterances[int(rng.integers(len(utterances)))]
+        parts.append((audio * rng.uniform(0.6, 1.0)).astype(np.float32))
+        spans.append(Utterance(t / SR, (t + len(audio)) / SR, text))
+        t += len(audio)
+        gap = int(rng.uniform(0.8, 1.6) * SR)
+        parts.append(np.zeros(gap, np.float32))
+        t += gap
+    pcm = np.round(np.clip(np.concatenate(parts), -1, 1) * 32767).astype(np.int16)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, pcm, SR, subtype="PCM_16")
+    return Recording(path, spans, pcm)
+
+
+def _clock(seconds: float, sep: str = ",") -> str:
+    ms = round(seconds * 1000)
+    return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}{sep}{ms % 1000:03d}"
+
+
+def write_srt(path: Path, rec: Recording) -> None:
+    cues = [f"{i}\n{_clock(u.start_s)} --> {_clock(u.end_s)}\n{u.text}\n" for i, u in enumerate(rec.utterances, 1)]
+    path.write_text("\n".join(cues), encoding="utf-8")
+
+
+def write_textgrid(path: Path, rec: Recording) -> None:
+    """A long-form TextGrid with one `utterances` tier: an interval per utterance, empty ones between."""
+    end = len(rec.samples) / SR
+    edges: list[tuple[float, float, str]] = []
+    t = 0.0
+    for u in rec.utterances:
+        if u.start_s > t:
+            edges.append((t, u.start_s, ""))
+        edges.append((u.start_s, u.end_s, u.text))
+        t = u.end_s
+    if t < end:
+        edges.append((t, end, ""))
+    lines = ['File type = "ooTextFile"', 'Object class = "TextGrid"', "", "xmin = 0", f"xmax = {end}",
+             "tiers? <exists>", "size = 1", "item []:", "    item [1]:", '        class = "IntervalTier"',
+             '        name = "utterances"', "        xmin = 0", f"        xmax = {end}",
+             f"        intervals: size = {len(edges)}"]
+    for i, (a, b, text) in enumerate(edges, 1):
+        lines += [f"        intervals [{i}]:", f"            xmin = {a}", f"            xmax = {b}",
+                  f'            text = "{text}"']
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory, utterances: list[tuple[np.ndarray, str]]) -> dict[str, Any]:
+    """A folder source (rec_a.wav + rec_a.srt, ~75 s) and a clip list (rec_b.wav, its TextGrid named by
+    `timestamps`, ~60 s; and a short sample clip that stays whole)."""
+    root = tmp_path_factory.mktemp("longform")
+    rec_a = build_recording(root / "talks" / "rec_a.wav", utterances, seed=1, seconds=75)
+    write_srt(root / "talks" / "rec_a.srt", rec_a)
+    rec_b = build_recording(root / "list" / "audio" / "rec_b.wav", utterances, seed=2, seconds=60)
+    (root / "list" / "timing").mkdir()
+    write_textgrid(root / "list" / "timing" / "rec_b_words.TextGrid", rec_b)
+    shutil.copy(SAMPLES / "audio" / "arctic_slt_a0009.wav", root / "list" / "audio" / "short.wav")
+    rows = [{"id": "rec_b", "path": "audio/rec_b.wav", "timestamps": "timing/rec_b_words.TextGrid"},
+            {"id": "short", "path": "audio/short.wav", "transcript": "he turned sharply"}]
+    (root / "list" / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"root": root, "recordings": {"talks/rec_a": rec_a, "list/rec_b": rec_b}}
+
+
+def longform_config(corpus: dict[str, Any], out: Path, **extra: Any) -> RunConfig:
+    root = corpus["root"]
+    data: dict[str, Any] = {
+        "sources": [{"path": str(root / "talks"), "dataset": "talks", "language": "en"},
+                    {"path": str(root / "list" / "manifest.jsonl"), "dataset": "list", "language": "en"}],
+        "output": {"root": str(out), "dataset": "longform", "shard_size": 2},
+        "segment": {"min_s": 2.0, "max_s": 20.0, "vad": "energy", "min_silence_s": 0.3},
+        "llm": {"backend": "rules"},
+    }
+    data.update(extra)
+    return parse_config(data)
+
+
+def committed(out: Path, dataset: str, version: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    manifest = read_manifest(open_store(str(out)), dataset, version)
+    rows: list[dict[str, Any]] = []
+    for shard in manifest.shards:
+        table = pq.read_table(out / dataset / version / shard.path)
+        assert table.schema.equals(ROW_SCHEMA)
+        rows += table.to_pylist()
+    quarantined: list[dict[str, Any]] = []
+    for part in manifest.quarantine:
+        quarantined += pq.read_table(out / dataset / version / part.path).to_pylist()
+    return rows, quarantined
+
+
+@pytest.fixture(scope="module")
+def first_run(corpus: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("out1")
+    summary = run_generate(longform_config(corpus, out))
+    rows, quarantined = committed(out, "longform", summary.version)
+    return {"summary": summary, "rows": rows, "quarantined": quarantined, "out": out}
+
+
+def _segment_rows(rows: list[dict[str, Any]], rec: str) -> list[dict[str, Any]]:
+    return sorted((r for r in rows if r["id"].startswith(rec + "@")), key=lambda r: int(ID.match(r["id"])["start"]))
+
+
+def test_recordings_become_segments_within_bounds(first_run: dict[str, Any], corpus: dict[str, Any]) -> None:
+    summary, rows = first_run["summary"], first_run["rows"]
+    assert first_run["quarantined"] == [], first_run["quarantined"]
+    assert summary.clips_in == 3  # planned clips: two recordings and one short clip
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids))
+    assert "list/short" in ids  # a short clip stays whole, with its offset null
+    short = next(r for r in rows if r["id"] == "list/short")
+    assert short["audio_offset_s"] is None and short["transcript"] == "he turned sharply"
+    for rec_id, rec in corpus["recordings"].items():
+        segs = _segment_rows(rows, rec_id)
+        assert len(segs) >= 3, (rec_id, [r["id"] for r in segs])
+        total = len(rec.samples) / SR
+        previous_end = 0.0
+        for row in segs:
+            match = ID.match(row["id"])
+            assert match and match["rec"] == rec_id
+            start, end = int(match["start"]) / 1000, int(match["end"]) / 1000
+            assert 2.0 - 1e-3 <= end - start <= 20.0 + 1e-3
+            assert previous_end <= start < end <= total + 1e-3
+            previous_end = end
+            assert row["audio_uri"] == str(rec.path.resolve())
+            assert row["audio_offset_s"] == pytest.approx(start, abs=1e-3)
+            assert row["duration_s"] == pytest.approx(end - start, abs=2e-3)
+
+
+def test_each_utterance_lies_in_one_segment_and_its_words_are_the_transcript(first_run: dict[str, Any],
+                                                                            corpus: dict[str, Any]) -> None:
+    rows = first_run["rows"]
+    for rec_id, rec in corpus["recordings"].items():
+        segs = _segment_rows(rows, rec_id)
+        spans = [(int(ID.match(r["id"])["start"]) / 1000, int(ID.match(r["id"])["end"]) / 1000) for r in segs]
+        for u in rec.utterances:  # boundaries found: no utterance is cut, none is lost
+            inside = [i for i, (a, b) in enumerate(spans) if a <= u.start_s and u.end_s <= b]
+            assert len(inside) == 1, (rec_id, u, spans)
+        for row, (a, b) in zip(segs, spans, strict=True):
+            words = " ".join(u.text for u in rec.utterances if a <= u.start_s and u.end_s <= b)
+            assert row["transcript"] == words, row["id"]
+            assert row["transcript_source"] == "corpus"
+            assert words.split()[0] in row["seed_description"]
+
+
+def test_row_audio_is_the_recordings_slice(first_run: dict[str, Any], corpus: dict[str, Any]) -> None:
+    for rec_id, rec in corpus["recordings"].items():
+        for row in _segment_rows(first_run["rows"], rec_id):
+            audio, rate = sf.read(io.BytesIO(row["audio"]["bytes"]), dtype="int16")
+            first = round(row["audio_offset_s"] * SR)
+            assert rate == SR and len(audio) == round(row["duration_s"] * SR)
+            # The recording's very samples; tasks/audio.py removes a DC offset above 1% of the peak
+            # from every clip, so they may differ by one constant (rounded to 1 LSB).
+            diff = audio.astype(np.int32) - rec.samples[first:first + len(audio)]
+            assert np.ptp(diff) <= 1 and abs(int(np.median(diff))) < 400, row["id"]
+            assert np.corrcoef(audio, rec.samples[first:first + len(audio)])[0, 1] > 0.9999, row["id"]
+
+
+def test_ids_identical_on_a_second_run(first_run: dict[str, Any], corpus: dict[str, Any],
+                                       tmp_path: Path) -> None:
+    summary = run_generate(longform_config(corpus, tmp_path))
+    rows, _ = committed(tmp_path, "longform", summary.version)
+    assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in first_run["rows"])
+    first = {r["id"]: r for r in first_run["rows"]}
+    assert all(r["transcript"] == first[r["id"]]["transcript"] for r in rows)
+
+
+def test_segment_never_keeps_too_long(corpus: dict[str, Any], tmp_path: Path) -> None:
+    """`sources[0].segment: {mode: never}` over the run's auto block: that source's recording stays
+    one `too_long` quarantine row, the other source's recording is still cut."""
+    config = longform_config(corpus, tmp_path, output={"root": str(tmp_path), "dataset": "longform",
+                                                       "max_quarantine_ratio": 1.0})
+    config = parse_config(config.model_dump(mode="json") | {"sources": [
+        config.sources[0].model_dump(mode="json") | {"segment": {"mode": "never"}},
+        config.sources[1].model_dump(mode="json")]})
+    summary = run_generate(config)
+    rows, quarantined = committed(tmp_path, "longform", summary.version)
+    assert [(q["id"], q["reason_code"]) for q in quarantined] == [("talks/rec_a", "too_long")]
+    assert "75." in quarantined[0]["message"] and "audio.max_duration_s=30.0" in quarantined[0]["message"]
+    assert not any(r["id"].startswith("talks/") for r in rows)
+    assert len(_segment_rows(rows, "list/rec_b")) >= 3 and "list/short" in {r["id"] for r in rows}
