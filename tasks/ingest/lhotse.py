@@ -46,10 +46,11 @@ import io
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import soundfile as sf
@@ -166,11 +167,15 @@ def manifest_files(path: CorpusPath) -> list[CorpusPath]:
     return out
 
 
-def _open(path: CorpusPath) -> io.BufferedIOBase:
-    raw = open_source(path)  # a local file, or range reads of an s3:// object
-    if path.name.lower().endswith(".gz"):
-        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
-    return raw  # type: ignore[return-value]
+@contextmanager
+def _open(path: CorpusPath) -> Iterator[BinaryIO]:
+    """The manifest's uncompressed bytes: a local file, or range reads of an s3:// object."""
+    with open_source(path) as raw:
+        if not path.name.lower().endswith(".gz"):
+            yield raw
+            return
+        with gzip.GzipFile(fileobj=raw, mode="rb") as unzipped:
+            yield unzipped  # type: ignore[misc]
 
 
 def iter_lines(path: CorpusPath) -> Iterator[tuple[int, bytes]]:
