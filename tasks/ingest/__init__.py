@@ -92,7 +92,9 @@ def _remote_kind(source: SourceConfig) -> str:
     uri, kind = source.path, source.kind
     suffix = Path(uri).suffix.lower()
     if kind == "auto":
-        kind = "manifest" if suffix in MANIFEST_SUFFIXES else "folder"
+        name = uri.rstrip("/").rsplit("/", 1)[-1]
+        gz_lhotse = name.lower().endswith(".jsonl.gz") and lhotse.manifest_kind(name) is not None
+        kind = "lhotse" if gz_lhotse else "manifest" if suffix in MANIFEST_SUFFIXES else "folder"
     if uri.partition("://")[0].lower() in ("http", "https") and kind != "manifest":
         raise SourceError(f"source {uri}: an http(s):// source must be a manifest ({sorted(MANIFEST_SUFFIXES)}) "
                           "listing its audio; folders and corpus layouts need s3:// or a local path")

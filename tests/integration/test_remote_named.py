@@ -166,9 +166,11 @@ def test_vctk_and_lhotse_on_s3(seaweedfs: SeaweedS3, corpus: dict[str, Any]) -> 
     full, _ = sf.read(AUDIO / "cmu_cards_002.wav", dtype="float32")
     assert rate == 16000 and len(cut) == 16000  # one second, read by range requests
     assert np.allclose(cut, full[8000:24000], atol=1e-4)
-    before = source_fingerprint(lhotse.sources)
+    one_file = _config(seaweedfs.endpoint_url, path=f"{corpus['s3']}/lhotse/supervisions.jsonl.gz", dataset="lh")
+    assert [r.id for r in iter_refs(one_file.sources)] == ["lh/sup-a", "lh/sup-b"]  # kind auto: a gzipped lhotse file
+    before = source_fingerprint(one_file.sources)
     corpus["client"].put_object(Bucket=corpus["bucket"], Key="lhotse/supervisions.jsonl.gz", Body=_gz_jsonl([]))
-    assert source_fingerprint(lhotse.sources) != before
+    assert source_fingerprint(one_file.sources) != before
 
 
 def test_missing_transcript_and_denied_bucket_name_uri_and_fix(seaweedfs: SeaweedS3, corpus: dict[str, Any],
