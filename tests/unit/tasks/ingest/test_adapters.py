@@ -588,5 +588,7 @@ def test_hf_parquet_on_s3(tmp_path: Path, seaweedfs: SeaweedS3, monkeypatch: pyt
     assert third.audio_bytes == (SAMPLE_AUDIO / "cmu_goforward.flac").read_bytes()
     assert decodes(third) > 0.5
     assert source_fingerprint([source]) == source_fingerprint([source])
-    with pytest.raises(SourceError, match="only local paths are supported"):
-        source_kind(SourceConfig(kind="vctk", path=f"s3://{seaweedfs.bucket}/vctk"))
+    with pytest.raises(SourceError, match=f"source s3://{seaweedfs.bucket}/vctk: nothing below this prefix"):
+        source_kind(SourceConfig(kind="vctk", path=f"s3://{seaweedfs.bucket}/vctk"))  # s3:// works, if it holds a corpus
+    with pytest.raises(SourceError, match="an http\\(s\\):// source must be a manifest"):
+        source_kind(SourceConfig(kind="vctk", path="http://127.0.0.1:9/vctk"))
