@@ -269,3 +269,39 @@ def test_segment_never_keeps_too_long(corpus: dict[str, Any], tmp_path: Path) ->
     assert "75." in quarantined[0]["message"] and "audio.max_duration_s=30.0" in quarantined[0]["message"]
     assert not any(r["id"].startswith("talks/") for r in rows)
     assert len(_segment_rows(rows, "list/rec_b")) >= 3 and "list/short" in {r["id"] for r in rows}
+
+
+def test_a_version_written_before_audio_offset_s_still_opens_and_verifies(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shards and manifest written with the row schema of before segments (no `audio_offset_s`):
+    open_dataset reads them by the manifest's schema, verify passes, rows keep their values."""
+    import pyarrow as pa
+
+    from flows.generate import run_plain
+    from schemas import arrow
+    from storage.reader import open_dataset
+    from tasks import pipeline, publish
+
+    old_fields = [f for f in ROW_SCHEMA if f.name != "audio_offset_s"]
+    old_features = arrow.hf_features(old_fields)
+    old = pa.schema(old_fields, metadata={b"huggingface": json.dumps({"info": {"features": old_features}}).encode()})
+    monkeypatch.setattr(pipeline, "ROW_SCHEMA", old)
+    monkeypatch.setattr(pipeline, "rows_to_table", lambda rows: arrow.rows_to_table(rows)
+                        .drop_columns(["audio_offset_s"]).replace_schema_metadata(old.metadata))
+    monkeypatch.setattr(publish, "ROW_SCHEMA", old)
+    monkeypatch.setattr(publish, "hf_features", lambda: old_features)
+    manifest = (SAMPLES / "manifest.jsonl").read_text().splitlines()
+    listed = tmp_path / "old.jsonl"
+    listed.write_text("".join(json.dumps(json.loads(line) | {"path": str(SAMPLES / json.loads(line)["path"])}) + "\n"
+                              for line in manifest[:3]))
+    config = parse_config({"sources": [{"path": str(listed), "dataset": "old", "allowed_roots": [str(SAMPLES)]}],
+                           "output": {"root": str(tmp_path / "root"), "dataset": "old"}, "llm": {"backend": "rules"}})
+    version = run_plain(config).lineage.version
+    handle = open_dataset(f"{tmp_path / 'root'}/old@{version}")
+    assert "audio_offset_s" not in handle.schema.names
+    assert handle.verify().ok
+    table = handle.to_arrow()
+    assert table.num_rows == 3 and "audio_offset_s" not in table.column_names
+    assert sorted(table.column("id").to_pylist()) == sorted(f"old/{json.loads(line)['id']}" for line in manifest[:3])
+    with pytest.raises(Exception, match="audio_offset_s"):  # asking for the new column names it
+        handle.to_arrow(columns=["id", "audio_offset_s"])
