@@ -8,14 +8,14 @@
 # The code lives at /app and is installed editable, so `speechpairs deploy` finds /app/prefect.yaml and
 # registers deployments whose pull step (`{{ $PWD }}`) is /app: workers in either image run flows from /app.
 # No Docker engine runs on the development machines: this file is kept correct by review and by
-# tests/test_container_files.py.
+# tests/unit/test_container_files.py.
 ARG VLLM_IMAGE=vllm/vllm-openai:v0.11.0
 
 # ---------------------------------------------------------------------------------------------------
 # gpu: vLLM's CUDA image (torch + vllm preinstalled), speechpairs on top; the image's torch/vllm stay.
 # ---------------------------------------------------------------------------------------------------
 FROM ${VLLM_IMAGE} AS gpu
-# SPEECHPAIRS_GPU_IMAGE: CUDA torch and triton belong here; tests/test_setup.py's CPU checks skip.
+# SPEECHPAIRS_GPU_IMAGE: CUDA torch and triton belong here; tests/integration/test_setup.py's CPU checks skip.
 ENV PREFECT_SERVER_ANALYTICS_ENABLED=false \
     SPEECHPAIRS_GPU_IMAGE=1 \
     DO_NOT_TRACK=1 \

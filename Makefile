@@ -16,7 +16,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK ?= 1
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: setup demo test bench lint clean system-deps serve torch-cpu
+.PHONY: setup demo test test-fast bench lint clean system-deps serve torch-cpu
 
 # Debian packages: espeak-ng + sox (synthetic test speech), ffmpeg (torchcodec decoding), libsndfile.
 system-deps:
@@ -57,8 +57,13 @@ setup: system-deps $(STAMP)
 demo: setup
 	$(VENV)/bin/speechpairs run examples/quickstart.yaml
 
+# Everything (CI calls this): tests/unit (plain functions, local files) and tests/integration (real
+# SeaweedFS, the Prefect API, clusters, subprocess CLIs, kill -9). `make test-fast`: the unit layer only.
 test: setup
 	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -n auto -m "not s3" tests/unit
 
 bench: setup
 	$(PY) bench/features.py

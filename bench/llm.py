@@ -178,8 +178,8 @@ def measure(config: Any, prepared: list[Any], store: Any, label: str, rounds: in
 
 def main() -> None:
     from storage.objectstore import LocalStore
-    from tests.datasets_support import sample_config
-    from tests.tiny_models import build_tiny_causal_lm
+    from tests.support.datasets_support import sample_config
+    from tests.support.tiny_models import build_tiny_causal_lm
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -3,7 +3,7 @@
 For each model it prints clips per second and × real time per core (seconds of audio processed
 per wall second on one thread) at batch size 1 and 16, and their ratio. Target: batching is not
 slower on CPU (ratio >= 1.0); on a GPU (`--device cuda`) it should be >= 3x faster per clip.
-The models are tiny random-weight ones built locally (tests/tiny_models.py): nothing is
+The models are tiny random-weight ones built locally (tests/support/tiny_models.py): nothing is
 downloaded, and the figures measure our batching and pre/post-processing around the model, not
 the accuracy or the speed of a real checkpoint.
 
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from schemas.config import ASRConfig
-from tests.tiny_models import build_micro_whisper
+from tests.support.tiny_models import build_micro_whisper
 
 SR = 16000
 CORPUS_AUDIO = ROOT / "examples" / "sample_corpus" / "audio"
@@ -131,7 +131,7 @@ def bench_classifiers(clips: list[np.ndarray], workdir: Path, device: str, repea
     extractor padding + attention mask, forward, softmax, label map), batch 1 vs 16."""
     from schemas.config import ClassifierConfig
     from tasks.features.classifiers import load_classifiers
-    from tests.tiny_models import build_tiny_audio_classifier
+    from tests.support.tiny_models import build_tiny_audio_classifier
 
     model_dir = build_tiny_audio_classifier(workdir / "tiny-classifier", ["ang", "hap", "neu", "sad"])
     results = []

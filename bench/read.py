@@ -29,9 +29,9 @@ sys.path.insert(0, str(REPO))
 TARGET_RATIO = 0.9
 
 
-def start_seaweedfs(workdir: Path):  # -> tests.seaweedfs.WeedServer
+def start_seaweedfs(workdir: Path):  # -> tests.support.seaweedfs.WeedServer
     """`weed mini` exactly as the test fixture starts it (its own process group, 127.0.0.1 only)."""
-    from tests.seaweedfs import start_weed, weed_binary
+    from tests.support.seaweedfs import start_weed, weed_binary
 
     weed = weed_binary()
     if weed is None:
@@ -50,7 +50,7 @@ def main() -> None:
 
     from schemas.config import S3Config
     from storage.reader import open_dataset
-    from tests.datasets_support import make_version
+    from tests.support.datasets_support import make_version
 
     with tempfile.TemporaryDirectory(prefix="speechpairs-bench-read-") as tmp:
         work = Path(tmp)

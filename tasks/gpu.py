@@ -29,7 +29,7 @@ def cuda_devices() -> int:
     """GPUs torch sees on this machine (0 without torch or CUDA).
 
     Importing torch costs seconds, so only a config with a model stage on `auto` may ask: a run
-    without model stages never imports it (tests/test_local_server.py checks `sys.modules`)."""
+    without model stages never imports it (tests/integration/test_local_server.py checks `sys.modules`)."""
     try:
         import torch
     except ImportError:

@@ -133,7 +133,7 @@ _NAME_DROP = str.maketrans({c: " " for c in "()," + _COLON + _BAR})
 # Plain single-spaced ASCII without `: < > [ ] { } |` (nor parentheses in values, commas in names) is
 # left unchanged by every step of the slow path (NFKC included), so it is returned as is: most values
 # and many transcripts take this path, which keeps a seed's dozen strings at a few microseconds each.
-# tests/test_hostile_text.py checks the two paths agree on random ASCII.
+# tests/unit/tasks/test_hostile_text.py checks the two paths agree on random ASCII.
 _PLAIN = r"[A-Za-z0-9.,'/+%&!?;*#=~\"_{extra}-]+"
 _ALREADY_SAFE = {kind: re.compile(f"{word}(?: {word})*") for kind, word in (
     ("transcript", _PLAIN.format(extra="()")), ("value", _PLAIN.format(extra="")),

@@ -27,18 +27,18 @@ from tasks.calibrate import (
     write_bins,
 )
 from tasks.describe import BinScale, load_bins
-from tests.corrupt_zoo import build_zoo
-from tests.datasets_support import sample_config
-from tests.seaweedfs import SeaweedS3
-from tests.test_features import SR, TEXT, espeak  # noqa: F401 - the espeak-ng synth fixture
+from tests.support.corrupt_zoo import build_zoo
+from tests.support.datasets_support import sample_config
+from tests.support.paths import REPO
+from tests.support.seaweedfs import SeaweedS3
+from tests.support.speech import SR, TEXT
 
-REPO = Path(__file__).resolve().parent.parent
 SPEEDS = list(range(90, 390, 20))  # espeak-ng words per minute: 15 clips, ~2.5 to ~9.7 syllables/s
 SPEED = "Speaking speed"
 
 
 @pytest.fixture(scope="module")
-def synth_corpus(espeak, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811 - fixture
+def synth_corpus(espeak, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """15 espeak-ng clips of one sentence at spread speeds and pitches, plus one corrupt file."""
     root = tmp_path_factory.mktemp("synth")
     (root / "audio").mkdir()

@@ -7,11 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.support.paths import REPO
 
 SPEECHPAIRS = [sys.executable, "-m", "flows.cli"]
 
@@ -34,7 +33,7 @@ def test_version_is_the_package_version_and_commit_the_manifests_record() -> Non
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from tests.datasets_support import make_version
+    from tests.support.datasets_support import make_version
 
     root = tmp_path_factory.mktemp("root")
     make_version(str(root), "sample", workdir=tmp_path_factory.mktemp("work"))
@@ -112,6 +111,6 @@ def test_makefile_turns_telemetry_off_unless_the_user_set_it(given: str | None, 
 
 
 def test_tests_run_with_telemetry_off() -> None:
-    conftest = (Path(__file__).parent / "conftest.py").read_text()
+    conftest = (REPO / "tests" / "conftest.py").read_text()
     assert 'os.environ.setdefault("DO_NOT_TRACK", "1")' in conftest
     assert os.environ.get("DO_NOT_TRACK")

@@ -14,9 +14,9 @@ from storage.objectstore import open_store
 from storage.versions import list_versions, read_ref
 from tasks.commit_gate import CommitRefused, QuarantineExample, check_commit, shard_needs_redo
 from tasks.run import run_context
-from tests.fake_llm_server import FakeLLMServer
+from tests.support.fake_llm_server import FakeLLMServer
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "examples" / "sample_corpus"
 
 

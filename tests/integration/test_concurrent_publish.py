@@ -15,9 +15,8 @@ import pytest
 from schemas.config import S3Config
 from storage.objectstore import ObjectStore, open_store
 from storage.versions import list_versions, read_manifest, resolve_version
-from tests.seaweedfs import SeaweedS3
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.support.paths import REPO
+from tests.support.seaweedfs import SeaweedS3
 
 PUBLISHER = textwrap.dedent("""
     import json, sys, time
@@ -25,7 +24,7 @@ PUBLISHER = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     import tasks.publish as publish
     from flows.generate import run_plain
-    from tests.datasets_support import sample_config
+    from tests.support.datasets_support import sample_config
     root, endpoint, region, repeat, workdir, barrier = sys.argv[1:7]
     config = sample_config(root, "race", workdir=Path(workdir), repeat=int(repeat), shard_size=4,
                            s3_endpoint=endpoint, s3_region=region)

@@ -12,9 +12,9 @@ from schemas.config import S3Config, load_config
 from storage.objectstore import open_store
 from storage.reader import open_dataset
 from storage.versions import read_manifest
-from tests.seaweedfs import SeaweedS3
+from tests.support.paths import REPO
+from tests.support.seaweedfs import SeaweedS3
 
-REPO = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.s3, pytest.mark.usefixtures("prefect_harness")]
 
 

@@ -1,6 +1,6 @@
 """`speechpairs datasets …`: card, list, tag, show, verify, pull, diff, export desta and gc.
 
-Versions are made by the real stages on the 10-clip sample corpus (tests/datasets_support.py),
+Versions are made by the real stages on the 10-clip sample corpus (tests/support/datasets_support.py),
 on a local directory and on a real SeaweedFS S3 server.
 """
 
@@ -30,8 +30,9 @@ from storage.objectstore import LocalStore, ObjectStore, open_store
 from storage.pull import PullError, pull_version
 from storage.shards import write_parquet_shard
 from storage.versions import commit_version, list_versions, read_manifest
-from tests.datasets_support import make_version
-from tests.seaweedfs import SeaweedS3
+from tests.support.datasets_support import make_version
+from tests.support.paths import REPO
+from tests.support.seaweedfs import SeaweedS3
 
 DS = "demo"
 DAY = 86_400.0
@@ -409,7 +410,7 @@ def test_cli_gives_the_temporary_prefect_server_time_to_start() -> None:
     probe = ("import sys; from flows.cli import main; main(['datasets', 'list', sys.argv[1]]); "
              "from prefect.settings import get_current_settings; "
              "print(get_current_settings().server.ephemeral.startup_timeout_seconds)")
-    repo = Path(__file__).resolve().parent.parent
+    repo = REPO
 
     def timeout_seen(env: dict[str, str]) -> str:
         out = subprocess.run([sys.executable, "-c", probe, str(repo / "examples")], capture_output=True,

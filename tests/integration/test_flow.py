@@ -19,10 +19,10 @@ from tasks.llm import make_backend
 from tasks.pipeline import process_shard
 from tasks.plan import load_shard_plan, plan_run
 from tasks.run import run_context
-from tests.corrupt_zoo import build_zoo
-from tests.seaweedfs import SeaweedS3
+from tests.support.corrupt_zoo import build_zoo
+from tests.support.paths import REPO
+from tests.support.seaweedfs import SeaweedS3
 
-REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
@@ -188,7 +188,7 @@ def test_commit_retry_after_lost_marker_does_not_publish_twice(tmp_path: Path) -
 
 
 def test_flow_with_openai_backend_retries_faults_and_loses_nothing(tmp_path: Path, sample_corpus: Path) -> None:
-    from tests.fake_llm_server import FakeLLMServer
+    from tests.support.fake_llm_server import FakeLLMServer
 
     markers = {"librivox_ss01_0870": "flaky", "librivox_ss01_0880": "slow", "cmu_cards_002": "bad"}
     with (tmp_path / "m.jsonl").open("w") as f:
@@ -280,7 +280,7 @@ def test_duplicate_ids_keep_one_row_and_quarantine_the_rest(tmp_path: Path, samp
 
 
 def test_plain_runner_matches_the_flow(tmp_path: Path) -> None:
-    from tests.datasets_support import make_version
+    from tests.support.datasets_support import make_version
 
     manifest = make_version(str(tmp_path / "plain"), "same", workdir=tmp_path)
     summary = run_generate(quickstart(tmp_path / "flow", "output.dataset=same"))
@@ -315,7 +315,7 @@ def test_gc_flow_removes_an_abandoned_run_but_not_the_committed_version(tmp_path
 def test_resumed_run_never_regenerates_a_finished_request(tmp_path: Path, sample_corpus: Path) -> None:
     """A run that died after its LLM calls but before its shards were marked done: the re-run
     finds every response in the request cache, so the server sees no second request."""
-    from tests.fake_llm_server import FakeLLMServer
+    from tests.support.fake_llm_server import FakeLLMServer
 
     server = FakeLLMServer().start()
     try:

@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import pytest
 
@@ -24,9 +23,10 @@ from tasks.llm import LLMRequest, LLMResult, build_messages
 from tasks.llm.base import LLMUnavailable
 from tasks.llm.cache import CachedBackend, scope_prefix, stored_keys
 from tasks.llm.openai_compat import OpenAICompatBackend
+from tests.support.paths import REPO
 
 try:
-    from tests.fake_llm_server import FakeLLMServer
+    from tests.support.fake_llm_server import FakeLLMServer
 except ImportError:  # tests/ is not a package: pytest puts it on sys.path itself
     from fake_llm_server import FakeLLMServer
 
@@ -107,6 +107,7 @@ from storage.objectstore import LocalStore
 from tasks.llm import LLMRequest
 from tasks.llm.cache import CachedBackend
 from tasks.llm.openai_compat import OpenAICompatBackend
+from tests.support.paths import REPO
 doc = json.loads(open(sys.argv[2]).read())
 backend = CachedBackend(OpenAICompatBackend(LLMConfig(**doc["config"])), LocalStore(doc["store"]), doc["prefix"])
 backend.generate([LLMRequest.model_validate(r) for r in doc["requests"]])
@@ -126,7 +127,7 @@ def test_kill_9_mid_batch_rerun_sends_only_the_missing_half(server, tmp_path):
         "config": _config(server, timeout_s=120.0, concurrency=40).model_dump(mode="json"),
         "store": str(tmp_path / "store"), "prefix": PREFIX,
         "requests": [r.model_dump(mode="json") for r in reqs]}))
-    repo = Path(__file__).resolve().parent.parent
+    repo = REPO
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_RUN, str(repo), str(job)], cwd=repo,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     store = LocalStore(tmp_path / "store")

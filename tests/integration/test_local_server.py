@@ -27,8 +27,8 @@ from typing import ClassVar
 import pytest
 
 from flows.local_server import ServerRecord, probe
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "examples" / "sample_corpus"
 PREFECT_VERSION = metadata.version("prefect")
 
@@ -273,6 +273,7 @@ def test_a_foreign_server_on_the_recorded_port_is_never_used(local_home: Path, m
 _OLD_SERVER = """
 import json, sys
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from tests.support.paths import REPO
 home = sys.argv[1]
 answers = {"/api/health": True, "/api/admin/version": "2.20.0", "/api/admin/settings": {"home": home}}
 class H(BaseHTTPRequestHandler):

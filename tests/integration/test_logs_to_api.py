@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.support.paths import REPO
+
 SAMPLE = REPO / "examples" / "sample_corpus"
 
 

@@ -13,7 +13,8 @@ from flows.generate import run_plain
 from schemas.records import QuarantineError, ReasonCode, Stage
 from storage.objectstore import open_store
 from storage.versions import read_manifest
-from tests.datasets_support import sample_config
+from tests.support.datasets_support import sample_config
+from tests.support.paths import REPO
 
 pytest.importorskip("whisper")
 pytest.importorskip("transformers")
@@ -23,7 +24,7 @@ EMOTIONS = ["ang", "hap", "neu", "sad"]
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from tests.tiny_models import build_micro_whisper, build_tiny_audio_classifier
+    from tests.support.tiny_models import build_micro_whisper, build_tiny_audio_classifier
 
     root = tmp_path_factory.mktemp("models")
     return {"whisper": build_micro_whisper(root / "micro-whisper.pt"),
@@ -100,7 +101,7 @@ def test_a_failing_clip_is_quarantined_and_the_shard_goes_on(tiny_models: dict[s
 def test_missing_model_fails_the_run_up_front(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from flows.cli import main
 
-    repo = Path(__file__).resolve().parent.parent
+    repo = REPO
     code = main(["run", str(repo / "examples" / "quickstart.yaml"), "--set", f"output.root={tmp_path}",
                  "--set", "features.classifiers=[{attribute: emotion, model: /nonexistent/emotion-model}]"])
     assert code == 2
@@ -113,7 +114,7 @@ def test_transformers_backend_end_to_end_stores_the_rendered_prompt(tmp_path: Pa
     text the model saw, rendered with the backbone's own chat template."""
     from schemas.records import Message
     from tasks.llm.chat_template import render_prompt
-    from tests.tiny_models import build_tiny_causal_lm
+    from tests.support.tiny_models import build_tiny_causal_lm
 
     model = build_tiny_causal_lm(tmp_path / "tiny-lm")
     config = sample_config(str(tmp_path / "out"), "lm", workdir=tmp_path, overrides=[

@@ -21,8 +21,8 @@ from storage.versions import read_manifest
 from tasks.llm import make_backend
 from tasks.pipeline import ShardOutcome, process_shard
 from tasks.plan import load_shard_plan, plan_run
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 GHOST = "ghost_clip"  # a manifest row whose audio file does not exist: quarantined at the audio stage
 
 

@@ -13,8 +13,8 @@ from schemas.config import RunConfig
 from storage import objectstore
 from storage.objectstore import NotFound, open_store
 from storage.versions import list_versions, resolve_version
-from tests.datasets_support import sample_config
-from tests.seaweedfs import WeedServer
+from tests.support.datasets_support import sample_config
+from tests.support.seaweedfs import WeedServer
 
 pytestmark = pytest.mark.s3
 

@@ -146,7 +146,7 @@ def test_a_hook_passed_to_the_flow_hears_every_clip_and_a_rerun_reports_them_reu
     """The progress hook is a parameter (no module global): the flow reports the total, its in-process
     shard tasks each finished batch; a re-run of the committed config reports every clip as reused."""
     from flows.generate import run_generate
-    from tests.datasets_support import sample_config
+    from tests.support.datasets_support import sample_config
 
     config = sample_config(str(tmp_path / "out"), "hooked", workdir=tmp_path, shard_size=4)
     calls: list[tuple[str, int, int]] = []

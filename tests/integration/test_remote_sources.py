@@ -31,9 +31,9 @@ from storage.reader import open_dataset
 from storage.versions import read_manifest
 from tasks.audio import load_audio
 from tasks.ingest import SourceError, iter_refs, load_clip, source_fingerprint
-from tests.seaweedfs import SeaweedS3
+from tests.support.paths import REPO
+from tests.support.seaweedfs import SeaweedS3
 
-REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "examples" / "sample_corpus"
 MANIFEST_ROWS = [json.loads(line) for line in (SAMPLE / "manifest.jsonl").read_text().splitlines() if line.strip()]
 

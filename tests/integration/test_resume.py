@@ -2,13 +2,13 @@
 no duplicate and no missing id, and shards finished before the kill are not redone.
 
 Every run is the real `speechpairs run CONFIG` in a subprocess (its own process group) against the
-session Prefect server, with `llm.backend: openai` pointed at tests/fake_llm_server.py (which counts
+session Prefect server, with `llm.backend: openai` pointed at tests/support/fake_llm_server.py (which counts
 the requests per clip: each clip's transcript carries a `clip=<id>` marker).
 
 - mid-run: SIGKILL to the process group at a random moment (after 2…6 of 9 shards, + 0…0.3 s);
 - commit: SIGKILL once every shard is finished, at each named point of the commit protocol (before
   the claim, after the claim, after the manifest, after the ref), deterministically:
-  tests/resume_support.py makes the process SIGKILL itself there, since these windows are a few
+  tests/support/resume_support.py makes the process SIGKILL itself there, since these windows are a few
   milliseconds wide and polling from outside would hit them only by luck;
 - after success: the same config again commits nothing.
 
@@ -39,10 +39,10 @@ from schemas.config import load_config
 from storage.objectstore import open_store
 from storage.reader import open_dataset
 from storage.versions import list_versions, read_manifest, resolve_version
-from tests.fake_llm_server import FakeLLMServer
-from tests.resume_support import KILL_POINTS
+from tests.support.fake_llm_server import FakeLLMServer
+from tests.support.paths import REPO
+from tests.support.resume_support import KILL_POINTS
 
-REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "examples" / "sample_corpus"
 SOURCE = "sample"  # row ids are "<source dataset>/<manifest id>"
 RUN_TIMEOUT_S = 120
@@ -100,7 +100,7 @@ class Cli:
 
     @classmethod
     def start(cls, config: Path, env: dict[str, str], logs: Path, *, kill_point: str | None = None) -> Cli:
-        entry = ["-m", "tests.resume_support", kill_point] if kill_point else ["-m", "flows.cli"]
+        entry = ["-m", "tests.support.resume_support", kill_point] if kill_point else ["-m", "flows.cli"]
         out, err = logs.with_suffix(".out"), logs.with_suffix(".err")
         with out.open("wb") as fo, err.open("wb") as fe:
             proc = subprocess.Popen([sys.executable, *entry, "run", str(config), "--no-progress"], cwd=REPO,

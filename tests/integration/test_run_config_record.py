@@ -22,10 +22,7 @@ from storage.reader import open_dataset
 from storage.verify import verify_version
 from storage.versions import config_key, list_versions, manifest_key, read_config, read_manifest
 from tasks.run import run_context
-from tests.datasets_support import SAMPLE, make_version
-
-REPO = Path(__file__).resolve().parent.parent
-
+from tests.support.datasets_support import SAMPLE, make_version
 
 # --------------------------------------------------------------------------------------------
 # Canonical config (pure)

@@ -19,10 +19,10 @@ from storage.gc import collect_garbage
 from storage.layout import LEASE
 from storage.lease import LeaseInfo, LeaseLost, RunBusy, RunLease, read_lease
 from storage.objectstore import ObjectStore, open_store
-from tests.fake_llm_server import FakeLLMServer
-from tests.seaweedfs import SeaweedS3
+from tests.support.fake_llm_server import FakeLLMServer
+from tests.support.paths import REPO
+from tests.support.seaweedfs import SeaweedS3
 
-REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "examples" / "sample_corpus"
 STAGING = "ds/_staging/run-x"
 

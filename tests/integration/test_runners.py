@@ -24,9 +24,9 @@ from flows.runners import (
 from schemas.config import RunConfig, load_config, parse_config
 from tasks.gpu import gpu_stages, model_stages
 from tasks.run import run_context
-from tests.seaweedfs import SeaweedS3
+from tests.support.paths import REPO
+from tests.support.seaweedfs import SeaweedS3
 
-REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from flows.deploy import DEFAULT_POOL, deployment_names
-from tests.conftest import REPO
+from tests.support.paths import REPO
 
 
 def _free_port() -> int:

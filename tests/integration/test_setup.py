@@ -21,7 +21,7 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.conftest import REPO
+from tests.support.paths import REPO
 
 CUDA_DIST = re.compile(r"^(nvidia-.*|cuda-.*|triton)$")
 # The GPU image (Dockerfile `gpu` stage) sets this: CUDA packages are meant to be there. Anywhere else a

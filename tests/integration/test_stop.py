@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.fake_llm_server import FakeLLMServer
+from tests.support.fake_llm_server import FakeLLMServer
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "examples" / "sample_corpus"
 pytestmark = pytest.mark.slow
 

@@ -12,9 +12,8 @@ import pytest
 from schemas.config import S3Config
 from storage.objectstore import open_store
 from storage.preflight import StorageProblem, check_writable, explain
-from tests.seaweedfs import READER_ACCESS_KEY, READER_SECRET_KEY, SeaweedS3
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.support.paths import REPO
+from tests.support.seaweedfs import READER_ACCESS_KEY, READER_SECRET_KEY, SeaweedS3
 
 
 def _free_port() -> int:

@@ -11,8 +11,8 @@ import yaml
 from flows.cli import main
 from flows.deploy import DeployError, check_parameters
 from schemas.config import ConfigError, LLMConfig, S3Config, parse_config
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 SECRET = "pa55-w0rd-zq81"
 
 

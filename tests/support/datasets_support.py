@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+
+import pyarrow as pa
 
 from flows.generate import run_plain
 from schemas.config import RunConfig, parse_config
 from schemas.manifest import Manifest
+from storage.reader import DatasetHandle, open_dataset
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "examples" / "sample_corpus"
 
 
@@ -43,3 +47,28 @@ def make_version(root: str, dataset: str, *, workdir: Path, repeat: int = 1, sha
     config = sample_config(root, dataset, repeat=repeat, shard_size=shard_size, workdir=workdir,
                            overrides=overrides, s3_endpoint=s3_endpoint, s3_region=s3_region)
     return run_plain(config)
+
+
+@dataclass(frozen=True)
+class LocalVersion:
+    root: Path
+    dataset: str
+    version: str
+
+    @property
+    def uri(self) -> str:
+        return f"{self.root}/{self.dataset}@{self.version}"
+
+    @property
+    def version_dir(self) -> Path:
+        return self.root / self.dataset / self.version
+
+    def handle(self) -> DatasetHandle:
+        return open_dataset(self.uri)
+
+    def table(self, columns: list[str] | None = None) -> pa.Table:
+        """The version's rows read straight from its shard files with pyarrow (the reference)."""
+        import pyarrow.parquet as pq
+
+        files = [self.version_dir / s.path for s in self.handle().manifest.shards]
+        return pa.concat_tables(pq.read_table(f, columns=columns) for f in files)

@@ -1,4 +1,4 @@
-"""Hostile corpora for tests/test_hostile_files.py: FIFOs, device links, dangling and looping links,
+"""Hostile corpora for tests/unit/tasks/test_hostile_files.py: FIFOs, device links, dangling and looping links,
 links out of the corpus, a piped FLAC (no length in its header), odd file names, over-long rows.
 
 Every audio file is real speech from examples/sample_corpus; the hostile parts are made with the
@@ -21,8 +21,8 @@ import soundfile as sf
 from flows.generate import run_plain
 from schemas.config import RunConfig, parse_config
 from schemas.manifest import Manifest
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 SAMPLE_AUDIO = REPO / "examples" / "sample_corpus" / "audio"
 SPEECH = SAMPLE_AUDIO / "arctic_slt_a0009.wav"  # 99 KB
 SHORT = SAMPLE_AUDIO / "cmu_cards_002.wav"  # 63 KB, 31364 frames at 16 kHz

@@ -1,4 +1,4 @@
-"""`speechpairs` with a `kill -9` at a named point of the version commit (tests/test_resume.py).
+"""`speechpairs` with a `kill -9` at a named point of the version commit (tests/integration/test_resume.py).
 
     python -m tests.resume_support KILL_POINT run CONFIG [--no-progress ...]
 

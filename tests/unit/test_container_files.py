@@ -25,7 +25,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.support.paths import REPO
+
 DOCKERFILE = REPO / "Dockerfile"
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERIGNORE = REPO / ".dockerignore"

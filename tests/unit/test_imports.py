@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.paths import REPO
+
 LAYERS = ("schemas", "storage", "tasks", "flows")  # bottom to top
 RANK = {name: rank for rank, name in enumerate(LAYERS)}
 

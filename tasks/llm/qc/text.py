@@ -53,7 +53,7 @@ class Scan:
     """A costly regex (a large case-insensitive alternation) run only when the answer holds a word
     that every match of it must contain (`triggers`, or a word starting with one of `prefixes`): a
     set lookup is far cheaper, and most answers name no age, accent or emotion (figures in
-    docs/decisions.md). tests/test_qc.py checks the triggers against every pattern's matches."""
+    docs/decisions.md). tests/unit/tasks/llm/test_qc.py checks the triggers against every pattern's matches."""
 
     pattern: re.Pattern[str]
     triggers: frozenset[str]

@@ -19,7 +19,7 @@ import pytest
 import soundfile as sf
 
 from flows.cli import main
-from tests.consumers.conftest import LocalVersion
+from tests.support.datasets_support import LocalVersion
 
 datasets = pytest.importorskip("datasets")
 transformers = pytest.importorskip("transformers")

@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 import yaml
 
-from tests.consumers.conftest import LocalVersion
+from tests.support.datasets_support import LocalVersion
 
 datasets = pytest.importorskip("datasets")
 

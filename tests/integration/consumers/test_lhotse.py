@@ -30,8 +30,8 @@ from tasks.describe import load_bins
 from tasks.features.pitch import estimate_pitch
 from tasks.ingest import iter_refs, load_clip
 from tasks.ingest.lhotse import prepare_lhotse
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 AUDIO = REPO / "examples" / "sample_corpus" / "audio"
 SR = 16_000
 TEXT = {r["id"]: r.get("transcript") for r in map(json.loads, (AUDIO.parent / "manifest.jsonl").read_text().splitlines())}

@@ -25,8 +25,8 @@ import yaml
 from flows.cli import main
 from schemas.config import S3Config
 from storage.reader import DatasetHandle, open_dataset
-from tests.datasets_support import SAMPLE, make_version
-from tests.seaweedfs import (
+from tests.support.datasets_support import SAMPLE, make_version
+from tests.support.seaweedfs import (
     ACCESS_KEY,
     BUCKET,
     REGION,

@@ -8,7 +8,7 @@ from collections import Counter
 import pyarrow.dataset as pads
 import pytest
 
-from tests.consumers.conftest import LocalVersion
+from tests.support.datasets_support import LocalVersion
 
 duckdb = pytest.importorskip("duckdb")
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.consumers.conftest import LocalVersion
+from tests.support.datasets_support import LocalVersion
 
 torch = pytest.importorskip("torch")
 from torch.utils.data import DataLoader

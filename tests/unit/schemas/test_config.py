@@ -3,8 +3,7 @@ from pathlib import Path
 import pytest
 
 from schemas.config import ConfigError, load_config, parse_config
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.support.paths import REPO
 
 
 def test_quickstart_loads_and_resolves_source_paths() -> None:

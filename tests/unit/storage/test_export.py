@@ -1,7 +1,7 @@
 """`speechpairs datasets export desta|desta2`: values against the version's rows, resume after a
 kill -9, and a row that cannot be exported (named by clip id and shard, exit 1).
 
-Versions come from the real stages on the 10-clip sample corpus (tests/datasets_support.py).
+Versions come from the real stages on the 10-clip sample corpus (tests/support/datasets_support.py).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from flows.cli import main
 from storage.export import ExportError, export_desta2
 from storage.objectstore import LocalStore
 from storage.versions import read_manifest
-from tests.datasets_support import make_version
+from tests.support.datasets_support import make_version
+from tests.support.paths import REPO
 
 DS = "demo"
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,7 @@ from storage.versions import (
     refs_prefix,
     version_key,
 )
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.support.paths import REPO
 
 
 def test_run_layout_keys_are_the_ones_a_resumed_run_looks_for() -> None:

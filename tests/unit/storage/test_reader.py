@@ -1,6 +1,6 @@
 """Consumer API: open_dataset, verify, streaming reads, HF `datasets`, and the torch loader.
 
-Versions are made by the real pipeline on the sample corpus (tests/datasets_support.py), on a
+Versions are made by the real pipeline on the sample corpus (tests/support/datasets_support.py), on a
 local directory and on a real SeaweedFS S3 server.
 """
 
@@ -27,8 +27,8 @@ from storage.objectstore import ObjectStore
 from storage.reader import DatasetHandle, open_dataset
 from storage.verify import verify_manifest, verify_version
 from storage.versions import VersionNotFound, set_ref
-from tests.datasets_support import REPO, make_version
-from tests.seaweedfs import SeaweedS3
+from tests.support.datasets_support import REPO, make_version
+from tests.support.seaweedfs import SeaweedS3
 
 DATASET = "demo"
 SR = 16_000

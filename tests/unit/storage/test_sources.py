@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from schemas.config import RunConfig, S3Config, SourceS3Config, parse_config
 from storage import sources
-from tests.seaweedfs import SeaweedS3
+from tests.support.seaweedfs import SeaweedS3
 
 DATA = bytes(range(256)) * 40  # 10,240 bytes whose every offset is recognisable
 

@@ -52,7 +52,7 @@ from storage.versions import (
     resolve_version,
     set_ref,
 )
-from tests.seaweedfs import SeaweedS3
+from tests.support.seaweedfs import SeaweedS3
 
 DATASET = "demo"
 SR = 16_000

@@ -15,7 +15,7 @@ from tasks.audio import encode_audio, load_audio
 from tasks.ingest import iter_refs, load_clip
 from tasks.measure import measure_clip as _measure
 from tasks.tally import ShardTally as _Acc
-from tests.corrupt_zoo import build_zoo, ffmpeg_encode
+from tests.support.corrupt_zoo import build_zoo, ffmpeg_encode
 
 CFG = AudioConfig()
 

@@ -18,6 +18,7 @@ from tasks.describe import (
 )
 from tasks.features.labels import resolve_attributes
 from tasks.instructions import load_instruction_pool, pick_instruction, pool_hash
+from tests.support.paths import REPO
 
 BINS = load_bins(None)
 
@@ -80,7 +81,7 @@ def test_seed_with_whisper_segments_gets_one_span_each() -> None:
 
 
 def test_custom_bins_file_validated_and_versioned(tmp_path: Path) -> None:
-    data = json.loads((Path(__file__).parents[1] / "tasks" / "resources" / "bins_v1.json").read_text())
+    data = json.loads((REPO / "tasks" / "resources" / "bins_v1.json").read_text())
     data["speed"]["edges"] = [3.0, 2.0, 5.0, 6.0]
     (tmp_path / "bad.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="strictly ascending"):
@@ -209,7 +210,7 @@ def test_describe_multi_span_measures_each_span_and_keeps_clip_words_apart() -> 
     from tasks.describe import describe_multi_span
     from tasks.features.pitch import estimate_pitch
 
-    audio = Path(__file__).resolve().parents[1] / "examples" / "sample_corpus" / "audio"
+    audio = REPO / "examples" / "sample_corpus" / "audio"
     male, _ = sf.read(audio / "librivox_ss01_0880.wav", dtype="float32")
     female, _ = sf.read(audio / "arctic_slt_a0009.wav", dtype="float32")
     samples = np.concatenate([male, female])

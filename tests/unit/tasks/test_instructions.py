@@ -9,8 +9,8 @@ import pytest
 
 from schemas.config import ConfigError, DescribeConfig, load_config
 from tasks.instructions import InstructionPoolError, instruction_pool, load_instruction_pool
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = str(REPO / "examples" / "quickstart.yaml")
 POOL = "# a pool with one bad line\nDescribe the speaker.\n\n[words<=20] In a few words, who speaks?\n[jsn] Bad tag.\n"
 

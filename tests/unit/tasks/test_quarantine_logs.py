@@ -17,8 +17,9 @@ from tasks.llm import make_backend
 from tasks.pipeline import process_shard
 from tasks.plan import load_shard_plan, plan_run
 from tasks.tally import QUARANTINE_LOG_PER_REASON
+from tests.support.paths import REPO
 
-SAMPLE = Path(__file__).resolve().parent.parent / "examples" / "sample_corpus"
+SAMPLE = REPO / "examples" / "sample_corpus"
 
 
 def test_only_the_first_clips_of_each_reason_get_a_line_each(tmp_path: Path,

@@ -19,8 +19,8 @@ import soxr
 
 from schemas.config import ASRConfig
 from schemas.records import QuarantineError, ReasonCode, Stage
-from tests.conftest import REPO, SAMPLE_CORPUS
-from tests.tiny_models import WHISPER_V3_VOCAB, build_micro_whisper
+from tests.support.paths import REPO, SAMPLE_CORPUS
+from tests.support.tiny_models import WHISPER_V3_VOCAB, build_micro_whisper
 
 whisper = pytest.importorskip("whisper")
 torch = pytest.importorskip("torch")

@@ -20,9 +20,9 @@ pytest.importorskip("transformers")
 from schemas.config import ClassifierConfig
 from schemas.records import QuarantineError, ReasonCode, Stage
 from tasks.features.classifiers import AttributeClassifier, load_classifiers
-from tests.tiny_models import build_tiny_audio_classifier
+from tests.support.paths import REPO
+from tests.support.tiny_models import build_tiny_audio_classifier
 
-REPO = Path(__file__).resolve().parent.parent
 AUDIO = REPO / "examples" / "sample_corpus" / "audio"
 MODEL_LABELS = ["ang", "hap", "neu", "sad", "LABEL_4"]
 LABEL_MAP = {"LABEL_4": "Surprise"}  # a model whose config never named one class

@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import subprocess
 from itertools import pairwise
-from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
-import soxr
 
 from schemas.config import FeaturesConfig
 from schemas.records import Features
@@ -28,25 +24,16 @@ from tasks.features.pitch import estimate_pitch
 from tasks.features.rate import count_syllables, speaking_rates, word_syllables, words
 from tasks.features.snr import wada_snr, wada_table
 from tasks.features.vad import speech_duration
+from tests.support.paths import REPO
+from tests.support.speech import SR, TEXT, to_16k
 
-SR = 16000
-CORPUS = Path(__file__).resolve().parents[1] / "examples" / "sample_corpus"
-TEXT = ("The quick brown fox jumps over the lazy dog while seven happy children "
-        "watch quietly from the old wooden fence.")
+CORPUS = REPO / "examples" / "sample_corpus"
 MALE_IDS = {"librivox_ss01_0870", "librivox_ss01_0880", "librivox_ss01_0890", "librivox_ss01_0920",
             "librivox_ss01_0930", "arctic_awb_a0007"}
 FEMALE_IDS = {"arctic_slt_a0009"}
 
 
 # --------------------------------------------------------------------------- helpers and fixtures
-
-def to_16k(audio: np.ndarray, sr: int) -> np.ndarray:
-    if audio.ndim == 2:
-        audio = audio.mean(axis=1)
-    if sr != SR:
-        audio = soxr.resample(audio, sr, SR)
-    return np.ascontiguousarray(audio, dtype=np.float32)
-
 
 def tone(freq_hz: float, seconds: float, amplitude: float = 0.5) -> np.ndarray:
     t = np.arange(int(seconds * SR)) / SR
@@ -60,24 +47,6 @@ def assert_clean(features: Features) -> None:
             assert math.isfinite(value), f"{name} = {value}"
         else:
             assert value is None or isinstance(value, str), f"{name} has type {type(value)}"
-
-
-@pytest.fixture(scope="module")
-def espeak(tmp_path_factory: pytest.TempPathFactory):
-    """`synth(*espeak_args, text=TEXT)` -> 16 kHz float32 speech from espeak-ng."""
-    binary = shutil.which("espeak-ng")
-    if binary is None:
-        pytest.skip("espeak-ng binary not found (apt-get install espeak-ng) - synthetic speech tests need it")
-    folder = tmp_path_factory.mktemp("espeak")
-    counter = iter(range(10**6))
-
-    def synth(*args: str, text: str = TEXT) -> np.ndarray:
-        out = folder / f"utt{next(counter)}.wav"
-        subprocess.run([binary, *args, "-w", str(out), text], check=True, capture_output=True, timeout=60)
-        audio, sr = sf.read(out, dtype="float32")
-        return to_16k(audio, sr)
-
-    return synth
 
 
 @pytest.fixture(scope="module")
@@ -318,7 +287,7 @@ def test_vad_ignores_a_dc_offset(espeak) -> None:
 def test_synthetic_speech_keeps_min_speech(espeak) -> None:
     """espeak-ng speech and the zoo's harmonic test signal stay far above audio.min_speech_s (0.2 s)."""
     from schemas.config import AudioConfig
-    from tests.corrupt_zoo import _tone_speech
+    from tests.support.corrupt_zoo import _tone_speech
 
     floor = AudioConfig().min_speech_s
     for audio in (espeak("-v", "en"), espeak("-v", "en+f3", "-s", "280"), _tone_speech(1.0), _tone_speech(0.5)):

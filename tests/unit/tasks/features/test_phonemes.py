@@ -6,7 +6,7 @@ import pytest
 
 from tasks.features import extract_features
 from tasks.features.phonemes import phoneme_counts, phoneme_rate
-from tests.test_features import SR, TEXT, espeak  # noqa: F401 - the espeak-ng synth fixture
+from tests.support.speech import SR, TEXT
 
 
 def test_phoneme_counts_are_plausible_and_batch_safe() -> None:
@@ -31,7 +31,7 @@ def test_unknown_language_leaves_the_rate_empty() -> None:
     assert phoneme_counts(["some text"], language="zz-not-a-language") == [None]
 
 
-def test_phoneme_rate_rises_with_espeak_speed(espeak) -> None:  # noqa: F811 - fixture
+def test_phoneme_rate_rises_with_espeak_speed(espeak) -> None:
     pytest.importorskip("phonemizer")
     [count] = phoneme_counts([TEXT])
     rates = []

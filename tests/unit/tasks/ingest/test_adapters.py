@@ -28,10 +28,11 @@ from tasks.features.labels import resolve_attributes
 from tasks.ingest import SourceError, iter_refs, load_clip, source_fingerprint, source_kind
 from tasks.ingest.vctk import prepare_vctk
 from tasks.plan import load_shard_plan, plan_run
-from tests.seaweedfs import SeaweedS3
+from tests.support.paths import REPO
+from tests.support.seaweedfs import SeaweedS3
 
 AUDIO = AudioConfig()
-SAMPLE_AUDIO = Path(__file__).resolve().parent.parent / "examples" / "sample_corpus" / "audio"
+SAMPLE_AUDIO = REPO / "examples" / "sample_corpus" / "audio"
 
 
 def tone(path: Path, seconds: float = 0.6, sr: int = 16000, channels: int = 1, freq: float = 220.0) -> Path:

@@ -1,5 +1,4 @@
 import json
-import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -7,6 +6,7 @@ import pytest
 from schemas.config import SourceConfig
 from schemas.records import ReasonCode
 from tasks.ingest import SourceError, dataset_name, iter_refs, load_clip
+from tests.support.corrupt_zoo import mixed_folder
 
 
 def _clips(sources: list[SourceConfig]):
@@ -76,26 +76,6 @@ def test_missing_source_fails_up_front(tmp_path: Path) -> None:
 def test_dataset_name_defaults() -> None:
     assert dataset_name(SourceConfig(path="/corpora/vctk/manifest.jsonl")) == "vctk"
     assert dataset_name(SourceConfig(path="/corpora/train_clean.csv")) == "train_clean"
-
-
-def test_manifest_is_read_lazily(tmp_path: Path) -> None:
-    """200k rows: iterating refs keeps memory flat (one row at a time), independent of file size."""
-    path = tmp_path / "big.jsonl"
-    with path.open("w") as f:
-        for i in range(200_000):
-            f.write(json.dumps({"path": f"clips/{i:07d}.wav", "transcript": "word " * 20, "spk": str(i % 50)}) + "\n")
-    small = tmp_path / "small.jsonl"
-    small.write_text(path.read_text().split("\n", 100)[0] + "\n")
-    assert len(list(iter_refs([SourceConfig(path=str(small), dataset="big")]))) == 1  # warm caches first
-    refs = iter_refs([SourceConfig(path=str(path), dataset="big")])
-    tracemalloc.start()
-    count = 0
-    for _ in refs:
-        count += 1
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    assert count == 200_000
-    assert peak < 1_000_000, f"peak {peak} bytes while streaming a {path.stat().st_size} byte manifest"
 
 
 # --------------------------------------------------------------------------- encodings and line numbers
@@ -177,27 +157,13 @@ def test_a_header_that_is_not_utf8_fails_the_source_up_front(tmp_path: Path) -> 
 
 # --------------------------------------------------------------------------- folders: what is not audio
 
-def _mixed_folder(root: Path, sample_corpus: Path) -> Path:
-    from tests.corrupt_zoo import ffmpeg_encode
-
-    (root / "spk" / ".git").mkdir(parents=True)
-    wav = sample_corpus / "audio" / "arctic_slt_a0009.wav"
-    (root / "spk" / "a.wav").write_bytes(wav.read_bytes())
-    (root / "spk" / "a.txt").write_text("he turned sharply")  # a sidecar: neither a clip nor skipped
-    ffmpeg_encode(wav, root / "spk" / "b.M4A", "-c:a", "aac", "-f", "mp4")  # suffixes match case-blind
-    for name in ["notes.pdf", "spk/scan.PDF", "spk/consent.docx"]:
-        (root / name).write_bytes(b"%not audio")
-    (root / ".DS_Store").write_bytes(b"x")  # hidden files and folders are never counted
-    (root / "spk" / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
-    return root
-
 
 def test_plan_counts_skipped_non_audio_files_by_extension(tmp_path: Path, sample_corpus: Path) -> None:
     from schemas.config import parse_config
     from storage.objectstore import open_store
     from tasks.plan import load_plan, plan_run, skipped_text
 
-    folder = _mixed_folder(tmp_path / "corpus", sample_corpus)
+    folder = mixed_folder(tmp_path / "corpus", sample_corpus)
     (folder / "README").write_text("no extension")
     config = parse_config({"sources": [{"path": str(folder), "dataset": "mixed"}],
                            "output": {"root": str(tmp_path / "out"), "dataset": "mixed"}}, environ={})
@@ -209,28 +175,3 @@ def test_plan_counts_skipped_non_audio_files_by_extension(tmp_path: Path, sample
     reloaded = load_plan(store, "mixed/_staging/r1")
     assert reloaded is not None and reloaded.skipped_files == plan.skipped_files  # a resumed run reports them too
     assert [c.id for c in _clips(config.sources)] == ["mixed/spk/a", "mixed/spk/b"]
-
-
-@pytest.mark.usefixtures("prefect_harness")
-def test_run_summary_names_the_skipped_files(tmp_path: Path, sample_corpus: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
-    from flows.cli import main
-    from flows.generate import run_generate
-    from flows.reporting import summary_table
-    from schemas.config import load_config
-    from storage.objectstore import open_store
-    from storage.versions import read_manifest
-
-    folder = _mixed_folder(tmp_path / "corpus", sample_corpus)
-    quickstart = Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"
-    sets = [f"sources.0.path={folder}", "sources.0.dataset=mixed", f"output.root={tmp_path / 'out'}",
-            "output.dataset=mixed"]
-    assert main(["run", str(quickstart), *(a for s in sets for a in ("--set", s)), "--no-progress"]) == 0
-    out = capsys.readouterr().out
-    assert "skipped non-audio files: 3 (.pdf=2, .docx=1)" in out
-    assert "rows written: 2" in out and "quarantined:  0" in out  # the m4a went through ffmpeg to a row
-    summary = run_generate(load_config(quickstart, sets, environ={}))  # already committed: same plan
-    assert summary.already_committed and summary.skipped_files == {".pdf": 2, ".docx": 1}
-    stats = read_manifest(open_store(str(tmp_path / "out")), "mixed", summary.version).stats
-    table = summary_table(summary, stats)
-    assert {"metric": "skipped non-audio files", "value": "3 (.pdf=2, .docx=1)"} in table

@@ -17,7 +17,7 @@ from tasks.llm.rules import RulesBackend as TemplateBackend
 from tasks.llm.rules import variant
 
 try:
-    from tests.fake_llm_server import FakeLLMServer
+    from tests.support.fake_llm_server import FakeLLMServer
 except ImportError:  # tests/ is not a package: pytest puts it on sys.path itself
     from fake_llm_server import FakeLLMServer
 

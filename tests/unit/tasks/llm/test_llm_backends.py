@@ -23,9 +23,8 @@ from tasks.llm.base import LLMUnavailable, as_backend
 from tasks.llm.cache import CachedBackend
 from tasks.llm.openai_compat import OpenAICompatBackend
 from tasks.llm.rules import RulesBackend
-from tests.fake_llm_server import FakeLLMServer
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.support.fake_llm_server import FakeLLMServer
+from tests.support.paths import REPO
 
 
 def _python(code: str) -> str:

@@ -33,7 +33,7 @@ from tasks.llm.chat_template import FALLBACK_CHAT_TEMPLATE, render_prompt
 from tasks.llm.openai_compat import LLMUnavailable, OpenAICompatBackend
 from tasks.llm.transformers_backend import TransformersBackend
 from tasks.llm.vllm_engine import VLLMEngineBackend
-from tests.tiny_models import build_tiny_causal_lm
+from tests.support.tiny_models import build_tiny_causal_lm
 
 
 @pytest.fixture(scope="module")
