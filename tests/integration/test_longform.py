@@ -24,19 +24,17 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
-import soxr
 
 from flows.generate import run_generate
 from schemas.arrow import ROW_SCHEMA
 from schemas.config import RunConfig, parse_config
 from storage.objectstore import open_store
 from storage.versions import read_manifest
+from tests.support.paths import REPO
+from tests.support.speech import SENTENCES, load_16k, trim_quiet
 
-REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "examples" / "sample_corpus"
 SR = 16_000
-SENTENCES = ["The quick brown fox jumps over the lazy dog.", "She sells sea shells by the sea shore.",
-             "Please call Stella and ask her to bring these things with her from the store."]
 ID = re.compile(r"^(?P<rec>.+)@(?P<start>\d+)-(?P<end>\d+)$")
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -56,17 +54,6 @@ class Recording:
     samples: np.ndarray  # int16, as written
 
 
-def _load(path: Path) -> np.ndarray:
-    audio, rate = sf.read(path, dtype="float32", always_2d=True)
-    mono = audio.mean(axis=1, dtype=np.float32)
-    return soxr.resample(mono, rate, SR).astype(np.float32) if rate != SR else mono
-
-
-def _trim(audio: np.ndarray, level: float = 0.01) -> np.ndarray:
-    loud = np.flatnonzero(np.abs(audio) > level)
-    return audio[loud[0]: loud[-1] + 1]
-
-
 @pytest.fixture(scope="module")
 def utterances(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[np.ndarray, str]]:
     """Trimmed real sample clips with their corpus transcripts, and espeak-ng sentences (16 kHz)."""
@@ -78,11 +65,11 @@ def utterances(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[np.ndarra
     for i, text in enumerate(SENTENCES):
         wav = folder / f"s{i}.wav"
         subprocess.run([binary, "-w", str(wav), "-s", "160", text], check=True, capture_output=True)
-        out.append((_trim(_load(wav)), text))
+        out.append((trim_quiet(load_16k(wav)), text))
     for line in (SAMPLES / "manifest.jsonl").read_text().splitlines():
         row = json.loads(line)
         if row.get("transcript") and row["path"].endswith((".wav", ".flac")):
-            out.append((_trim(_load(SAMPLES / row["path"])), row["transcript"]))
+            out.append((trim_quiet(load_16k(SAMPLES / row["path"])), row["transcript"]))
     return out
 
 

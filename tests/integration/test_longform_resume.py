@@ -28,18 +28,14 @@ from flows.generate import run_generate
 from schemas.config import parse_config
 from storage.objectstore import open_store
 from storage.versions import read_manifest
+from tests.support.paths import REPO
+from tests.support.speech import trim_quiet
 
-REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "examples" / "sample_corpus"
 SR = 16_000
 RUN_TIMEOUT_S = 300
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
-
-
-def _trim(audio: np.ndarray, level: float = 0.01) -> np.ndarray:
-    loud = np.flatnonzero(np.abs(audio) > level)
-    return audio[loud[0]: loud[-1] + 1]
 
 
 def _utterances() -> list[np.ndarray]:
@@ -48,7 +44,7 @@ def _utterances() -> list[np.ndarray]:
         if path.suffix in {".wav", ".flac"}:
             audio, rate = sf.read(path, dtype="float32", always_2d=True)
             mono = audio.mean(axis=1, dtype=np.float32)
-            out.append(_trim(soxr.resample(mono, rate, SR).astype(np.float32) if rate != SR else mono))
+            out.append(trim_quiet(soxr.resample(mono, rate, SR).astype(np.float32) if rate != SR else mono))
     return out
 
 

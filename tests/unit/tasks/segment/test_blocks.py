@@ -16,9 +16,10 @@ from schemas.records import QuarantineError, ReasonCode
 from tasks.segment import segment_recording
 from tasks.segment.blocks import iter_blocks, read_segment, recording_info
 from tasks.segment.vad import silero_available
+from tests.support.paths import SAMPLE_CORPUS
 
 SR = 16_000
-SAMPLES = Path(__file__).resolve().parents[4] / "examples" / "sample_corpus" / "audio"
+SAMPLES = SAMPLE_CORPUS / "audio"
 
 
 def _speechy(seconds: float, rate: int, seed: int = 0) -> np.ndarray:

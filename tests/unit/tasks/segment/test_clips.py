@@ -16,9 +16,9 @@ from schemas.records import ReasonCode
 from tasks.ingest import iter_refs
 from tasks.segment.clips import shard_clips
 from tasks.tally import ShardTally
+from tests.support.paths import SAMPLE_CORPUS
 
-REPO = Path(__file__).resolve().parents[4]
-SAMPLES = REPO / "examples" / "sample_corpus" / "audio"
+SAMPLES = SAMPLE_CORPUS / "audio"
 SR = 16_000
 
 

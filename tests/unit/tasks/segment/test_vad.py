@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-import soxr
 
 from schemas.config import SegmentConfig
 from tasks.segment import segment_recording
@@ -24,24 +23,13 @@ from tasks.segment.vad import (
     speech_regions,
     speech_seconds,
 )
+from tests.support.paths import SAMPLE_CORPUS
+from tests.support.speech import SENTENCES, load_16k, trim_quiet
 
 SR = 16_000
-SAMPLES = Path(__file__).resolve().parents[4] / "examples" / "sample_corpus" / "audio"
-SENTENCES = ["The quick brown fox jumps over the lazy dog.", "She sells sea shells by the sea shore.",
-             "Please call Stella and ask her to bring these things with her from the store."]
+SAMPLES = SAMPLE_CORPUS / "audio"
 
 needs_silero = pytest.mark.skipif(not silero_available(), reason="silero-vad not installed (models-cpu extra)")
-
-
-def _load(path: Path) -> np.ndarray:
-    audio, rate = sf.read(path, dtype="float32", always_2d=True)
-    mono = audio.mean(axis=1, dtype=np.float32)
-    return soxr.resample(mono, rate, SR).astype(np.float32) if rate != SR else mono
-
-
-def _trim(audio: np.ndarray, level: float = 0.01) -> np.ndarray:
-    loud = np.flatnonzero(np.abs(audio) > level)
-    return audio[loud[0]: loud[-1] + 1]
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +43,8 @@ def utterances(tmp_path_factory: pytest.TempPathFactory) -> list[np.ndarray]:
     for i, text in enumerate(SENTENCES):
         out = folder / f"s{i}.wav"
         subprocess.run([binary, "-w", str(out), "-s", "160", text], check=True, capture_output=True)
-        clips.append(_trim(_load(out)))
-    clips += [_trim(_load(p)) for p in sorted(SAMPLES.iterdir()) if p.suffix in {".wav", ".flac", ".ogg"}]
+        clips.append(trim_quiet(load_16k(out)))
+    clips += [trim_quiet(load_16k(p)) for p in sorted(SAMPLES.iterdir()) if p.suffix in {".wav", ".flac", ".ogg"}]
     return clips
 
 
