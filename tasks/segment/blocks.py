@@ -8,28 +8,45 @@ span read later by `read_segment` lands on the very samples the VAD saw). Every 
 seconds of samples except the last, which is shorter.
 
 The hostile-file rules of tasks/audio.py apply: only regular files within `max_file_bytes` are
-opened, ffmpeg is confined to local files and audio demuxers, and a child that stops producing
-output for `IDLE_TIMEOUT_S` is killed. `open_source` is the one place that turns a URI into a
-seekable binary file: a remote source (s3://, http(s)://, range reads) plugs in there.
+opened, ffmpeg is confined to audio demuxers and to a local file (or the loopback relay below), and
+a child that stops producing output for `IDLE_TIMEOUT_S` is killed. `open_source` is the one place
+that turns a URI into a seekable binary file.
+
+Remote recordings (s3://, http(s)://, issue 14) are never copied to local disk and never read
+whole: the object is stat'ed first (`max_file_bytes` applies before any byte is read), then
+libsndfile reads it through a `RangeFile` behind a `REMOTE_BUFFER_BYTES` buffer (one range GET per
+MiB as blocks stream; a header is one or two GETs, a span one or a few). ffmpeg never gets the
+S3 credentials or the remote URL: it reads `http://127.0.0.1:<port>/<random token>`, a relay
+serving that one object for the duration of one ffmpeg/ffprobe call, whose reads are range reads
+through storage/sources.py (so the source's S3 settings, redirect and proxy rules apply), streamed
+`RELAY_CHUNK_BYTES` at a time. ffmpeg seeks with HTTP Range requests, so MP3 spans and M4A/MP4
+with the index (moov) at the end work as they do for local files.
 """
 
 from __future__ import annotations
 
+import io
 import math
 import os
+import re
+import secrets
 import selectors
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import IO, BinaryIO, Literal
+from typing import IO, Any, BinaryIO, Literal
 
 import numpy as np
 import soundfile as sf
 import soxr
 
 from schemas.records import QuarantineError, ReasonCode, Stage
+from storage import sources as stores
 from tasks.audio import DEFAULT_MAX_FILE_BYTES, FFMPEG_FORMATS, ffmpeg_tools, open_regular
 
 SR = 16_000
@@ -43,6 +60,10 @@ SEEK_MARGIN_S = 0.05  # extra input read on each side of a span so the resampler
 # frames before it (with 0.05 s the first ~30 ms differ from the streamed samples; from 0.3 s, none).
 FFMPEG_PREROLL_S = 0.5
 Reader = Literal["soundfile", "ffmpeg"]
+REMOTE_BUFFER_BYTES = 1 << 20  # libsndfile reads of a remote object: one range GET per MiB
+RELAY_CHUNK_BYTES = 1 << 20  # the ffmpeg relay's range GETs: at most this much held per request
+# Proxy variables ffmpeg's http client would obey; its only peer is the loopback relay.
+PROXY_VARS = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
 
 
 def _fail(reason: ReasonCode, message: str) -> QuarantineError:
@@ -60,25 +81,81 @@ class RecordingInfo:
 
 
 def local_path(uri: str) -> Path:
-    """The local path of a `file://` URI or plain path; remote URIs are refused with the fix."""
+    """The local path of a `file://` URI or plain path; other schemes are refused with the fix."""
     if "://" in uri and not uri.startswith("file://"):
-        raise _fail(ReasonCode.unreadable, f"{uri}: long recordings are read from local files only for now; "
-                                           "copy the recording locally")
+        raise _fail(ReasonCode.unreadable, f"{uri}: only local paths, s3:// and http(s):// URIs are read; "
+                                           "fix the path")
     return Path(uri.removeprefix("file://"))
 
 
+class _RemoteRaw(stores.RangeFile):
+    """A RangeFile that remembers a failed read: soundfile's read callback swallows exceptions
+    (libsndfile then sees a short read, which looks like the end of the file), so every caller
+    checks `error` with `_check_remote` after each soundfile call."""
+
+    error: stores.SourceReadError | None = None
+
+    def readinto(self, buffer: Any) -> int:
+        try:
+            return super().readinto(buffer)
+        except stores.SourceReadError as exc:
+            self.error = exc
+            raise
+
+
+def _source_fail(exc: stores.SourceReadError, max_bytes: int | None) -> QuarantineError:
+    """A remote read failure as the audio stage's reasons (the same mapping as tasks/audio.read_remote)."""
+    if exc.problem == "missing":
+        return _fail(ReasonCode.missing_file, str(exc))
+    if exc.problem == "too_large" and max_bytes is not None:
+        return _too_large(exc.size or 0, max_bytes, exc.uri)
+    return _fail(ReasonCode.storage_error, str(exc))
+
+
+def _too_large(size: int, limit: int, uri: str) -> QuarantineError:
+    return _fail(ReasonCode.too_large, f"{uri}: {size:,} bytes > audio.max_file_bytes={limit:,}; not read: split "
+                                       "or re-encode the file, or raise audio.max_file_bytes")
+
+
+def _remote(uri: str, max_bytes: int | None) -> tuple[stores.SourceStore, int]:
+    """(the source's store, the object's size), the size cap checked before any byte is read."""
+    try:
+        store = stores.store_for(uri)
+        size = store.stat(uri).size
+    except stores.SourceReadError as exc:
+        raise _source_fail(exc, max_bytes) from None
+    if max_bytes is not None and size > max_bytes:
+        raise _too_large(size, max_bytes, uri)
+    return store, size
+
+
 def open_source(uri: str, max_bytes: int | None = DEFAULT_MAX_FILE_BYTES) -> tuple[BinaryIO, int]:
-    """(seekable binary file, size): the seam where a remote source's range-read file plugs in."""
+    """(seekable binary file, size): a local regular file, or a remote object whose reads are
+    buffered range reads (never the whole object at once)."""
+    if stores.is_remote(uri):
+        store, size = _remote(uri, max_bytes)
+        raw = _RemoteRaw(store, uri, size)
+        return io.BufferedReader(raw, buffer_size=REMOTE_BUFFER_BYTES), size  # type: ignore[return-value]
     return open_regular(local_path(uri), uri, max_bytes)
+
+
+def _check_remote(f: BinaryIO) -> None:
+    """Raise the remote read failure a soundfile call swallowed (no-op for local files)."""
+    error = getattr(getattr(f, "raw", None), "error", None)
+    if isinstance(error, stores.SourceReadError):
+        raise _source_fail(error, None)
 
 
 def _soundfile_info(f: BinaryIO) -> sf._SoundFileInfo | None:
     try:
         info = sf.info(f)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError):
-        return None
+        info = None
     finally:
         f.seek(0)
+    _check_remote(f)
+    if info is None:
+        return None
     if info.format not in SOUNDFILE_FORMATS or not (0 < info.frames < 2**62) or info.samplerate <= 0:
         return None  # MP3, or a header without a trustworthy length: ffmpeg measures it
     return info
@@ -91,7 +168,8 @@ def recording_info(uri: str, max_bytes: int | None = DEFAULT_MAX_FILE_BYTES) -> 
         info = _soundfile_info(f)
     if info is not None:
         return RecordingInfo(info.frames / info.samplerate, int(info.samplerate), int(info.channels), "soundfile")
-    duration, rate, channels = _ffprobe(local_path(uri), uri)
+    with _ffmpeg_input(uri, max_bytes) as source:
+        duration, rate, channels = _ffprobe(source, uri)
     return RecordingInfo(duration, rate, channels, "ffmpeg")
 
 
@@ -105,8 +183,9 @@ def iter_blocks(uri: str, block_s: float = DEFAULT_BLOCK_S,
         if info is not None:
             yield from _rechunk(_soundfile_blocks(f, info, uri, block), block)
             return
-    _, rate, _ = _ffprobe(local_path(uri), uri)
-    yield from _rechunk(_resampled(_ffmpeg_stream(local_path(uri), uri, block, rate, 0.0, None), rate), block)
+    with _ffmpeg_input(uri, max_bytes) as source:
+        _, rate, _ = _ffprobe(source, uri)
+        yield from _rechunk(_resampled(_ffmpeg_stream(source, uri, block, rate, 0.0, None), rate), block)
 
 
 def _resampled(chunks: Iterator[np.ndarray], rate: int) -> Iterator[np.ndarray]:
@@ -136,6 +215,7 @@ def _soundfile_blocks(f: BinaryIO, info: sf._SoundFileInfo, uri: str, block: int
         with sf.SoundFile(f) as sound:
             while True:
                 data = sound.read(frames_per_read, dtype="float32", always_2d=True)
+                _check_remote(f)
                 last = len(data) < frames_per_read
                 mono = _mono(data, uri)
                 if resampler is not None:
@@ -190,7 +270,10 @@ def read_segment(uri: str, start_s: float, end_s: float,
         if info is not None:
             samples = _soundfile_span(f, info, uri, first, count)
         else:
-            samples = _ffmpeg_span(local_path(uri), uri, first, count)
+            samples = None
+    if samples is None:
+        with _ffmpeg_input(uri, max_bytes) as source:
+            samples = _ffmpeg_span(source, uri, first, count)
     return np.ascontiguousarray(samples, dtype=np.float32)
 
 
@@ -212,22 +295,131 @@ def _soundfile_span(f: BinaryIO, info: sf._SoundFileInfo, uri: str, first: int, 
     in_start, in_count, skip = _span_plan(rate, first, count, SEEK_MARGIN_S if rate != SR else 0.0)
     with sf.SoundFile(f) as sound:
         sound.seek(min(in_start, sound.frames))
-        mono = _mono(sound.read(in_count, dtype="float32", always_2d=True), uri)
+        data = sound.read(in_count, dtype="float32", always_2d=True)
+        _check_remote(f)
+        mono = _mono(data, uri)
     out = np.concatenate(list(_resampled(iter([mono]), rate))) if len(mono) else mono
     return out[skip: skip + count]
 
 
-def _ffmpeg_span(path: Path, uri: str, first: int, count: int) -> np.ndarray:
-    _, rate, _ = _ffprobe(path, uri)
+def _ffmpeg_span(source: _FfmpegInput, uri: str, first: int, count: int) -> np.ndarray:
+    _, rate, _ = _ffprobe(source, uri)
     in_start, in_count, skip = _span_plan(rate, first, count, FFMPEG_PREROLL_S)
-    chunks = _ffmpeg_stream(path, uri, 1 << 20, rate, in_start / rate, in_count / rate)
+    chunks = _ffmpeg_stream(source, uri, 1 << 20, rate, in_start / rate, in_count / rate)
     pieces = list(_resampled(chunks, rate))
     out = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
     return out[skip: skip + count]
 
 
-def _ffmpeg_cmd(path: Path) -> list[str]:
-    return ["-protocol_whitelist", "file", "-format_whitelist", FFMPEG_FORMATS, "-i", f"file:{path}"]
+@dataclass
+class _FfmpegInput:
+    """ffmpeg's input arguments for one recording, and the relay serving it when it is remote."""
+
+    args: list[str]
+    relay: _Relay | None = None
+    env: dict[str, str] | None = field(default=None, repr=False)
+
+    def check(self) -> None:
+        """Raise the remote read failure the relay hit (ffmpeg may have taken it for the end)."""
+        if self.relay is not None and self.relay.error is not None:
+            raise _source_fail(self.relay.error, None)
+
+
+@contextmanager
+def _ffmpeg_input(uri: str, max_bytes: int | None) -> Iterator[_FfmpegInput]:
+    """A local file as `file:<path>`; a remote object through a loopback relay for this call only."""
+    if not stores.is_remote(uri):
+        path = local_path(uri)
+        yield _FfmpegInput(["-protocol_whitelist", "file", "-format_whitelist", FFMPEG_FORMATS, "-i", f"file:{path}"])
+        return
+    store, size = _remote(uri, max_bytes)
+    relay = _Relay(store, uri, size)
+    env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS}
+    try:
+        yield _FfmpegInput(["-protocol_whitelist", "http,tcp", "-format_whitelist", FFMPEG_FORMATS,
+                            "-i", relay.url], relay, env)
+    finally:
+        relay.close()
+
+
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+class _Relay:
+    """One remote object served on 127.0.0.1 under a random path, with Range support, every byte
+    read through the object's SourceStore in `RELAY_CHUNK_BYTES` range reads as the client takes
+    them (a client that seeks closes the connection and the rest is never fetched)."""
+
+    def __init__(self, store: stores.SourceStore, uri: str, size: int) -> None:
+        self.store, self.uri, self.size = store, uri, size
+        self.error: stores.SourceReadError | None = None
+        self.path = f"/{secrets.token_urlsafe(18)}"
+        relay = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_HEAD(self) -> None:
+                relay.serve(self, body=False)
+
+            def do_GET(self) -> None:
+                relay.serve(self, body=True)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}{self.path}"
+        self.thread = threading.Thread(target=self.server.serve_forever, name="speechpairs-relay", daemon=True)
+        self.thread.start()
+
+    def serve(self, handler: BaseHTTPRequestHandler, body: bool) -> None:
+        if handler.path != self.path:
+            handler.send_error(404)
+            return
+        lo, hi = 0, self.size
+        spec = handler.headers.get("Range")
+        match = _RANGE.fullmatch(spec.strip()) if spec else None
+        if match is not None and (match.group(1) or match.group(2)):
+            if match.group(1):
+                lo = int(match.group(1))
+                hi = min(self.size, int(match.group(2)) + 1) if match.group(2) else self.size
+            else:
+                lo = max(0, self.size - int(match.group(2)))
+            if lo >= self.size or hi <= lo:
+                handler.send_response(416)
+                handler.send_header("Content-Range", f"bytes */{self.size}")
+                handler.send_header("Content-Length", "0")
+                handler.end_headers()
+                return
+            handler.send_response(206)
+            handler.send_header("Content-Range", f"bytes {lo}-{hi - 1}/{self.size}")
+        else:
+            handler.send_response(200)
+        handler.send_header("Accept-Ranges", "bytes")
+        handler.send_header("Content-Type", "application/octet-stream")
+        handler.send_header("Content-Length", str(hi - lo))
+        handler.end_headers()
+        pos = lo
+        while body and pos < hi:
+            try:
+                data = self.store.read(self.uri, pos, min(hi, pos + RELAY_CHUNK_BYTES))
+            except stores.SourceReadError as exc:
+                self.error = exc
+                return
+            if not data:
+                self.error = stores.SourceReadError(
+                    "unreadable", self.uri, f"{self.uri}: the object ended at byte {pos:,} of the {self.size:,} "
+                                            "it had when opened; it changed while being read: run again")
+                return
+            try:
+                handler.wfile.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                return  # the client seeked or finished: nothing more is fetched
+            pos += len(data)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
 
 
 def _need_ffmpeg(uri: str) -> tuple[str, str]:
@@ -238,15 +430,18 @@ def _need_ffmpeg(uri: str) -> tuple[str, str]:
     return tools
 
 
-def _ffprobe(path: Path, uri: str) -> tuple[float, int, int]:
+def _ffprobe(source: _FfmpegInput, uri: str) -> tuple[float, int, int]:
     _, ffprobe = _need_ffmpeg(uri)
-    cmd = [ffprobe, "-v", "error", *_ffmpeg_cmd(path), "-select_streams", "a:0",
+    cmd = [ffprobe, "-v", "error", *source.args, "-select_streams", "a:0",
            "-show_entries", "format=duration:stream=sample_rate,channels", "-of", "csv=p=0"]
     try:
-        done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=IDLE_TIMEOUT_S, check=False)
+        done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=IDLE_TIMEOUT_S, check=False,
+                              env=source.env)
     except subprocess.TimeoutExpired:
+        source.check()
         raise _fail(ReasonCode.unreadable, f"{uri}: ffprobe did not finish within {IDLE_TIMEOUT_S:g} s; "
                                            "check the file with `ffprobe`") from None
+    source.check()
     fields = [v for line in done.stdout.decode(errors="replace").split() for v in line.split(",") if v]
     try:
         rate, channels, duration = int(fields[0]), int(fields[1]), float(fields[2])
@@ -257,18 +452,19 @@ def _ffprobe(path: Path, uri: str) -> tuple[float, int, int]:
     return duration, rate, channels
 
 
-def _ffmpeg_stream(path: Path, uri: str, block: int, rate: int, start_s: float,
+def _ffmpeg_stream(source: _FfmpegInput, uri: str, block: int, rate: int, start_s: float,
                    duration_s: float | None) -> Iterator[np.ndarray]:
     """Mono float32 chunks at the source `rate` (ffmpeg downmixes; soxr resamples, as for
     libsndfile files) of at most `block` samples from an ffmpeg pipe."""
     ffmpeg, _ = _need_ffmpeg(uri)
     seek = ["-ss", f"{start_s:.6f}"] if start_s > 0 else []
     limit = ["-t", f"{duration_s:.6f}"] if duration_s is not None else []
-    cmd = [ffmpeg, "-nostdin", "-hide_banner", "-v", "error", *seek, *_ffmpeg_cmd(path), *limit,
+    cmd = [ffmpeg, "-nostdin", "-hide_banner", "-v", "error", *seek, *source.args, *limit,
            "-map", "0:a:0", "-vn", "-sn", "-dn", "-ac", "1", "-ar", str(rate), "-c:a", "pcm_f32le", "-f", "f32le",
            "pipe:1"]
     with tempfile.TemporaryFile() as errors:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors,
+                                env=source.env)
         assert proc.stdout is not None
         try:
             yield from _read_pipe(proc.stdout, uri, block)
@@ -278,6 +474,7 @@ def _ffmpeg_stream(path: Path, uri: str, block: int, rate: int, start_s: float,
                 proc.kill()
                 proc.wait()
             proc.stdout.close()
+        source.check()
         if code != 0:
             errors.seek(0)
             detail = errors.read(400).decode(errors="replace").strip().replace("\n", "; ")

@@ -100,14 +100,13 @@ def _drop(acc: ShardTally, clip: Clip, stage: Stage, reason: ReasonCode, message
 def _is_recording(clip: Clip, segment: SegmentConfig, config: RunConfig) -> bool:
     """Whether `clip` is cut into segments: never for a clip ingest already refused, embedded audio
     (no file to seek in), or mode `never`; always with mode `always`; with `auto` when the header
-    (read without decoding) says it is longer than audio.max_duration_s. A local header that cannot
-    be read, and remote audio under `auto`, take the whole-clip path, whose checks name the problem."""
+    (read without decoding: for s3:// and http(s):// one stat and a range read or two of the header)
+    says it is longer than audio.max_duration_s. A header that cannot be read (or an object above
+    audio.max_file_bytes) takes the whole-clip path, whose checks name the problem."""
     if clip.ingest_error is not None or clip.audio_bytes is not None or segment.mode == "never":
         return False
     if segment.mode == "always":
         return True
-    if stores.is_remote(clip.audio_uri):
-        return False
     try:
         info = recording_info(clip.audio_uri, config.audio.max_file_bytes)
     except QuarantineError:
