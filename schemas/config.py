@@ -453,8 +453,8 @@ class RunConfig(_Strict):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     segment: SegmentConfig | None = Field(
         default=None, description="How recordings longer than audio.max_duration_s (or every recording of a "
-        "source with mode: always) become clips; sources[].segment overrides it per source. Unset (and no "
-        "source override): mode never, a long clip stays `too_long` as in configs from before segments.")
+        "source with mode: always) become clips; sources[].segment overrides it per source. Unset: mode auto "
+        "with the defaults below (max_s at most audio.max_duration_s); `mode: never` keeps a long clip `too_long`.")
 
     @model_validator(mode="after")
     def _segments_fit(self) -> RunConfig:
@@ -475,10 +475,21 @@ class RunConfig(_Strict):
 
     def segment_for(self, source: SourceConfig) -> SegmentConfig:
         """The segment settings of one source: the run's block with the source's overrides; with
-        neither set, mode never (what configs written before segments meant, under the same hash)."""
-        if source.segment is None:
-            return self.segment or SegmentConfig(mode="never")
-        return source.segment.over(self.segment or SegmentConfig())
+        neither set, mode auto (`implicit_segment`)."""
+        base = self.segment or self.implicit_segment()
+        return base if source.segment is None else source.segment.over(base)
+
+    def implicit_segment(self) -> SegmentConfig:
+        """No `segment` block: mode auto, segments capped at audio.max_duration_s where that is under
+        the default max_s (so a config that lowers the clip cap stays valid); a cap too short for
+        any segment (<= min_s) leaves mode never. The config hash leaves the unset block out."""
+        default = SegmentConfig()
+        if default.max_s <= self.audio.max_duration_s:
+            return default
+        try:
+            return SegmentConfig(max_s=self.audio.max_duration_s)
+        except ValidationError:
+            return SegmentConfig(mode="never")
 
     @model_validator(mode="after")
     def _bind_sources_s3(self) -> RunConfig:

@@ -1,4 +1,9 @@
-"""Shard planning: sorted stable ids cut into fixed-size shards, recorded once per run in staging.
+"""Shard planning: sorted stable ids cut into shards, recorded once per run in staging.
+
+Shards are cut in sorted id order at `output.shard_size` clips or, for long recordings, at the
+audio time of that many clips of `audio.max_duration_s` (whichever comes first), so a shard of
+recordings carries about the audio of a full shard of clips (`audio_units`). A pre-cut corpus
+(no clip longer than the cap) is planned exactly by count.
 
 The plan is written before any shard runs and reused on every re-run of the same run id, so a
 resumed run never re-partitions (checkpoints would no longer match).
@@ -9,17 +14,22 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterator
 from datetime import datetime
+from pathlib import Path
 
+import soundfile as sf
 from pydantic import BaseModel, Field
 
-from schemas.config import RunConfig
+from schemas.config import RunConfig, SourceConfig
 from schemas.records import utc_now
+from storage import sources as stores
 from storage.layout import RunLayout
 from storage.objectstore import NotFound, ObjectStore, PreconditionFailed
-from tasks.ingest import ClipRef, SourceError, iter_refs, source_kind
+from tasks.ingest import ClipRef, SourceError, dataset_name, iter_refs, source_kind, source_roots
 from tasks.ingest.common import AUDIO_SUFFIXES, PROBLEM
 from tasks.ingest.folder import skipped_files
+from tasks.ingest.manifest import iter_manifest_records, record_to_clip
 
 PLAN_FORMAT = "speechpairs/plan@1"
 
@@ -32,6 +42,8 @@ class RunPlan(BaseModel):
     shards: int
     shard_size: int
     duplicates: int = 0
+    # Planned clips weighed as long recordings (shards cut by audio time around them; 0: by count only).
+    long_recordings: int = 0
     # Folder sources' files that are not audio (nor .txt/.lab sidecars), by extension: reported, not clips.
     skipped_files: dict[str, int] = Field(default_factory=dict)
     # Folders a walk could not enter (unreadable, a link loop, a link outside the roots), by reason:
@@ -63,17 +75,19 @@ def plan_run(config: RunConfig, store: ObjectStore, prefix: str, run_id: str) ->
                           + (f"; skipped non-audio files: {skipped_text(skipped)}" if skipped else ""))
     is_dup = [i > 0 and keys[i][0] == keys[i - 1][0] for i in range(len(keys))]
     size = config.output.shard_size
-    count = (len(keys) + size - 1) // size
+    long = audio_units(config, [(k[1], k[3]) for k in keys])
+    bounds = shard_bounds([long.get((k[1], k[3]), 1.0) for k in keys] if long else None, len(keys), size)
+    count = len(bounds)
     planned_at = utc_now()
-    for index in range(count):
-        start = index * size
+    for index, (start, end) in enumerate(bounds):
         refs = [ClipRef(id=k[0], source=k[1], locator=k[3], duplicate=is_dup[start + j])
-                for j, k in enumerate(keys[start:start + size])]
+                for j, k in enumerate(keys[start:end])]
         shard = ShardPlan(index=index, of=count, refs=refs, created_at=planned_at)
         store.put_bytes(RunLayout(prefix).shard_plan(index), shard.model_dump_json().encode())
     unentered = Counter(k[3].split(PROBLEM, 2)[1] for k in keys if k[3].startswith(PROBLEM) and k[0].endswith("/"))
     plan = RunPlan(run_id=run_id, config_hash=config.config_hash(), clips=len(keys), shards=count,
                    shard_size=size, duplicates=sum(is_dup), skipped_files=skipped, created_at=planned_at,
+                   long_recordings=sum(1 for k in keys if (k[1], k[3]) in long),
                    unentered_folders=dict(sorted(unentered.items(), key=lambda kv: (-kv[1], kv[0]))))
     try:
         store.put_bytes(RunLayout(prefix).plan, plan.model_dump_json(indent=2).encode(), if_none_match=True)
@@ -83,6 +97,96 @@ def plan_run(config: RunConfig, store: ObjectStore, prefix: str, run_id: str) ->
         assert winner is not None
         return winner
     return plan
+
+
+def shard_bounds(units: list[float] | None, n: int, size: int) -> list[tuple[int, int]]:
+    """[start, end) of each shard over `n` sorted clips: a shard closes at `size` clips, or before a
+    clip that would take its audio past `size` units (one unit = audio.max_duration_s; a clip that
+    cannot be long is one unit, so without long recordings (`units` None) this is a cut every
+    `size` clips). A shard holds at least one clip: a recording over the budget sits alone."""
+    if units is None:
+        return [(start, min(start + size, n)) for start in range(0, n, size)]
+    bounds: list[tuple[int, int]] = []
+    start, load = 0, 0.0
+    for i, unit in enumerate(units):
+        if i > start and (i - start >= size or load + unit > size):
+            bounds.append((start, i))
+            start, load = i, 0.0
+        load += unit
+    bounds.append((start, n))
+    return bounds
+
+
+# Planning weighs a clip by its audio time only when its size says it could be longer than
+# audio.max_duration_s at the lowest bitrate its format plausibly has (bytes per second): below that
+# it is one unit without opening it, so a million short clips cost a stat each, no header read.
+# WAV-family floor: 4-bit ADPCM at 8 kHz; FLAC: lossless 8-kHz speech; else 8 kbit/s (low-rate speech codecs).
+MIN_BYTES_PER_S = {".wav": 4000, ".aif": 4000, ".aiff": 4000, ".au": 4000, ".w64": 4000, ".caf": 4000,
+                   ".flac": 2000}
+LOW_BYTES_PER_S = 1000
+# Formats without a header length read cheaply (MP3, M4A, Opus, ...): audio time = bytes / 64 kbit/s.
+ESTIMATE_BYTES_PER_S = 8000
+HEADER_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".aif", ".aiff", ".au", ".w64", ".caf"})
+
+
+def audio_units(config: RunConfig, locators: list[tuple[int, str]]) -> dict[tuple[int, str], float]:
+    """(source index, locator) → audio time in units of audio.max_duration_s, for the planned clips
+    that may be long recordings (more than one unit) of sources whose segment mode is not `never`.
+
+    Local folders: a stat per planned file, a header read (soundfile.info) only past the size floor; local
+    manifests: one sequential read of the manifest for the audio paths, then the same. Remote audio
+    (cut only under mode always) and the corpus layouts, lhotse and Parquet sources are not weighed:
+    they are planned by count (a misweighed recording is still cut in its shard, only balance suffers).
+    Deterministic: the same files give the same units."""
+    units: dict[tuple[int, str], float] = {}
+    cap = config.audio.max_duration_s
+    for index, source in enumerate(config.sources):
+        if config.segment_for(source).mode == "never" or stores.is_remote(source.path):
+            continue
+        kind = source_kind(source, index)
+        files: Iterator[tuple[str, Path]]
+        if kind == "folder":
+            root = Path(source.path)
+            files = ((loc, root / loc) for src, loc in locators if src == index and not loc.startswith(PROBLEM))
+        elif kind == "manifest":
+            files = _manifest_audio(source, index)
+        else:
+            continue
+        for locator, path in files:
+            seconds = _audio_seconds(path, cap)
+            if seconds is not None and seconds > cap:
+                units[(index, locator)] = seconds / cap
+    return units
+
+
+def _manifest_audio(source: SourceConfig, index: int) -> Iterator[tuple[str, Path]]:
+    """(locator, local audio path) of each manifest row (one sequential pass, no audio opened)."""
+    manifest = Path(source.path)
+    roots, name = source_roots(source, index), dataset_name(source)
+    for offset, record in iter_manifest_records(manifest):
+        clip = record_to_clip(record, clip_id="plan", dataset=name, base=manifest.parent, language=None,
+                              extra_labels={}, where=str(manifest), roots=roots)
+        if clip.ingest_error is None and not stores.is_remote(clip.audio_uri) and "://" not in clip.audio_uri:
+            yield str(offset), Path(clip.audio_uri)
+
+
+def _audio_seconds(path: Path, cap: float) -> float | None:
+    """The clip's audio time if it may exceed `cap`, else None; never raises (ingest names problems)."""
+    suffix = path.suffix.lower()
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return None
+    if size <= cap * MIN_BYTES_PER_S.get(suffix, LOW_BYTES_PER_S):
+        return None
+    if suffix in HEADER_SUFFIXES and path.is_file():
+        try:
+            info = sf.info(str(path))
+            if info.frames > 0 and info.samplerate > 0:
+                return float(info.frames / info.samplerate)
+        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError):
+            pass
+    return size / ESTIMATE_BYTES_PER_S
 
 
 def count_skipped_files(config: RunConfig) -> dict[str, int]:

@@ -15,10 +15,13 @@ from schemas.arrow import ROW_SCHEMA
 from schemas.config import RunConfig, load_config
 from storage.objectstore import open_store
 from storage.versions import read_manifest, resolve_version
+from tasks.ingest import iter_refs
 from tasks.llm import make_backend
 from tasks.pipeline import process_shard
 from tasks.plan import load_shard_plan, plan_run
 from tasks.run import run_context
+from tasks.segment.clips import shard_clips
+from tasks.tally import ShardTally
 from tests.support.corrupt_zoo import build_zoo
 from tests.support.paths import REPO
 from tests.support.seaweedfs import SeaweedS3
@@ -89,8 +92,9 @@ def test_rerun_resumes_and_never_commits_twice(tmp_path: Path) -> None:
 
 def test_corrupt_zoo_nothing_lost(tmp_path: Path, sample_corpus: Path) -> None:
     manifest_path, expected = build_zoo(tmp_path / "zoo", sample_corpus)
+    # segment: never keeps the 40-s clip one `too_long` row (the default, auto, cuts it: checked below)
     config = quickstart(tmp_path / "out", f"sources.0.path={manifest_path}", "sources.0.dataset=zoo",
-                        "output.dataset=zoo", "output.shard_size=5")
+                        "output.dataset=zoo", "output.shard_size=5", "sources.0.segment.mode=never")
     summary = run_generate(config)
     assert summary.clips_in == len(expected) + 1  # + the line that is not JSON
     assert summary.clips_in == summary.rows + summary.quarantined
@@ -104,6 +108,14 @@ def test_corrupt_zoo_nothing_lost(tmp_path: Path, sample_corpus: Path) -> None:
     rows = committed_rows(tmp_path / "out", "zoo", summary.version)
     assert {r["id"].split("/", 1)[1] for r in rows} == {k for k, v in expected.items() if v is None}
     assert summary.quarantine_by_reason["too_long"] == 1
+    # Under the default (no segment block: auto) the 40-s tone is a recording: cut, and since a tone
+    # holds no speech, one `no_speech` row under the recording's id instead of `too_long`.
+    auto = quickstart(tmp_path / "out", f"sources.0.path={manifest_path}", "sources.0.dataset=zoo")
+    assert auto.segment_for(auto.sources[0]).mode == "auto"
+    long_ref = [r for r in iter_refs(auto.sources) if r.id == "zoo/too_long_40s"]
+    acc = ShardTally()
+    assert list(shard_clips(long_ref, auto, acc)) == []
+    assert [(q.id, q.reason_code) for q in acc.quarantine] == [("zoo/too_long_40s", "no_speech")]
 
 
 def test_cli_run_show_and_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

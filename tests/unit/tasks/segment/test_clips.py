@@ -22,10 +22,15 @@ SAMPLES = SAMPLE_CORPUS / "audio"
 SR = 16_000
 
 
-def test_a_config_without_segment_keeps_its_hash_and_means_never() -> None:
+def test_a_config_without_segment_keeps_its_hash_and_means_auto() -> None:
     config = parse_config({"sources": [{"path": "/x"}]})
     assert config.config_hash() == "9e9b0d29190a9a22"  # the hash before the segment block existed
-    assert config.segment_for(config.sources[0]).mode == "never"
+    assert config.segment_for(config.sources[0]).mode == "auto"
+    # A lower clip cap lowers the implicit max_s (still valid); one too short for any segment: never.
+    low = parse_config({"sources": [{"path": "/x"}], "audio": {"max_duration_s": 20.0}})
+    assert (low.segment_for(low.sources[0]).mode, low.segment_for(low.sources[0]).max_s) == ("auto", 20.0)
+    tiny = parse_config({"sources": [{"path": "/x"}], "audio": {"max_duration_s": 1.5, "min_duration_s": 0.5}})
+    assert tiny.segment_for(tiny.sources[0]).mode == "never"
     explicit = parse_config({"sources": [{"path": "/x"}], "segment": {}})
     assert explicit.config_hash() != config.config_hash()
     assert explicit.segment_for(explicit.sources[0]).mode == "auto"
