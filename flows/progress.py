@@ -42,6 +42,8 @@ class ProgressMeter:
         self.shards_reused = 0
         self.audio_seconds = 0.0
         self.by_reason: Counter[str] = Counter()
+        self.recordings_cut = 0  # long recordings cut into segments, and those segments (shard outcomes)
+        self.segments = 0
         self._processed = 0  # clips finished by this launch (not reused)
         self._processed_audio = 0.0
         self._t0: float | None = None
@@ -50,7 +52,9 @@ class ProgressMeter:
 
     @property
     def quarantined(self) -> int:
-        return self.clips_done - self.rows
+        """The shard check's identity: rows + quarantined = clips - recordings_cut + segments. Counts
+        fed without the cut counts (the terminal bar's batches) may lag a recording's segments: never below 0."""
+        return max(0, self.clips_done - self.recordings_cut + self.segments - self.rows)
 
     def start(self) -> None:
         """Start the rate clock now (the flow: shard tasks submitted, start-up behind it)."""
@@ -58,11 +62,14 @@ class ProgressMeter:
             self._t0, self._base, self._base_audio = self._clock(), self._processed, self._processed_audio
 
     def add(self, clips: int, rows: int, *, reused: bool = False, shard: bool = False,
-            by_reason: Mapping[str, int] | None = None, audio_seconds: float = 0.0) -> None:
+            by_reason: Mapping[str, int] | None = None, audio_seconds: float = 0.0,
+            recordings_cut: int = 0, segments: int = 0) -> None:
         """`clips` more finished, `rows` of them rows (the rest quarantined); `shard`: a shard ended."""
         with self._lock:
             self.clips_done += clips
             self.rows += rows
+            self.recordings_cut += recordings_cut
+            self.segments += segments
             self.audio_seconds += audio_seconds
             self.by_reason.update(by_reason or {})
             if shard:
@@ -116,6 +123,7 @@ class ProgressMeter:
               if self.shards_reused else []),
             ("clips done", f"{self.clips_done}/{self.clips_total}"),
             ("rows", str(self.rows)),
+            *([("recordings cut", f"{self.recordings_cut} → {self.segments} segments")] if self.recordings_cut else []),
             ("quarantined", str(self.quarantined)),
             *((f"quarantined: {reason}", str(n)) for reason, n in sorted(self.by_reason.items())),
             ("audio hours", f"{self.audio_seconds / 3600:.4f}"),

@@ -46,6 +46,10 @@ class RunSummary(BaseModel):
     quarantine_by_stage: dict[str, int] = Field(default_factory=dict)
     audio_hours: float
     rows_without_transcript: int = 0
+    # Long recordings cut inside shards, and the segments they gave (rows + quarantined = clips_in
+    # - recordings_cut + segments).
+    recordings_cut: int = 0
+    segments: int = 0
     shards: int
     shards_skipped: int
     seconds: float
@@ -68,7 +72,8 @@ def show_progress(progress: UUID, meter: ProgressMeter, dataset: str) -> None:
 
 def count_shard(meter: ProgressMeter, outcome: ShardOutcome) -> None:
     meter.add(outcome.clips, outcome.rows, reused=outcome.skipped, shard=True, by_reason=outcome.by_reason,
-              audio_seconds=outcome.audio_seconds)
+              audio_seconds=outcome.audio_seconds, recordings_cut=outcome.recordings_cut,
+              segments=outcome.segments)
 
 
 def artifact_link(key: str, artifact_id: UUID) -> str:
@@ -164,6 +169,8 @@ def summarize(config: RunConfig, ctx: RunContext, plan: RunPlan, outcomes: list[
         quarantine_by_stage=dict(sorted(by_stage.items())),
         audio_hours=round(sum(o.audio_seconds for o in outcomes) / 3600, 6),
         rows_without_transcript=sum(o.rows_without_transcript for o in outcomes),
+        recordings_cut=sum(o.recordings_cut for o in outcomes),
+        segments=sum(o.segments for o in outcomes),
         shards=plan.shards,
         shards_skipped=sum(o.skipped for o in outcomes),
         seconds=round(time.perf_counter() - started, 3),

@@ -227,6 +227,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         print(f"  folders not entered: {skipped_text(summary.unentered_folders)} "
               "(quarantined as <dataset>/<folder>/)")
+    if summary.recordings_cut:
+        print(f"  recordings cut: {summary.recordings_cut} → {summary.segments} segments")
     print(f"  rows written: {summary.rows}")
     reasons = ", ".join(f"{k}={v}" for k, v in summary.quarantine_by_reason.items()) or "none"
     print(f"  quarantined:  {summary.quarantined} ({reasons})")
