@@ -14,8 +14,8 @@ that turns a URI into a seekable binary file.
 
 Remote recordings (s3://, http(s)://, issue 14) are never copied to local disk and never read
 whole: the object is stat'ed first (`max_file_bytes` applies before any byte is read), then
-libsndfile reads it through a `RangeFile` behind a `REMOTE_BUFFER_BYTES` buffer (one range GET per
-MiB as blocks stream; a header is one or two GETs, a span one or a few). ffmpeg never gets the
+libsndfile reads it through a `RangeFile` fetching `REMOTE_BUFFER_BYTES` windows (one range GET per
+MiB as blocks stream; a header alone is one 64 KiB GET, a span one or a few GETs). ffmpeg never gets the
 S3 credentials or the remote URL: it reads `http://127.0.0.1:<port>/<random token>`, a relay
 serving that one object for the duration of one ffmpeg/ffprobe call, whose reads are range reads
 through storage/sources.py (so the source's S3 settings, redirect and proxy rules apply), streamed
@@ -25,7 +25,6 @@ with the index (moov) at the end work as they do for local files.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import re
@@ -61,6 +60,7 @@ SEEK_MARGIN_S = 0.05  # extra input read on each side of a span so the resampler
 FFMPEG_PREROLL_S = 0.5
 Reader = Literal["soundfile", "ffmpeg"]
 REMOTE_BUFFER_BYTES = 1 << 20  # libsndfile reads of a remote object: one range GET per MiB
+HEADER_WINDOW_BYTES = 64 << 10  # a remote header (recording_info, planning): one 64 KiB range GET
 RELAY_CHUNK_BYTES = 1 << 20  # the ffmpeg relay's range GETs: at most this much held per request
 # Proxy variables ffmpeg's http client would obey; its only peer is the loopback relay.
 PROXY_VARS = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
@@ -88,19 +88,43 @@ def local_path(uri: str) -> Path:
     return Path(uri.removeprefix("file://"))
 
 
-class _RemoteRaw(stores.RangeFile):
-    """A RangeFile that remembers a failed read: soundfile's read callback swallows exceptions
-    (libsndfile then sees a short read, which looks like the end of the file), so every caller
-    checks `error` with `_check_remote` after each soundfile call."""
+class _RemoteFile(stores.RangeFile):
+    """A remote object as a seekable file for libsndfile: reads are range reads of at least
+    `window` bytes, the last one kept (seeks, including libsndfile's seek to the end for the
+    length, cost nothing; memory is one window or one read). Reads are filled completely (libsndfile
+    takes a short read for the end of the file). A failed range read is remembered in `error`
+    rather than raised, since soundfile's read callback would swallow it: every caller checks it
+    with `_check_remote` after each soundfile call."""
 
-    error: stores.SourceReadError | None = None
+    def __init__(self, store: stores.SourceStore, uri: str, size: int, window: int) -> None:
+        super().__init__(store, uri, size)
+        self.window = window
+        self.error: stores.SourceReadError | None = None
+        self._at, self._data = 0, b""
 
     def readinto(self, buffer: Any) -> int:
-        try:
-            return super().readinto(buffer)
-        except stores.SourceReadError as exc:
-            self.error = exc
-            raise
+        view = memoryview(buffer).cast("B")
+        done = 0
+        while done < len(view) and self.pos < self.size and self.error is None:
+            offset = self.pos - self._at
+            if not 0 <= offset < len(self._data):
+                end = min(self.size, self.pos + max(len(view) - done, self.window))
+                try:
+                    data = self.store.read(self.uri, self.pos, end)
+                except stores.SourceReadError as exc:
+                    self.error = exc
+                    break
+                if not data:
+                    self.error = stores.SourceReadError(
+                        "unreadable", self.uri, f"{self.uri}: the object ended at byte {self.pos:,} of the "
+                                                f"{self.size:,} it had when opened; it changed while being read")
+                    break
+                self._at, self._data, offset = self.pos, data, 0
+            n = min(len(view) - done, len(self._data) - offset)
+            view[done:done + n] = self._data[offset:offset + n]
+            done += n
+            self.pos += n
+        return done
 
 
 def _source_fail(exc: stores.SourceReadError, max_bytes: int | None) -> QuarantineError:
@@ -129,19 +153,19 @@ def _remote(uri: str, max_bytes: int | None) -> tuple[stores.SourceStore, int]:
     return store, size
 
 
-def open_source(uri: str, max_bytes: int | None = DEFAULT_MAX_FILE_BYTES) -> tuple[BinaryIO, int]:
+def open_source(uri: str, max_bytes: int | None = DEFAULT_MAX_FILE_BYTES,
+                window: int = REMOTE_BUFFER_BYTES) -> tuple[BinaryIO, int]:
     """(seekable binary file, size): a local regular file, or a remote object whose reads are
-    buffered range reads (never the whole object at once)."""
+    range reads of at least `window` bytes (never the whole object at once)."""
     if stores.is_remote(uri):
         store, size = _remote(uri, max_bytes)
-        raw = _RemoteRaw(store, uri, size)
-        return io.BufferedReader(raw, buffer_size=REMOTE_BUFFER_BYTES), size  # type: ignore[return-value]
+        return _RemoteFile(store, uri, size, window), size  # type: ignore[return-value]
     return open_regular(local_path(uri), uri, max_bytes)
 
 
 def _check_remote(f: BinaryIO) -> None:
     """Raise the remote read failure a soundfile call swallowed (no-op for local files)."""
-    error = getattr(getattr(f, "raw", None), "error", None)
+    error = getattr(f, "error", None)
     if isinstance(error, stores.SourceReadError):
         raise _source_fail(error, None)
 
@@ -163,7 +187,7 @@ def _soundfile_info(f: BinaryIO) -> sf._SoundFileInfo | None:
 
 def recording_info(uri: str, max_bytes: int | None = DEFAULT_MAX_FILE_BYTES) -> RecordingInfo:
     """Duration, rate, channels and which reader streams it; QuarantineError when not audio."""
-    f, _ = open_source(uri, max_bytes)
+    f, _ = open_source(uri, max_bytes, HEADER_WINDOW_BYTES)
     with f:
         info = _soundfile_info(f)
     if info is not None:
