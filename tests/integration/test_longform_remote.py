@@ -14,16 +14,12 @@ bytes included) while a short clip stays whole; the size cap is checked by stat 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import shutil
 import subprocess
-import threading
-from collections.abc import Callable, Iterator
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import boto3
 import numpy as np
@@ -38,6 +34,7 @@ from tasks.segment import read_segment, recording_info, segment_recording
 from tasks.segment.blocks import HEADER_WINDOW_BYTES, REMOTE_BUFFER_BYTES
 from tasks.segment.clips import shard_clips
 from tasks.tally import ShardTally
+from tests.support.http_files import RequestLog, serve_files
 from tests.support.paths import REPO
 from tests.support.seaweedfs import SeaweedS3
 from tests.support.speech import SENTENCES, SR, load_16k, trim_quiet
@@ -174,50 +171,13 @@ def test_auto_mode_cuts_a_long_s3_recording_from_its_header(seaweedfs: SeaweedS3
     assert missing.value.reason is ReasonCode.missing_file and f"{bucket}/nothing.wav" in missing.value.message
 
 
-class _RangeFiles(SimpleHTTPRequestHandler):
-    """A static file server with Range support that records (method, path, Range) of each request."""
-
-    log: ClassVar[list[tuple[str, str, str | None]]] = []
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-    def send_head(self) -> Any:
-        self.log.append((self.command, self.path, self.headers.get("Range")))
-        spec = self.headers.get("Range")
-        if not spec:
-            return super().send_head()
-        path = Path(self.translate_path(self.path))
-        if not path.is_file():
-            self.send_error(404)
-            return None
-        size = path.stat().st_size
-        lo_text, _, hi_text = spec.removeprefix("bytes=").partition("-")
-        lo, hi = int(lo_text), min(int(hi_text) if hi_text else size - 1, size - 1)
-        with path.open("rb") as f:
-            f.seek(lo)
-            data = f.read(hi + 1 - lo)
-        self.send_response(206)
-        self.send_header("Content-Range", f"bytes {lo}-{hi}/{size}")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        return io.BytesIO(data)
-
-
 @pytest.fixture()
-def http_root(recording: dict[str, Path]) -> Iterator[tuple[str, list[tuple[str, str, str | None]]]]:
-    log: list[tuple[str, str, str | None]] = []
-    handler: Callable[..., Any] = type("Logged", (_RangeFiles,), {"log": log})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(recording["wav"].parent)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", log
-    finally:
-        server.shutdown()
-        server.server_close()
+def http_root(recording: dict[str, Path]) -> Iterator[tuple[str, RequestLog]]:
+    with serve_files(recording["wav"].parent) as served:
+        yield served
 
 
-def test_http_wav_and_mp3_give_the_local_segments(http_root: tuple[str, list[tuple[str, str, str | None]]],
+def test_http_wav_and_mp3_give_the_local_segments(http_root: tuple[str, RequestLog],
                                                   recording: dict[str, Path]) -> None:
     base, log = http_root
     assert_same_segmentation(recording["wav"], f"{base}/rec.wav", atol=0.0)

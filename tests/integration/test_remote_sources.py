@@ -13,12 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import threading
 from collections.abc import Iterator
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import boto3
 import pyarrow.parquet as pq
@@ -31,6 +28,7 @@ from storage.reader import open_dataset
 from storage.versions import read_manifest
 from tasks.audio import load_audio
 from tasks.ingest import SourceError, iter_refs, load_clip, source_fingerprint
+from tests.support.http_files import RequestLog, serve_files
 from tests.support.paths import REPO
 from tests.support.seaweedfs import SeaweedS3
 
@@ -133,50 +131,15 @@ def test_denied_bucket_names_the_uri_and_the_setting(seaweedfs: SeaweedS3, corpu
         assert "sekrit-value-never-printed" not in text
 
 
-class _LoggedFiles(SimpleHTTPRequestHandler):
-    """A static file server with Range support that records (method, path, Range) of each request."""
-
-    log: ClassVar[list[tuple[str, str, str | None]]] = []
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-    def send_head(self) -> Any:
-        self.log.append((self.command, self.path, self.headers.get("Range")))
-        spec = self.headers.get("Range")
-        if not spec:
-            return super().send_head()
-        path = Path(self.translate_path(self.path))
-        if not path.is_file():
-            self.send_error(404)
-            return None
-        data = path.read_bytes()
-        lo_text, _, hi_text = spec.removeprefix("bytes=").partition("-")
-        lo, hi = int(lo_text), min(int(hi_text) if hi_text else len(data) - 1, len(data) - 1)
-        self.send_response(206)
-        self.send_header("Content-Length", str(hi + 1 - lo))
-        self.end_headers()
-        import io
-
-        return io.BytesIO(data[lo:hi + 1])
-
-
 @pytest.fixture()
-def http_corpus(tmp_path: Path) -> Iterator[tuple[str, list[tuple[str, str, str | None]]]]:
+def http_corpus(tmp_path: Path) -> Iterator[tuple[str, RequestLog]]:
     root = tmp_path / "www"
     shutil.copytree(SAMPLE, root / "corpus")
-    log: list[tuple[str, str, str | None]] = []
-    handler = type("Logged", (_LoggedFiles,), {"log": log})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", log
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_files(root) as served:
+        yield served
 
 
-def test_http_manifest_and_audio_are_read_per_clip(http_corpus: tuple[str, list[tuple[str, str, str | None]]]) -> None:
+def test_http_manifest_and_audio_are_read_per_clip(http_corpus: tuple[str, RequestLog]) -> None:
     base, log = http_corpus
     config = _config(path=f"{base}/corpus/manifest.jsonl", dataset="web")
     refs = list(iter_refs(config.sources))
