@@ -134,7 +134,7 @@ def open_regular(path: Path, where: str, max_bytes: int | None = DEFAULT_MAX_FIL
         raise _os_fail(exc, where) from None
     _refuse_special(st, path, where)
     if max_bytes is not None and st.st_size > max_bytes:
-        raise _too_large(st.st_size, max_bytes, where)
+        raise too_large(st.st_size, max_bytes, where)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -145,7 +145,7 @@ def open_regular(path: Path, where: str, max_bytes: int | None = DEFAULT_MAX_FIL
         st = os.fstat(fd)
         _refuse_special(st, path, where)
         if max_bytes is not None and st.st_size > max_bytes:
-            raise _too_large(st.st_size, max_bytes, where)
+            raise too_large(st.st_size, max_bytes, where)
         return os.fdopen(fd, "rb"), st.st_size
     except BaseException:
         os.close(fd)
@@ -159,7 +159,7 @@ def _link_target(path: Path) -> str:
         return "?"
 
 
-def _too_large(size: int, limit: int, where: str) -> QuarantineError:
+def too_large(size: int, limit: int, where: str) -> QuarantineError:
     return _fail(ReasonCode.too_large, f"{where}: {size:,} bytes > audio.max_file_bytes={limit:,}; not read: split "
                                        "or re-encode the file, or raise audio.max_file_bytes")
 
@@ -187,11 +187,16 @@ def read_remote(uri: str, max_bytes: int | None = DEFAULT_MAX_FILE_BYTES) -> byt
     try:
         return sources.read(uri, max_bytes=max_bytes)
     except sources.SourceReadError as exc:
-        if exc.problem == "missing":
-            raise _fail(ReasonCode.missing_file, str(exc)) from None
-        if exc.problem == "too_large" and max_bytes is not None:
-            raise _too_large(exc.size or 0, max_bytes, uri) from None
-        raise _fail(ReasonCode.storage_error, str(exc)) from None
+        raise remote_failure(exc, uri, max_bytes) from None
+
+
+def remote_failure(exc: sources.SourceReadError, uri: str, max_bytes: int | None) -> QuarantineError:
+    """A remote read failure as the audio stage's reasons, for whole clips and long recordings alike."""
+    if exc.problem == "missing":
+        return _fail(ReasonCode.missing_file, str(exc))
+    if exc.problem == "too_large" and max_bytes is not None:
+        return too_large(exc.size or 0, max_bytes, uri)
+    return _fail(ReasonCode.storage_error, str(exc))
 
 
 def read_source_bytes(uri: str, max_bytes: int | None = DEFAULT_MAX_FILE_BYTES) -> bytes:
@@ -215,7 +220,7 @@ def load_audio(clip: Clip, config: AudioConfig) -> DecodedAudio:
     """
     if clip.audio_bytes is not None:
         if len(clip.audio_bytes) > config.max_file_bytes:
-            raise _too_large(len(clip.audio_bytes), config.max_file_bytes, clip.audio_uri)
+            raise too_large(len(clip.audio_bytes), config.max_file_bytes, clip.audio_uri)
         return decode_bytes(clip.audio_bytes, clip.audio_uri, config)
     if sources.is_remote(clip.audio_uri):  # one object read per clip, never the corpus
         return decode_bytes(read_remote(clip.audio_uri, config.max_file_bytes), clip.audio_uri, config)

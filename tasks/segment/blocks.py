@@ -46,7 +46,14 @@ import soxr
 
 from schemas.records import QuarantineError, ReasonCode, Stage
 from storage import sources as stores
-from tasks.audio import DEFAULT_MAX_FILE_BYTES, FFMPEG_FORMATS, ffmpeg_tools, open_regular
+from tasks.audio import (
+    DEFAULT_MAX_FILE_BYTES,
+    FFMPEG_FORMATS,
+    ffmpeg_tools,
+    open_regular,
+    remote_failure,
+    too_large,
+)
 
 SR = 16_000
 DEFAULT_BLOCK_S = 30.0
@@ -127,29 +134,15 @@ class _RemoteFile(stores.RangeFile):
         return done
 
 
-def _source_fail(exc: stores.SourceReadError, max_bytes: int | None) -> QuarantineError:
-    """A remote read failure as the audio stage's reasons (the same mapping as tasks/audio.read_remote)."""
-    if exc.problem == "missing":
-        return _fail(ReasonCode.missing_file, str(exc))
-    if exc.problem == "too_large" and max_bytes is not None:
-        return _too_large(exc.size or 0, max_bytes, exc.uri)
-    return _fail(ReasonCode.storage_error, str(exc))
-
-
-def _too_large(size: int, limit: int, uri: str) -> QuarantineError:
-    return _fail(ReasonCode.too_large, f"{uri}: {size:,} bytes > audio.max_file_bytes={limit:,}; not read: split "
-                                       "or re-encode the file, or raise audio.max_file_bytes")
-
-
 def _remote(uri: str, max_bytes: int | None) -> tuple[stores.SourceStore, int]:
     """(the source's store, the object's size), the size cap checked before any byte is read."""
     try:
         store = stores.store_for(uri)
         size = store.stat(uri).size
     except stores.SourceReadError as exc:
-        raise _source_fail(exc, max_bytes) from None
+        raise remote_failure(exc, exc.uri, max_bytes) from None
     if max_bytes is not None and size > max_bytes:
-        raise _too_large(size, max_bytes, uri)
+        raise too_large(size, max_bytes, uri)
     return store, size
 
 
@@ -167,7 +160,7 @@ def _check_remote(f: BinaryIO) -> None:
     """Raise the remote read failure a soundfile call swallowed (no-op for local files)."""
     error = getattr(f, "error", None)
     if isinstance(error, stores.SourceReadError):
-        raise _source_fail(error, None)
+        raise remote_failure(error, error.uri, None)
 
 
 def _soundfile_info(f: BinaryIO) -> sf._SoundFileInfo | None:
@@ -346,7 +339,7 @@ class _FfmpegInput:
     def check(self) -> None:
         """Raise the remote read failure the relay hit (ffmpeg may have taken it for the end)."""
         if self.relay is not None and self.relay.error is not None:
-            raise _source_fail(self.relay.error, None)
+            raise remote_failure(self.relay.error, self.relay.error.uri, None)
 
 
 @contextmanager
