@@ -41,7 +41,7 @@ from tasks.describe import load_bins
 from tasks.gpu import gpu_stages
 from tasks.instructions import instruction_pool
 from tasks.llm import make_backend
-from tasks.pipeline import ProgressHook, ShardOutcome, process_shard, report_done, report_total, run_backend
+from tasks.pipeline import ProgressHook, ShardOutcome, process_shard, report_reused, report_total, run_backend
 from tasks.plan import RunPlan, load_shard_plan, plan_run
 from tasks.publish import combine_stats, commit_refusal, committed_version, publish, recorded_outcomes, refuse
 from tasks.run import RunContext, launch_config, run_context, run_lease, run_store
@@ -91,6 +91,7 @@ def run_plain(config: RunConfig, progress: ProgressHook | None = None) -> Manife
     store = run_store(config)
     with run_lease(config, store, ctx) as lease:
         plan = plan_run(config, store, ctx.staging, ctx.run_id)
+        report_total(progress, plan.clips)
         version = committed_version(store, ctx)
         if version is not None:
             return read_manifest(store, config.output.dataset, version)
@@ -182,7 +183,7 @@ def _generate_leased(config: RunConfig, ctx: RunContext, store: ObjectStore, lea
     outcomes = recorded_outcomes(store, ctx, plan) if version is not None else None
     if outcomes is not None:  # committed earlier: report it, never redo or re-commit
         for o in outcomes:
-            report_done(progress, o.clips, o.rows, reused=True)
+            report_reused(progress, o)
             count_shard(meter, o)
         show_progress(artifact, meter, config.output.dataset)
     else:

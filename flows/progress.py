@@ -42,19 +42,14 @@ class ProgressMeter:
         self.shards_reused = 0
         self.audio_seconds = 0.0
         self.by_reason: Counter[str] = Counter()
-        self.recordings_cut = 0  # long recordings cut into segments, and those segments (shard outcomes)
+        self.recordings_cut = 0  # long recordings cut into segments so far, and those segments
         self.segments = 0
+        self.quarantined = 0  # quarantine rows: clips, recordings that failed whole, and segments
         self._processed = 0  # clips finished by this launch (not reused)
         self._processed_audio = 0.0
         self._t0: float | None = None
         self._base = 0  # processed clips already finished when the clock started
         self._base_audio = 0.0
-
-    @property
-    def quarantined(self) -> int:
-        """The shard check's identity: rows + quarantined = clips - recordings_cut + segments. Counts
-        fed without the cut counts (the terminal bar's batches) may lag a recording's segments: never below 0."""
-        return max(0, self.clips_done - self.recordings_cut + self.segments - self.rows)
 
     def start(self) -> None:
         """Start the rate clock now (the flow: shard tasks submitted, start-up behind it)."""
@@ -63,11 +58,19 @@ class ProgressMeter:
 
     def add(self, clips: int, rows: int, *, reused: bool = False, shard: bool = False,
             by_reason: Mapping[str, int] | None = None, audio_seconds: float = 0.0,
-            recordings_cut: int = 0, segments: int = 0) -> None:
-        """`clips` more finished, `rows` of them rows (the rest quarantined); `shard`: a shard ended."""
+            recordings_cut: int = 0, segments: int = 0, quarantined: int | None = None) -> None:
+        """`clips` more planned clips finished, giving `rows` rows and `quarantined` quarantine rows;
+        `recordings_cut` recordings were cut into `segments` segments; `shard`: a shard ended.
+
+        `quarantined` unset: what a whole shard's (or whole clips') counts imply by the shard check's
+        identity, rows + quarantined = clips - recordings_cut + segments. A batch of the terminal bar
+        passes it: mid-shard, a recording's segments are cut before they all come out."""
+        if quarantined is None:
+            quarantined = max(0, clips - recordings_cut + segments - rows)
         with self._lock:
             self.clips_done += clips
             self.rows += rows
+            self.quarantined += quarantined
             self.recordings_cut += recordings_cut
             self.segments += segments
             self.audio_seconds += audio_seconds
@@ -141,9 +144,11 @@ class ProgressMeter:
         return "\n".join(lines)
 
     def postfix(self) -> str:
-        """The terminal bar's compact tail: rows, quarantined, rate, ETA."""
+        """The terminal bar's compact tail: rows, quarantined, recordings cut and their segments (when
+        there are any), rate, ETA."""
         rate = self.clips_per_s()
         eta = self.eta_s()
-        return (f"rows {self.rows}, quarantined {self.quarantined}, "
+        cut = f"cut {self.recordings_cut} recordings → {self.segments} segments, " if self.recordings_cut else ""
+        return (f"rows {self.rows}, quarantined {self.quarantined}, {cut}"
                 + ("rate pending" if rate is None else f"{rate:.1f} clips/s")
                 + ("" if eta is None else f", ETA {duration_text(eta)}"))

@@ -14,6 +14,8 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -44,24 +46,60 @@ from tasks.segment.clips import shard_clips
 from tasks.stopping import check_stop
 from tasks.tally import ShardTally
 
-# How a run reports clips as they finish (the CLI's progress bar): called with ("total", clips, 0)
-# once planned, then per finished batch with ("done", clips, rows) - the batch's other clips were
-# quarantined - or, for a shard an earlier attempt finished, ("reused", clips, rows), which a rate
-# must not count. Passed down from the caller; shard tasks in other processes get None.
-ProgressHook = Callable[[str, int, int], None]
-
 # The same logger as the quarantine lines (tasks/tally.py): the flow forwards "speechpairs" records.
 log = logging.getLogger("speechpairs.pipeline")
 
 
+@dataclass(frozen=True)
+class Progress:
+    """One report to a ProgressHook (the CLI's progress bar): counts added since the last report.
+
+    `clips` are planned clips (a long recording counts once, when its last segment is through);
+    `rows` and `quarantined` are what came out (whole clips, recordings that failed whole, and
+    segments), `recordings_cut`/`segments` the recordings cut so far and the segments they gave.
+    Summed over a run they equal the run summary's clips_in, rows, quarantined, recordings_cut and
+    segments. Kinds: "total" once planned (`clips` = the run's planned clips), "done" per finished
+    batch, "reused" for a shard an earlier attempt finished (a rate must not count it)."""
+
+    kind: Literal["total", "done", "reused"]
+    clips: int
+    rows: int = 0
+    quarantined: int = 0
+    recordings_cut: int = 0
+    segments: int = 0
+
+    def minus(self, earlier: Progress) -> Progress:
+        return Progress(self.kind, self.clips - earlier.clips, self.rows - earlier.rows,
+                        self.quarantined - earlier.quarantined, self.recordings_cut - earlier.recordings_cut,
+                        self.segments - earlier.segments)
+
+    def empty(self) -> bool:
+        return not (self.clips or self.rows or self.quarantined or self.recordings_cut or self.segments)
+
+
+# Passed down from the caller; shard tasks in other processes get None.
+ProgressHook = Callable[[Progress], None]
+
+
 def report_total(progress: ProgressHook | None, clips: int) -> None:
     if progress is not None:
-        progress("total", clips, 0)
+        progress(Progress("total", clips))
 
 
-def report_done(progress: ProgressHook | None, n: int, rows: int, *, reused: bool = False) -> None:
-    if progress is not None and (n or rows):  # rows without a finished clip: segments of a recording
-        progress("reused" if reused else "done", n, rows)
+def report_reused(progress: ProgressHook | None, outcome: ShardOutcome) -> None:
+    """A shard an earlier attempt finished: its whole outcome at once."""
+    if progress is not None:
+        progress(Progress("reused", outcome.clips, outcome.rows, outcome.quarantined, outcome.recordings_cut,
+                          outcome.segments))
+
+
+def _report_since(progress: ProgressHook | None, acc: ShardTally, sent: Progress) -> Progress:
+    """Report what the shard's tally gained since `sent` (the last report's totals); returns the totals."""
+    now = Progress("done", acc.refs_done, acc.n_rows, len(acc.quarantine), acc.recordings_cut, acc.segments)
+    delta = now.minus(sent)
+    if progress is not None and not delta.empty():
+        progress(delta)
+    return now
 
 
 class ShardOutcome(BaseModel):
@@ -134,7 +172,7 @@ def process_shard(plan: ShardPlan, config: RunConfig, store: ObjectStore, ctx: R
     batch_size = batch_size or max(64, 2 * config.llm.concurrency)
     done = finished_outcome(store, ctx, plan.index)
     if done is not None:
-        report_done(progress, done.clips, done.rows, reused=True)
+        report_reused(progress, done)
         return done.model_copy(update={"skipped": True})
     bins = load_bins(config.describe.bins)
     models = load_models(config.features)
@@ -143,7 +181,7 @@ def process_shard(plan: ShardPlan, config: RunConfig, store: ObjectStore, ctx: R
     acc = ShardTally(shard=plan.index, run_id=ctx.run_id, created_at=plan.created_at or utc_now(), gate=gate)
     key = ctx.layout.shard(plan.index)
     with ParquetShardWriter(store, key, ROW_SCHEMA, compression=config.output.compression) as writer:
-        reported = 0  # progress counts planned clips (a recording once all its segments are through)
+        sent = Progress("done", 0)  # the shard's totals last reported
         for batch in _batches(shard_clips(plan.refs, config, acc), batch_size):
             check_stop(f"shard {plan.index:05d}")
             prepared = prepare_batch(batch, config, bins, acc, models)
@@ -159,8 +197,9 @@ def process_shard(plan: ShardPlan, config: RunConfig, store: ObjectStore, ctx: R
             writer.write(rows_to_table(rows))  # streamed: the shard is never held in memory
             acc.n_rows += len(rows)
             acc.stage_seconds["write"] += time.perf_counter() - t0
-            report_done(progress, acc.refs_done - reported, len(rows))
-            reported = acc.refs_done
+            sent = _report_since(progress, acc, sent)
+        # Recordings dropped whole after the last full batch (no speech, unreadable) are reported here.
+        _report_since(progress, acc, sent)
         t0 = time.perf_counter()
         shard = writer.close()
         acc.stage_seconds["write"] += time.perf_counter() - t0

@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flows.cli.base import (
     EXIT_BUSY,
@@ -23,6 +23,9 @@ from flows.cli.base import (
     quiet_prefect,
     say,
 )
+
+if TYPE_CHECKING:  # the CLI imports the pipeline only once it runs
+    from tasks.pipeline import Progress, ProgressHook
 
 
 def _announce_flow_run(links: list[str]) -> Callable[..., None]:
@@ -40,9 +43,11 @@ def _announce_flow_run(links: list[str]) -> Callable[..., None]:
 
 
 def _progress_bar(enabled: bool, clock: Callable[[], float] = time.monotonic
-                  ) -> tuple[Callable[[str, int, int], None] | None, Callable[[], None]]:
-    """The terminal bar (a tasks.pipeline ProgressHook, passed into the flow): clips done/total, then rows, quarantined,
-    rate and ETA. The rate is flows/progress.py's: measured from the first finished batch, so Prefect
+                  ) -> tuple[ProgressHook | None, Callable[[], None]]:
+    """The terminal bar (a tasks.pipeline ProgressHook, passed into the flow): planned clips done/total
+    (a long recording counts once), then rows, quarantined (clips, recordings that failed whole and
+    segments), recordings cut and their segments so far, rate and ETA; at the end, the run summary's
+    numbers. The rate is flows/progress.py's: measured from the first finished batch, so Prefect
     start-up, model loading and planning stay out of it, and so do shards an earlier attempt finished."""
     if not enabled:
         return None, lambda: None
@@ -55,14 +60,15 @@ def _progress_bar(enabled: bool, clock: Callable[[], float] = time.monotonic
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
     lock = threading.Lock()
 
-    def hook(kind: str, n: int, rows: int) -> None:
+    def hook(event: Progress) -> None:
         with lock:
-            if kind == "total":
-                meter.clips_total = n
-                bar.total = n
+            if event.kind == "total":
+                meter.clips_total = event.clips
+                bar.total = event.clips
             else:
-                meter.add(n, rows, reused=kind == "reused")
-                bar.update(n)
+                meter.add(event.clips, event.rows, reused=event.kind == "reused", quarantined=event.quarantined,
+                          recordings_cut=event.recordings_cut, segments=event.segments)
+                bar.update(event.clips)
             bar.set_postfix_str(meter.postfix(), refresh=False)
             bar.refresh()
 

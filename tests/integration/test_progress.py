@@ -13,7 +13,7 @@ from flows.reporting import RunSummary, distributions_markdown, summary_table
 from schemas.manifest import Stats
 from tasks.attribute_order import in_scale_order
 from tasks.describe import load_bins
-from tasks.pipeline import report_done, report_total
+from tasks.pipeline import Progress, report_total
 
 
 class Clock:
@@ -72,11 +72,11 @@ def test_terminal_bar_shows_clips_rows_quarantined_rate_and_eta(capsys: pytest.C
     try:  # driven through the pipeline's own reporting functions, as process_shard calls them
         clock.now += 120  # start-up before the first clip finishes
         report_total(hook, 12)
-        report_done(hook, 4, 4, reused=True)  # a shard finished by an earlier attempt
+        hook(Progress("reused", 4, 4))  # a shard finished by an earlier attempt
         clock.now += 5
-        report_done(hook, 4, 3)  # first batch of this launch: starts the clock
+        hook(Progress("done", 4, 3, quarantined=1))  # first batch of this launch: starts the clock
         clock.now += 2
-        report_done(hook, 2, 2)
+        hook(Progress("done", 2, 2))
         text = capsys.readouterr().err
     finally:
         close()
@@ -149,15 +149,17 @@ def test_a_hook_passed_to_the_flow_hears_every_clip_and_a_rerun_reports_them_reu
     from tests.support.datasets_support import sample_config
 
     config = sample_config(str(tmp_path / "out"), "hooked", workdir=tmp_path, shard_size=4)
-    calls: list[tuple[str, int, int]] = []
-    summary = run_generate(config, lambda kind, n, rows: calls.append((kind, n, rows)))
-    assert calls[0] == ("total", summary.clips_in, 0)
-    done = [c for c in calls[1:] if c[0] == "done"]
+    calls: list[Progress] = []
+    summary = run_generate(config, calls.append)
+    assert calls[0] == Progress("total", summary.clips_in)
+    done = [c for c in calls[1:] if c.kind == "done"]
     assert len(done) == len(calls) - 1 >= summary.shards  # a batch at least per shard, nothing else
-    assert sum(n for _, n, _ in done) == summary.clips_in and sum(r for _, _, r in done) == summary.rows
+    assert sum(c.clips for c in done) == summary.clips_in and sum(c.rows for c in done) == summary.rows
+    assert sum(c.quarantined for c in done) == summary.quarantined
 
-    again: list[tuple[str, int, int]] = []
-    rerun = run_generate(config, lambda kind, n, rows: again.append((kind, n, rows)))
-    assert rerun.already_committed and again[0] == ("total", summary.clips_in, 0)
-    assert {c[0] for c in again[1:]} == {"reused"} and sum(n for _, n, _ in again[1:]) == summary.clips_in
+    again: list[Progress] = []
+    rerun = run_generate(config, again.append)
+    assert rerun.already_committed and again[0] == Progress("total", summary.clips_in)
+    assert {c.kind for c in again[1:]} == {"reused"} and sum(c.clips for c in again[1:]) == summary.clips_in
+    assert sum(c.rows for c in again[1:]) == summary.rows
     assert run_generate(config).version == summary.version  # and without a hook, nothing to report to
