@@ -27,7 +27,7 @@ from schemas.config import SourceConfig
 from schemas.records import Clip, ReasonCode
 from storage import sources as stores
 from tasks.ingest import commonvoice, emotion, hf_parquet, lhotse, librispeech, vctk
-from tasks.ingest.common import ClipRef, CorpusPath, Roots, SourceError, ref_problem, stat_key, walk
+from tasks.ingest.common import ClipRef, CorpusPath, SourceError, ref_problem
 from tasks.ingest.folder import (
     folder_clip,
     is_audio_name,
@@ -43,6 +43,7 @@ from tasks.ingest.manifest import (
     record_to_clip,
     row_locator,
 )
+from tasks.ingest.paths import Roots, stat_key, walk
 from tasks.ingest.remote import RemotePath, forget
 
 

@@ -22,20 +22,16 @@ from schemas.records import Clip, ReasonCode
 from tasks.ingest.common import (
     ClipRef,
     CorpusPath,
-    FileKey,
-    Rejected,
-    Roots,
     SourceError,
     label_dict,
     make_id,
-    metadata_key,
     one_line,
-    open_source,
     path_of,
-    prepare,
     read_line,
     too_long_line,
 )
+from tasks.ingest.files import FileKey, metadata_key, open_source
+from tasks.ingest.paths import Rejected, Roots, prepare
 
 DEFAULT_TSVS = ("validated.tsv",)
 FALLBACK_TSVS = ("train.tsv", "dev.tsv", "test.tsv")

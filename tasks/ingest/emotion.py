@@ -25,24 +25,9 @@ from pathlib import Path
 
 from schemas.attributes import SeedLabel
 from schemas.records import Clip
-from tasks.ingest.common import (
-    ClipRef,
-    CorpusPath,
-    FileKey,
-    Rejected,
-    Roots,
-    SourceError,
-    WalkProblem,
-    folder_names,
-    label_dict,
-    make_id,
-    metadata_key,
-    one_line,
-    path_of,
-    prepare,
-    read_text,
-    walk,
-)
+from tasks.ingest.common import ClipRef, CorpusPath, SourceError, label_dict, make_id, one_line, path_of
+from tasks.ingest.files import FileKey, folder_names, metadata_key, read_text
+from tasks.ingest.paths import Rejected, Roots, WalkProblem, prepare, walk
 
 # ---------------------------------------------------------------- CREMA-D
 

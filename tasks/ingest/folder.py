@@ -2,7 +2,7 @@
 
 A sidecar is `<name>.txt` or `<name>.lab` next to the audio. The clip id is the path relative to
 the folder without its extension (stable across runs and machines; control characters
-percent-encoded). Walks lazily in sorted order, opening no file (see `common.walk`): a folder it
+percent-encoded). Walks lazily in sorted order, opening no file (see `paths.walk`): a folder it
 cannot enter (unreadable, a link loop, a link to a folder outside the allowed roots) becomes a
 quarantine row `<dataset>/<relative dir>/`. Files that are neither audio nor sidecars are not
 clips, but they are counted (`skipped_files`) so a run names what it left out instead of dropping
@@ -22,17 +22,9 @@ from pathlib import Path
 
 from schemas.records import Clip
 from storage import sources
-from tasks.ingest.common import (
-    AUDIO_SUFFIXES,
-    ClipRef,
-    Rejected,
-    Roots,
-    SourceError,
-    clean_id,
-    make_id,
-    read_small,
-    walk,
-)
+from tasks.ingest.common import AUDIO_SUFFIXES, ClipRef, SourceError, clean_id, make_id
+from tasks.ingest.files import read_small
+from tasks.ingest.paths import Rejected, Roots, walk
 
 SIDECAR_SUFFIXES = (".txt", ".lab")
 NO_EXTENSION = "(no extension)"

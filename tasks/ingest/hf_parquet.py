@@ -34,18 +34,8 @@ import pyarrow.parquet as pq
 
 from schemas.records import Clip, ReasonCode
 from storage import sources
-from tasks.ingest.common import (
-    ClipRef,
-    Rejected,
-    Roots,
-    SourceError,
-    WalkProblem,
-    clean_label_value,
-    make_id,
-    one_line,
-    prepare,
-    walk,
-)
+from tasks.ingest.common import ClipRef, SourceError, clean_label_value, make_id, one_line
+from tasks.ingest.paths import Rejected, Roots, WalkProblem, prepare, walk
 
 TRANSCRIPT_COLUMNS = ("text", "sentence", "transcript", "transcription")
 ID_COLUMN = "id"
@@ -96,7 +86,7 @@ def parquet_files(root: str) -> list[ParquetFileRef]:
 
 def parquet_listing(root: str, roots: Roots | None = None) -> tuple[list[ParquetFileRef], list[WalkProblem]]:
     """(Parquet files in sorted order, what a local walk could not enter or read). A local folder is
-    walked like a folder source (`common.walk`: links followed inside the roots only, loops caught;
+    walked like a folder source (`paths.walk`: links followed inside the roots only, loops caught;
     pyarrow's own recursive listing follows a link loop until the path is too long); a FIFO or device
     named .parquet is a problem (never opened)."""
     fs, path, info = _base(root)

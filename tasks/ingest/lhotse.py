@@ -63,22 +63,17 @@ from tasks.features.labels import is_attribute_label
 from tasks.ingest.common import (
     ClipRef,
     CorpusPath,
-    FileKey,
-    Rejected,
-    Roots,
     SourceError,
     clean_label_value,
-    folder_names,
     make_id,
-    metadata_key,
     one_line,
-    open_source,
     parse_json_object,
     path_of,
-    prepare,
     read_line,
     too_long_line,
 )
+from tasks.ingest.files import FileKey, folder_names, metadata_key, open_source
+from tasks.ingest.paths import Rejected, Roots, prepare
 from tasks.llm.messages import sanitize_prompt_text
 
 MANIFEST_ENDINGS = (".jsonl.gz", ".jsonl")

@@ -22,23 +22,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from schemas.records import Clip, ReasonCode
-from tasks.ingest.common import (
-    ClipRef,
-    CorpusPath,
-    FileKey,
-    Rejected,
-    Roots,
-    SourceError,
-    WalkProblem,
-    label_dict,
-    make_id,
-    metadata_key,
-    one_line,
-    path_of,
-    prepare,
-    read_text,
-    walk,
-)
+from tasks.ingest.common import ClipRef, CorpusPath, SourceError, label_dict, make_id, one_line, path_of
+from tasks.ingest.files import FileKey, metadata_key, read_text
+from tasks.ingest.paths import Rejected, Roots, WalkProblem, prepare, walk
 
 LIBRISPEECH_AUDIO = re.compile(r"^(\d+)-(\d+)-(\d+)\.flac$", re.IGNORECASE)
 LIBRITTS_AUDIO = re.compile(r"^(\d+)_(\d+)_([0-9A-Za-z]+_[0-9A-Za-z]+)\.wav$", re.IGNORECASE)
@@ -134,7 +120,7 @@ def _layout_error(root: CorpusPath, corpus: str) -> SourceError:
 def iter_libri_refs(root: CorpusPath, source_index: int, dataset: str, corpus: str,
                     roots: Roots | None = None) -> Iterator[ClipRef]:
     """Every utterance below `root` in sorted order; LibriSpeech chapters must have their transcript file.
-    A folder the walk cannot enter is a quarantine ref (see `common.walk`)."""
+    A folder the walk cannot enter is a quarantine ref (see `paths.walk`)."""
     pattern = LIBRISPEECH_AUDIO if corpus == "librispeech" else LIBRITTS_AUDIO
     checked: set[str] = set()
     count = 0

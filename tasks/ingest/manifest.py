@@ -24,20 +24,17 @@ from typing import Any, BinaryIO
 from schemas.records import Clip, ReasonCode
 from tasks.ingest.common import (
     ClipRef,
-    FileKey,
-    Rejected,
-    Roots,
     SourceError,
     clean_label_value,
     json_object,
     make_id,
     not_utf8,
-    open_source,
     read_line,
     resolve_audio_uri,
-    source_key,
     too_long_line,
 )
+from tasks.ingest.files import FileKey, open_source, source_key
+from tasks.ingest.paths import Rejected, Roots
 
 PATH_COLUMNS = ("path", "audio", "audio_filepath")
 TRANSCRIPT_COLUMNS = ("transcript", "text")

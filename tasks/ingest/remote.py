@@ -2,7 +2,7 @@
 
 Why: the named layouts (LibriSpeech, VCTK, Common Voice, CREMA-D, ESD) and lhotse manifests walk
 a folder, test whether metadata files exist and read them. Handing them a `RemotePath` instead of a
-`Path` keeps one code path per adapter for local and remote corpora; `common.walk`, `read_small`,
+`Path` keeps one code path per adapter for local and remote corpora; `paths.walk`, `files.read_small`,
 `metadata_key` and `stat_key` accept either.
 
 Costs: a walk is one listing of its folder (storage/sources.py, sizes and ETags). Existence tests

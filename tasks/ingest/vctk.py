@@ -18,23 +18,9 @@ from pathlib import Path
 
 from schemas.attributes import SeedLabel
 from schemas.records import Clip, ReasonCode
-from tasks.ingest.common import (
-    ClipRef,
-    CorpusPath,
-    FileKey,
-    Rejected,
-    Roots,
-    SourceError,
-    WalkProblem,
-    label_dict,
-    make_id,
-    metadata_key,
-    one_line,
-    path_of,
-    prepare,
-    read_text,
-    walk,
-)
+from tasks.ingest.common import ClipRef, CorpusPath, SourceError, label_dict, make_id, one_line, path_of
+from tasks.ingest.files import FileKey, metadata_key, read_text
+from tasks.ingest.paths import Rejected, Roots, WalkProblem, prepare, walk
 
 AUDIO_DIRS = ("wav48_silence_trimmed", "wav48")
 AUDIO_NAME = re.compile(r"^([A-Za-z]*\d+)_(\d+)(?:_(mic\d))?\.(?:flac|wav)$", re.IGNORECASE)
@@ -73,7 +59,7 @@ def _mic_rank(mic: str | None) -> tuple[int, str]:
 
 def iter_vctk_refs(root: CorpusPath, source_index: int, dataset: str, *, roots: Roots | None = None) -> Iterator[ClipRef]:
     """One ref per utterance (preferring mic1), speakers and utterances in sorted order; a speaker
-    folder that cannot be entered is a quarantine ref (see `common.walk`)."""
+    folder that cannot be entered is a quarantine ref (see `paths.walk`)."""
     metadata_key(root / SPEAKER_INFO, "VCTK speaker list", SPEAKER_INFO_FIX)
     audio_dir = _audio_dir(root)
     count = 0

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.ingest.common import read_small
+from tasks.ingest.files import read_small
 from tasks.llm.messages import sanitize_prompt_text, sanitize_transcript
 from tasks.segment.cues import (
     Cue,
