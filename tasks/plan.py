@@ -2,8 +2,11 @@
 
 Shards are cut in sorted id order at `output.shard_size` clips or, for long recordings, at the
 audio time of that many clips of `audio.max_duration_s` (whichever comes first), so a shard of
-recordings carries about the audio of a full shard of clips (`audio_units`). A pre-cut corpus
-(no clip longer than the cap) is planned exactly by count.
+recordings carries about the audio of a full shard of clips (`audio_units`): a recording the shard
+task may cut is weighed by its length (folders, manifests and corpus layouts: size, then header,
+local, s3:// or http(s)://, range reads only; lhotse: the manifest's durations; hf_parquet and
+`segment: never` sources: by count). A pre-cut corpus (no clip longer than the cap) is planned
+exactly by count.
 
 The plan is written before any shard runs and reused on every re-run of the same run id, so a
 resumed run never re-partitions (checkpoints would no longer match).
@@ -13,12 +16,13 @@ Only light `ClipRef`s are held while sorting, never whole records or audio.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-import soundfile as sf
 from pydantic import BaseModel, Field
 
 from schemas.config import RunConfig, SourceConfig
@@ -26,10 +30,20 @@ from schemas.records import utc_now
 from storage import sources as stores
 from storage.layout import RunLayout
 from storage.objectstore import NotFound, ObjectStore, PreconditionFailed
-from tasks.ingest import ClipRef, SourceError, dataset_name, iter_refs, source_kind, source_roots
-from tasks.ingest.common import AUDIO_SUFFIXES, PROBLEM
+from tasks.ingest import (
+    ADAPTERS,
+    ClipRef,
+    SourceError,
+    dataset_name,
+    iter_refs,
+    remote,
+    source_kind,
+    source_roots,
+)
+from tasks.ingest.common import AUDIO_SUFFIXES, PROBLEM, path_of
 from tasks.ingest.folder import skipped_files
 from tasks.ingest.manifest import iter_manifest_records, record_to_clip
+from tasks.segment.blocks import header_duration
 
 PLAN_FORMAT = "speechpairs/plan@1"
 
@@ -119,7 +133,7 @@ def shard_bounds(units: list[float] | None, n: int, size: int) -> list[tuple[int
 
 # Planning weighs a clip by its audio time only when its size says it could be longer than
 # audio.max_duration_s at the lowest bitrate its format plausibly has (bytes per second): below that
-# it is one unit without opening it, so a million short clips cost a stat each, no header read.
+# it is one unit without opening it, so a million short clips cost a stat (or a listing) each, no read.
 # WAV-family floor: 4-bit ADPCM at 8 kHz; FLAC: lossless 8-kHz speech; else 8 kbit/s (low-rate speech codecs).
 MIN_BYTES_PER_S = {".wav": 4000, ".aif": 4000, ".aiff": 4000, ".au": 4000, ".w64": 4000, ".caf": 4000,
                    ".flac": 2000}
@@ -127,65 +141,125 @@ LOW_BYTES_PER_S = 1000
 # Formats without a header length read cheaply (MP3, M4A, Opus, ...): audio time = bytes / 64 kbit/s.
 ESTIMATE_BYTES_PER_S = 8000
 HEADER_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".aif", ".aiff", ".au", ".w64", ".caf"})
+# Remote Ogg is estimated: libsndfile reads its last page for the length (a second range GET).
+REMOTE_HEADER_SUFFIXES = HEADER_SUFFIXES - {".ogg"}
 
 
 def audio_units(config: RunConfig, locators: list[tuple[int, str]]) -> dict[tuple[int, str], float]:
     """(source index, locator) → audio time in units of audio.max_duration_s, for the planned clips
-    that may be long recordings (more than one unit) of sources whose segment mode is not `never`.
+    that are long recordings (more than one unit) of sources whose segment mode is not `never`.
 
-    Local folders: a stat per planned file, a header read (soundfile.info) only past the size floor; local
-    manifests: one sequential read of the manifest for the audio paths, then the same. Remote audio
-    (cut only under mode always) and the corpus layouts, lhotse and Parquet sources are not weighed:
-    they are planned by count (a misweighed recording is still cut in its shard, only balance suffers).
-    Deterministic: the same files give the same units."""
+    What is weighed is what the shard task may cut (tasks/segment/clips.py): a clip pointing at a
+    file of at most audio.max_file_bytes, local, s3:// or http(s)://.
+    - Folders, manifests and the corpus layouts (`Adapter.audio`: locator → file; Common Voice reads
+      its TSVs once): a file's size first (local: a stat; s3://: the listing of the source root, or
+      of the file's folder for a manifest's audio elsewhere, one per folder, cached; http(s)://: a HEAD);
+      at most the size floor, nothing is read. Past it, the header's length (`header_duration`: one
+      64 KiB range GET for a remote file, no stat), else bytes / ESTIMATE_BYTES_PER_S (MP3, M4A, ...).
+    - lhotse (`Adapter.seconds`): the manifest's durations of clips that are whole recordings; no
+      audio is opened. A clip of part of a recording is embedded, never cut: one unit.
+    - hf_parquet: by count. Its audio is embedded in the rows (never cut), and a path-only row's
+      length would cost a read per row.
+    A misweighed recording is still cut in its shard; only balance suffers. Deterministic: the same
+    files give the same units, local or remote."""
     units: dict[tuple[int, str], float] = {}
     cap = config.audio.max_duration_s
+    planned: dict[int, list[str]] = {}
+    for index, locator in locators:
+        if not locator.startswith(PROBLEM):
+            planned.setdefault(index, []).append(locator)
+    listed: set[str] = set()  # s3:// folders listed for sizes in this planning
     for index, source in enumerate(config.sources):
-        if config.segment_for(source).mode == "never" or stores.is_remote(source.path):
+        if config.segment_for(source).mode == "never" or index not in planned:
             continue
-        kind = source_kind(source, index)
-        files: Iterator[tuple[str, Path]]
-        if kind == "folder":
-            root = Path(source.path)
-            files = ((loc, root / loc) for src, loc in locators if src == index and not loc.startswith(PROBLEM))
-        elif kind == "manifest":
-            files = _manifest_audio(source, index)
-        else:
-            continue
-        for locator, path in files:
-            seconds = _audio_seconds(path, cap)
-            if seconds is not None and seconds > cap:
+        for locator, seconds in _recording_seconds(config, index, planned[index], listed):
+            if seconds > cap:
                 units[(index, locator)] = seconds / cap
     return units
 
 
-def _manifest_audio(source: SourceConfig, index: int) -> Iterator[tuple[str, Path]]:
-    """(locator, local audio path) of each manifest row (one sequential pass, no audio opened)."""
-    manifest = Path(source.path)
+def _recording_seconds(config: RunConfig, index: int, locators: list[str],
+                       listed: set[str]) -> Iterator[tuple[str, float]]:
+    """(locator, audio seconds) of the source's planned clips that may be long (see audio_units)."""
+    source = config.sources[index]
+    kind = source_kind(source, index)
+    adapter = ADAPTERS.get(kind)
+    remote = stores.is_remote(source.path)
+    files: Iterator[tuple[str, str]]
+    if adapter is not None and adapter.seconds is not None:
+        yield from adapter.seconds(path_of(source.path))
+        return
+    if kind == "folder":
+        files = ((loc, f"{source.path.rstrip('/')}/{loc}" if remote else str(Path(source.path) / loc))
+                 for loc in locators)
+    elif kind == "manifest":
+        files = _manifest_audio(source, index)
+    elif adapter is not None and adapter.audio is not None:
+        roots = source_roots(source, index)
+        checked = ((loc, roots.check(str(path))) for loc, path in adapter.audio(path_of(source.path), locators))
+        files = ((loc, path) for loc, path in checked if isinstance(path, str))
+    else:
+        return
+    if remote and kind != "manifest":
+        _list_once(source.path, listed)  # every file below the root: sizes from one listing
+    for locator, uri in files:
+        seconds = _audio_seconds(uri, config.audio.max_duration_s, config.audio.max_file_bytes, listed)
+        if seconds is not None:
+            yield locator, seconds
+
+
+def _list_once(folder: str, listed: set[str]) -> None:
+    """List an s3:// folder once (cached by tasks/ingest/remote.py), unless a listed folder holds it."""
+    folder = folder.rstrip("/")
+    if folder.startswith("s3://") and not any(folder == f or folder.startswith(f + "/") for f in listed):
+        try:
+            remote.listing(folder)
+        except stores.SourceReadError:
+            return
+        listed.add(folder)
+
+
+def _manifest_audio(source: SourceConfig, index: int) -> Iterator[tuple[str, str]]:
+    """(locator, audio path or URI) of each manifest row (one sequential pass, no audio opened)."""
+    remote = stores.is_remote(source.path)
+    manifest: Path | str = source.path if remote else Path(source.path)
+    base: Path | str = stores.parent(source.path) if remote else Path(source.path).parent
     roots, name = source_roots(source, index), dataset_name(source)
     for offset, record in iter_manifest_records(manifest):
-        clip = record_to_clip(record, clip_id="plan", dataset=name, base=manifest.parent, language=None,
+        clip = record_to_clip(record, clip_id="plan", dataset=name, base=base, language=None,
                               extra_labels={}, where=str(manifest), roots=roots)
-        if clip.ingest_error is None and not stores.is_remote(clip.audio_uri) and "://" not in clip.audio_uri:
-            yield str(offset), Path(clip.audio_uri)
+        uri = clip.audio_uri
+        if clip.ingest_error is None and (stores.is_remote(uri) or "://" not in uri):
+            yield str(offset), uri
 
 
-def _audio_seconds(path: Path, cap: float) -> float | None:
-    """The clip's audio time if it may exceed `cap`, else None; never raises (ingest names problems)."""
-    suffix = path.suffix.lower()
-    try:
-        size = path.stat().st_size
-    except OSError:
-        return None
-    if size <= cap * MIN_BYTES_PER_S.get(suffix, LOW_BYTES_PER_S):
-        return None
-    if suffix in HEADER_SUFFIXES and path.is_file():
+def _size(uri: str, listed: set[str]) -> int | None:
+    """The file's size: a stat (local), the folder's listing (s3://), a HEAD (http(s)://); None if absent."""
+    if not stores.is_remote(uri):
         try:
-            info = sf.info(str(path))
-            if info.frames > 0 and info.samplerate > 0:
-                return float(info.frames / info.samplerate)
-        except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OSError):
-            pass
+            st = os.stat(uri)
+        except OSError:
+            return None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None  # never a FIFO or device
+    _list_once(stores.parent(uri), listed)
+    try:
+        found = remote.entry(uri)
+    except stores.SourceReadError:
+        return None
+    return None if found is None else found.size
+
+
+def _audio_seconds(uri: str, cap: float, max_bytes: int, listed: set[str]) -> float | None:
+    """The clip's audio time if it may exceed `cap`, else None; never raises (ingest names problems).
+    A file over audio.max_file_bytes is not cut (it is quarantined whole): None."""
+    suffix = PurePosixPath(uri).suffix.lower()
+    size = _size(uri, listed)
+    if size is None or size <= cap * MIN_BYTES_PER_S.get(suffix, LOW_BYTES_PER_S) or size > max_bytes:
+        return None
+    if suffix in (REMOTE_HEADER_SUFFIXES if stores.is_remote(uri) else HEADER_SUFFIXES):
+        seconds = header_duration(uri, size)
+        if seconds is not None and seconds > 0:
+            return seconds
     return size / ESTIMATE_BYTES_PER_S
 
 

@@ -55,17 +55,29 @@ class Adapter:
     load: Callable[..., Clip]  # (root, locator, *, clip_id, dataset, language, extra_labels, roots) -> Clip
     needs: str  # "dir", "file" or "any"
     files: Callable[[CorpusPath], list[CorpusPath]] | None = None  # what the fingerprint stats; None: all below
+    # Planning by audio time (tasks/plan.py): (root, locators) -> (locator, audio file) of each, read
+    # without opening audio; or (root) -> (locator, seconds) stated by the manifest. None: by count.
+    audio: Callable[[CorpusPath, list[str]], Iterator[tuple[str, CorpusPath]]] | None = None
+    seconds: Callable[[CorpusPath], Iterator[tuple[str, float]]] | None = None
+
+
+def relative_audio(root: CorpusPath, locators: list[str]) -> Iterator[tuple[str, CorpusPath]]:
+    """The layouts whose locator is the audio file's path below the corpus root."""
+    return ((loc, root / loc) for loc in locators if ref_problem(loc) is None)
 
 
 ADAPTERS: dict[str, Adapter] = {
-    "lhotse": Adapter(lhotse.iter_lhotse_refs, lhotse.load_lhotse_clip, "any", lhotse.manifest_files),
+    "lhotse": Adapter(lhotse.iter_lhotse_refs, lhotse.load_lhotse_clip, "any", lhotse.manifest_files,
+                      seconds=lhotse.clip_seconds),
     "hf_parquet": Adapter(hf_parquet.iter_hf_parquet_refs, hf_parquet.load_hf_parquet_clip, "any"),
-    "librispeech": Adapter(librispeech.iter_librispeech_refs, librispeech.load_librispeech_clip, "dir"),
-    "libritts": Adapter(librispeech.iter_libritts_refs, librispeech.load_libritts_clip, "dir"),
-    "vctk": Adapter(vctk.iter_vctk_refs, vctk.load_vctk_clip, "dir"),
-    "commonvoice": Adapter(commonvoice.iter_commonvoice_refs, commonvoice.load_commonvoice_clip, "any"),
-    "cremad": Adapter(emotion.iter_cremad_refs, emotion.load_cremad_clip, "dir"),
-    "esd": Adapter(emotion.iter_esd_refs, emotion.load_esd_clip, "dir"),
+    "librispeech": Adapter(librispeech.iter_librispeech_refs, librispeech.load_librispeech_clip, "dir",
+                           audio=relative_audio),
+    "libritts": Adapter(librispeech.iter_libritts_refs, librispeech.load_libritts_clip, "dir", audio=relative_audio),
+    "vctk": Adapter(vctk.iter_vctk_refs, vctk.load_vctk_clip, "dir", audio=relative_audio),
+    "commonvoice": Adapter(commonvoice.iter_commonvoice_refs, commonvoice.load_commonvoice_clip, "any",
+                           audio=commonvoice.audio_paths),
+    "cremad": Adapter(emotion.iter_cremad_refs, emotion.load_cremad_clip, "dir", audio=relative_audio),
+    "esd": Adapter(emotion.iter_esd_refs, emotion.load_esd_clip, "dir", audio=relative_audio),
 }
 
 

@@ -137,6 +137,31 @@ def load_commonvoice_clip(root: CorpusPath, locator: str, *, clip_id: str, datas
                 labels=labels)
 
 
+def audio_paths(root: CorpusPath, locators: Iterable[str]) -> Iterator[tuple[str, CorpusPath]]:
+    """(locator, clips/<path>) of each of `locators` (rows of the index), from one sequential read of
+    each TSV they name: planning weighs those files without re-reading a row per clip."""
+    base = root.parent if root.is_file() else root
+    wanted: dict[str, set[int]] = {}
+    for locator in locators:
+        name, _, off = locator.rpartition(":")
+        if off.isdigit():
+            wanted.setdefault(name, set()).add(int(off))
+    for name in sorted(wanted):
+        _, columns, start = _columns(base / name)
+        i_path = columns.index("path")
+        with open_source(base / name) as f:
+            f.seek(start)
+            offset = start
+            while True:
+                line, size = read_line(f)
+                if not size:
+                    break
+                fields = _fields(line) if offset in wanted[name] else []
+                if len(fields) == len(columns) and fields[i_path].strip():
+                    yield f"{name}:{offset}", base / "clips" / fields[i_path].strip()
+                offset += size
+
+
 def prepare_commonvoice(path: str | Path, dataset: str = "commonvoice", allowed_roots: Iterable[str] = ()) -> Iterator[Clip]:
     """Every clip of the corpus at `path`, lazily (what a run ingests, without planning or shards);
     audio is read below `path` and `allowed_roots` only."""

@@ -464,9 +464,7 @@ def _audio(recording: dict[str, Any], start: float, duration: float | None, chan
         return (f"{where}: recording {rec_id!r} has audio transforms {names} (e.g. speed perturbation) that are "
                 "not applied here; use the manifest without perturbation")
     sources = [s for s in recording.get("sources") or [] if isinstance(s, dict)]
-    all_channels = sorted({int(c) for s in sources for c in s.get("channels") or [0]})
-    wanted = sorted({int(c) for c in (channel if isinstance(channel, list) else [channel])}) \
-        if channel is not None else all_channels
+    wanted = _wanted_channels(recording, channel)[1]
     picked = [s for s in sources if set(wanted) & {int(c) for c in s.get("channels") or [0]}]
     if len(picked) != 1:
         return f"{where}: recording {rec_id!r} has no single audio source for channel(s) {wanted}"
@@ -475,10 +473,7 @@ def _audio(recording: dict[str, Any], start: float, duration: float | None, chan
     if src_type not in ("file", "url") or not isinstance(value, str):
         return (f"{where}: recording {rec_id!r} has a {src_type!r} audio source, which is not read here; "
                 "only 'file' (and whole-recording 'url') sources are supported")
-    rec_duration = _float(recording.get("duration"))
-    end = start + duration if duration is not None else None
-    whole = (start <= WHOLE_FILE_TOLERANCE_S and set(wanted) >= set(all_channels)
-             and (end is None or rec_duration is None or end >= rec_duration - WHOLE_FILE_TOLERANCE_S))
+    whole = whole_recording(recording, start, duration, channel)
     if src_type == "url":
         checked = _hinted(roots.check(value, where))
         if isinstance(checked, Rejected):
@@ -494,6 +489,67 @@ def _audio(recording: dict[str, Any], start: float, duration: float | None, chan
     path = path_of(resolved)
     src_channels = [int(c) for c in src.get("channels") or [0]]
     return _segment(path, start, duration, [src_channels.index(c) for c in wanted if c in src_channels], where)
+
+
+def _wanted_channels(recording: dict[str, Any], channel: Any) -> tuple[list[int], list[int]]:
+    """(every channel of the recording's sources, the channels the clip asks for)."""
+    sources = [s for s in recording.get("sources") or [] if isinstance(s, dict)]
+    all_channels = sorted({int(c) for s in sources for c in s.get("channels") or [0]})
+    wanted = sorted({int(c) for c in (channel if isinstance(channel, list) else [channel])}) \
+        if channel is not None else all_channels
+    return all_channels, wanted
+
+
+def whole_recording(recording: dict[str, Any], start: float, duration: float | None, channel: Any) -> bool:
+    """Whether a clip of [start, start+duration) on `channel` is its whole recording: then it points at
+    the file (which the shard may cut into segments); otherwise its part is embedded (never cut)."""
+    all_channels, wanted = _wanted_channels(recording, channel)
+    rec_duration = _float(recording.get("duration"))
+    end = start + duration if duration is not None else None
+    return (start <= WHOLE_FILE_TOLERANCE_S and set(wanted) >= set(all_channels)
+            and (end is None or rec_duration is None or end >= rec_duration - WHOLE_FILE_TOLERANCE_S))
+
+
+def clip_seconds(root: CorpusPath) -> Iterator[tuple[str, float]]:
+    """(locator, seconds) of each clip that is a whole recording, from the manifests' `duration`s
+    (one sequential read of each, no audio opened): what planning weighs. A clip of part of a
+    recording is embedded and never cut, so it is left out (one unit)."""
+    for unit in manifest_units(root):
+        main = _rel(unit.main, root)
+        by_id: dict[str, tuple[int, dict[str, Any]]] = {}  # recording id → (offset, duration and channels)
+        for offset, line in iter_lines(unit.main):
+            record = _parse(line, "")
+            if not isinstance(record, dict):
+                continue
+            try:
+                if unit.kind == "cuts":
+                    rec = record.get("recording")
+                    start, length = float(record.get("start") or 0.0), _float(record.get("duration"))
+                    if isinstance(rec, dict) and whole_recording(rec, start, length, record.get("channel")):
+                        yield f"{offset}@{main}", length or _float(rec.get("duration")) or 0.0
+                elif unit.supervisions is None:
+                    yield f"{offset}@{main}", _float(record.get("duration")) or 0.0
+                else:
+                    by_id.setdefault(_record_id(record, ""), (offset, {  # the first, as iter_lhotse_refs
+                        "duration": record.get("duration"),
+                        "sources": [{"channels": s.get("channels")} for s in record.get("sources") or []
+                                    if isinstance(s, dict)]}))
+            except (TypeError, ValueError):
+                continue  # a malformed row: its load reports it
+        if unit.supervisions is None or not by_id:
+            continue
+        sup = _rel(unit.supervisions, root)
+        for offset, line in iter_lines(unit.supervisions):
+            record = _parse(line, "")
+            if not isinstance(record, dict) or str(record.get("recording_id", "")) not in by_id:
+                continue
+            rec_off, rec = by_id[str(record.get("recording_id", ""))]
+            try:
+                start, length = float(record.get("start") or 0.0), _float(record.get("duration"))
+                if whole_recording(rec, start, length, record.get("channel")):
+                    yield f"{offset}@{sup}|{rec_off}@{main}", length or _float(rec.get("duration")) or 0.0
+            except (TypeError, ValueError):
+                continue
 
 
 def _segment(path: CorpusPath, start: float, duration: float | None, channels: list[int],

@@ -190,6 +190,22 @@ def recording_info(uri: str, max_bytes: int | None = DEFAULT_MAX_FILE_BYTES) -> 
     return RecordingInfo(duration, rate, channels, "ffmpeg")
 
 
+def header_duration(uri: str, size: int) -> float | None:
+    """The duration a libsndfile header states (WAV, FLAC, ...), else None; never raises. For planning:
+    `size` comes from a listing or a stat, so a remote object costs one `HEADER_WINDOW_BYTES` range
+    GET and no stat, and nothing falls back to ffprobe (MP3 and the like: None)."""
+    try:
+        if stores.is_remote(uri):
+            f: BinaryIO = _RemoteFile(stores.store_for(uri), uri, size, HEADER_WINDOW_BYTES)  # type: ignore[assignment]
+        else:
+            f = open_regular(local_path(uri), uri, None)[0]
+        with f:
+            info = _soundfile_info(f)
+    except (QuarantineError, OSError):
+        return None
+    return None if info is None else float(info.frames / info.samplerate)
+
+
 def iter_blocks(uri: str, block_s: float = DEFAULT_BLOCK_S,
                 max_bytes: int | None = DEFAULT_MAX_FILE_BYTES) -> Iterator[np.ndarray]:
     """Consecutive 16 kHz mono float32 blocks of `block_s` seconds (the last one shorter)."""

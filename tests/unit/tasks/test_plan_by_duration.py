@@ -85,7 +85,7 @@ def test_short_clips_cost_no_header_read_and_plan_by_count(tmp_path: Path, monke
     def no_header(*_: object) -> None:
         raise AssertionError("a header was read for a clip that cannot be long")
 
-    monkeypatch.setattr("tasks.plan.sf.info", no_header)
+    monkeypatch.setattr("soundfile.info", no_header)
     assert audio_units(config, [(0, str(o)) for o in range(7)]) == {}
     store = LocalStore(tmp_path / "root")
     plan = plan_run(config, store, "m/_staging/r", "r")
