@@ -3,7 +3,7 @@
 A long recording is cut into segments (`tasks.segment.cut`); where it has a timestamped transcript
 each segment takes the words inside its span, and the cutter prefers to cut between cues
 (`cue_boundaries`). Formats (`FORMATS`): SRT, WebVTT, Praat TextGrid (long and short text forms),
-CTM, lhotse supervisions (JSON list or JSONL[.gz]) and Whisper-style JSON. All become `Cue`s sorted
+CTM, lhotse supervisions or cut sets (JSON list or JSONL[.gz]) and Whisper-style JSON. All become `Cue`s sorted
 by start, each with its words when the format times them (TextGrid word tiers, CTM, lhotse word
 alignments, Whisper `words`). Word-only formats (a TextGrid words tier, CTM) group words into cues
 at pauses: an empty interval, or any gap between consecutive words. The model and the span rules
@@ -143,6 +143,9 @@ def _sniff(text: str, label: str) -> str:
         return "vtt"
     if head.startswith("File type") and "ooTextFile" in head[:200]:
         return "textgrid"
+    if head.startswith("[Script Info]"):
+        raise TranscriptError(label, 1, "ASS/SSA subtitles are not read; convert them to SRT first, e.g. "
+                                        "`ffmpeg -i talk.ass talk.srt`")
     if head.startswith(("{", "[")):  # lhotse supervisions have a duration, Whisper segments an end
         return "lhotse" if '"duration"' in head and '"segments"' not in head else "whisper"
     lines = _lines(head)
@@ -431,10 +434,7 @@ def _lhotse(items: Any, label: str, recording_id: str | None, lines: list[int] |
     if not isinstance(items, list):
         raise TranscriptError(label, None, "lhotse supervisions are a list of objects or JSONL lines")
     cues_by_recording: dict[str, list[Cue]] = {}
-    for index, item in enumerate(items):
-        where: int | str = lines[index] if lines else f"item {index}"
-        if not isinstance(item, Mapping):
-            raise TranscriptError(label, where, f"a supervision is an object, found {type(item).__name__}")
+    for where, item in _supervision_items(items, label, lines):
         rec = str(item.get("recording_id", ""))
         if recording_id is not None and rec != recording_id:
             continue
@@ -449,6 +449,32 @@ def _lhotse(items: Any, label: str, recording_id: str | None, lines: list[int] |
         raise TranscriptError(label, None, f"holds {len(cues_by_recording)} recordings ({names}, ...); "
                                            "pass recording_id")
     return [c for cues in cues_by_recording.values() for c in cues]
+
+
+def _supervision_items(items: list[Any], label: str, lines: list[int] | None) -> list[tuple[int | str, Mapping[str, Any]]]:
+    """(where, supervision) of a supervision list, or of a cut set's cuts (`CutSet.to_file`): a cut's
+    supervisions, timed from the cut's start, moved to recording time (lhotse keeps word alignments
+    in recording time), each once (trimmed cuts repeat the neighbours they overlap)."""
+    out: list[tuple[int | str, Mapping[str, Any]]] = []
+    seen: set[tuple[Any, ...]] = set()
+    for index, item in enumerate(items):
+        where: int | str = lines[index] if lines else f"item {index}"
+        if not isinstance(item, Mapping) or "tracks" in item:
+            raise TranscriptError(label, where, "not a supervision object or a MonoCut (a MixedCut: give its "
+                                                f"supervisions instead), found {type(item).__name__}")
+        if "supervisions" not in item:
+            out.append((where, item))
+            continue
+        offset, sups = _number(item, "start", label, where), item["supervisions"]
+        for sup in sups if isinstance(sups, list) else [sups]:
+            if not isinstance(sup, Mapping):
+                raise TranscriptError(label, where, f"a supervision is an object, found {type(sup).__name__}")
+            moved = {**sup, "start": round(offset + _number(sup, "start", label, where), 6)}
+            key = (moved.get("recording_id"), moved.get("id") or (moved["start"], moved.get("text")))
+            if key not in seen:
+                seen.add(key)
+                out.append((where, moved))
+    return out
 
 
 def _alignment(alignment: Any, label: str, where: int | str) -> tuple[Word, ...]:
