@@ -4,20 +4,32 @@ torch is a dev/training dependency, not a runtime one: this module imports it at
 import it only where torch is installed (`DatasetHandle.torch_dataset()` imports it lazily, and
 `storage/__init__` never does).
 
-    ds = open_dataset("s3://bucket/prefix/demo@stable").torch_dataset(world_size=ws, rank=rank, seed=0)
-    loader = DataLoader(ds, batch_size=8, num_workers=4, collate_fn=collate_speech_batch)
+Batch mode, for training (each worker reads, converts and decodes whole batches, and hands the
+loader one ready batch per step):
+
+    ds = open_dataset("s3://bucket/prefix/demo@stable").torch_dataset(
+        world_size=ws, rank=rank, seed=0, batch_size=16, columns=["id", "transcript"])
+    loader = DataLoader(ds, batch_size=None, num_workers=2)   # the dataset batches, not the loader
     for epoch in range(epochs):
         ds.set_epoch(epoch)            # before creating the epoch's iterator (not with persistent_workers)
-        for batch in loader: ...       # batch["audio_array"]: [8, longest] float32, batch["audio_lengths"]
+        for batch in loader: ...       # batch["audio_array"]: [16, longest] float32, batch["audio_lengths"]
 
-Which batching to use:
-- `batch_size=None`: one row at a time, as a dict (json columns decoded to dicts).
-- `batch_size=N, collate_fn=collate_speech_batch`: whenever audio is decoded (clips differ in
-  length): zero-padded audio plus true lengths; numbers become tensors, dicts are batched key by
-  key, everything else (strings, None, lists, json dicts' values) stays a list. Works on any row.
-- `batch_size=N` with torch's default collate: for rows without decoded audio, built with
-  `batchable=True` (`torch_dataset(decode_audio=False, batchable=True)`): every value is then one
-  the default collate can batch (see `SpeechPairsIterableDataset`).
+Only the `columns` asked for are read (plus "audio" when decoding; it is then not in the batch
+unless asked for). A batch is what `collate_speech_batch` makes of the same rows (see below), built
+by column (storage/torch_batches.py): "audio_array" zero-padded float32 [N, longest],
+"audio_lengths" int64 [N], "sampling_rate" int64 [N]; numbers int64 or float64 tensors (NaN for a
+missing value); structs and json dicts batched key by key; strings, lists, timestamps Python lists.
+Every batch holds `batch_size` rows except the last one of each worker (rank × worker stream).
+
+Per-row mode (`batch_size=None`, the default) yields one row at a time, as a dict (json columns
+decoded to dicts); batch its rows in the loader:
+- `DataLoader(ds, batch_size=N, collate_fn=collate_speech_batch)`: whenever audio is decoded (clips
+  differ in length): zero-padded audio plus true lengths; numbers become tensors, dicts are batched
+  key by key, everything else (strings, None, lists, json dicts' values) stays a list. Works on any row.
+- `DataLoader(ds, batch_size=N)` with torch's default collate: for rows without decoded audio,
+  built with `batchable=True` (`torch_dataset(decode_audio=False, batchable=True)`): every value is
+  then one the default collate can batch (see `SpeechPairsIterableDataset`).
+- `batch_size=None` in the loader too: rows one by one.
 Either way a missing numeric value (a feature that was not measured, an unset sampling
 parameter) is NaN, never None.
 
@@ -27,25 +39,29 @@ Each epoch the shard order is a permutation drawn from (seed, epoch), the same o
 shards); `split="rows"` cuts the concatenation of the shards (in that order) into one contiguous,
 equal (±1 row) range per consumer, reading only the row groups that overlap it. `split="auto"`
 (default) uses shards when there are at least as many shards as consumers, rows otherwise. Either
-way the union over all consumers is exactly the version's rows, each once.
+way, in both modes, the union over all consumers is exactly the version's rows, each once.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from schemas.arrow import SAMPLING_RATE
 from schemas.config import S3Config
 from storage.reader import DatasetHandle, open_dataset
+from storage.torch_batches import (
+    arrow_to_batch,
+    collate_speech_batch,
+    decode_audio_bytes,
+    decode_or_raise,
+    pad_audio,
+    row_converters,
+)
 
 Split = Literal["auto", "shards", "rows"]
 # (shard index, first row, end row) — a piece of one shard that one consumer reads.
@@ -88,86 +104,8 @@ def assign_pieces(shard_rows: list[int], order: list[int], consumers: int, index
     return pieces
 
 
-Convert = Callable[[Any], Any]
-_NAN = math.nan
-
-
-def _nan_if_none(value: Any) -> Any:
-    return _NAN if value is None else value
-
-
-def _converter(t: pa.DataType, batchable: bool) -> Convert | None:
-    """What one Arrow-typed value becomes in a row (None: left as pyarrow gives it).
-
-    Always: a null number is NaN and `json` text is decoded. With `batchable`, every value is one
-    torch's default collate can batch: a null string is "", `json` stays JSON text, a timestamp is
-    ISO-8601 text, a list (messages, segments: their length varies) is JSON text, a null struct is a
-    struct of nulls (so converted like its fields).
-    """
-    if pa.types.is_integer(t) or pa.types.is_floating(t):
-        return _nan_if_none
-    if t == pa.json_():
-        if batchable:
-            return lambda v: "" if v is None else v
-        return lambda v: None if v is None else json.loads(v)
-    if pa.types.is_struct(t):
-        fields = [(f.name, _converter(f.type, batchable)) for f in t]
-        if all(conv is None for _, conv in fields):
-            return None
-
-        def struct(value: Any) -> Any:
-            if value is None:
-                if not batchable:
-                    return None
-                value = {}
-            return {name: (conv(value.get(name)) if conv else value.get(name)) for name, conv in fields}
-
-        return struct
-    if pa.types.is_list(t) or pa.types.is_large_list(t):
-        if batchable:
-            return lambda v: "" if v is None else json.dumps(v, ensure_ascii=False, default=str)
-        item = _converter(t.value_type, batchable)
-        if item is None:
-            return None
-        return lambda v: None if v is None else [item(x) for x in v]
-    if not batchable:
-        return None
-    if pa.types.is_timestamp(t) or pa.types.is_date(t):
-        return lambda v: "" if v is None else v.isoformat()
-    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
-        return lambda v: b"" if v is None else v
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        return lambda v: "" if v is None else v
-    return None
-
-
-def row_converters(schema: pa.Schema, columns: list[str] | None, batchable: bool) -> list[tuple[str, Convert]]:
-    """(column, converter) for the columns read whose values need converting."""
-    out = []
-    for f in schema:
-        if columns is not None and f.name not in columns:
-            continue
-        conv = _converter(f.type, batchable)
-        if conv is not None:
-            out.append((f.name, conv))
-    return out
-
-
-def decode_audio_bytes(data: bytes, sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
-    """Encoded audio (FLAC/WAV/…) → float32 mono array at `sampling_rate` (soxr if resampling)."""
-    import soundfile as sf
-
-    samples, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
-    if sr != sampling_rate:
-        import soxr
-
-        mono = soxr.resample(mono, sr, sampling_rate, quality="HQ")
-    return np.ascontiguousarray(mono, dtype=np.float32)
-
-
 class SpeechPairsIterableDataset(IterableDataset[dict[str, Any]]):
-    """Rows of one committed version as dicts, split over ranks × DataLoader workers.
+    """Rows (or, with `batch_size`, batches) of one committed version, split over ranks × workers.
 
     Each row holds the requested `columns` (all by default; `json` columns such as labels and
     attributes decoded to dicts; a null number is NaN) and, with `decode_audio`, "audio_array"
@@ -175,18 +113,23 @@ class SpeechPairsIterableDataset(IterableDataset[dict[str, Any]]):
     `collate_fn=collate_speech_batch` (pads the audio), or, with `batchable=True` and no decoded
     audio, with torch's default collate: then a null string is "", json columns stay JSON text,
     timestamps are ISO-8601 text and list columns (messages, segments) are JSON text.
+    With `batch_size=N` it yields batches of N rows equal to `collate_speech_batch` of those rows
+    (use `DataLoader(ds, batch_size=None)`); `batchable` does not apply there.
     """
 
     def __init__(self, source: DatasetHandle | str, *, version: str | None = None, s3: S3Config | None = None,
                  columns: list[str] | None = None, world_size: int = 1, rank: int = 0,
                  shuffle_shards: bool = True, seed: int = 0, decode_audio: bool = True,
                  sampling_rate: int = SAMPLING_RATE, split: Split = "auto", read_batch_size: int = 64,
-                 batchable: bool = False) -> None:
+                 batchable: bool = False, batch_size: int | None = None) -> None:
         super().__init__()
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         if split not in ("auto", "shards", "rows"):
             raise ValueError(f"split must be 'auto', 'shards' or 'rows', not {split!r}")
+        if batch_size is not None and (batch_size < 1 or batchable):
+            raise ValueError(f"batch_size must be a positive number of rows and excludes batchable, "
+                             f"not {batch_size!r} with batchable={batchable}")
         self.handle = source if isinstance(source, DatasetHandle) else open_dataset(source, version, s3=s3)
         self.columns = self.handle.check_columns(columns)
         self.world_size, self.rank = world_size, rank
@@ -195,6 +138,7 @@ class SpeechPairsIterableDataset(IterableDataset[dict[str, Any]]):
         self.split: Split = split
         self.read_batch_size = max(1, read_batch_size)
         self.batchable = batchable
+        self.batch_size = batch_size
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle the shard order for `epoch` (call on every rank, before iterating)."""
@@ -221,14 +165,20 @@ class SpeechPairsIterableDataset(IterableDataset[dict[str, Any]]):
         worker_id, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         # A worker gets its own filesystem connection (a forked copy must not share the parent's).
         handle = self.handle if info is None else self.handle.detached()
+        pieces = self.pieces(worker_id, num_workers)
+        if self.batch_size is not None:
+            yield from self._iter_batches(handle, pieces, self.batch_size)
+            return
         read = self._read_columns()
         drop_audio = self.decode_audio and self.columns is not None and "audio" not in self.columns
         converters = row_converters(handle.schema, read, self.batchable)
-        for shard, start, stop in self.pieces(worker_id, num_workers):
+        for shard, start, stop in pieces:
             for batch in handle.iter_shard(shard, read, self.read_batch_size, start=start, stop=stop):
                 for row in batch.to_pylist():
                     if self.decode_audio:  # from the bytes as stored, before any conversion
-                        row.update(self._decode(row, handle))
+                        row["audio_array"] = decode_or_raise((row.get("audio") or {}).get("bytes"),
+                                                             self.sampling_rate, handle.uri, row.get("id"))
+                        row["sampling_rate"] = self.sampling_rate
                         if drop_audio:
                             del row["audio"]
                     for name, convert in converters:
@@ -236,63 +186,35 @@ class SpeechPairsIterableDataset(IterableDataset[dict[str, Any]]):
                             row[name] = convert(row[name])
                     yield row
 
-    def _decode(self, row: dict[str, Any], handle: DatasetHandle) -> dict[str, Any]:
-        audio = row.get("audio") or {}
-        data = audio.get("bytes")
-        if not data:
-            raise ValueError(f"{handle.uri}: row {row.get('id')!r} has no stored audio bytes")
-        try:
-            array = decode_audio_bytes(data, self.sampling_rate)
-        except Exception as exc:  # soundfile raises its own LibsndfileError (a RuntimeError)
-            raise RuntimeError(f"{handle.uri}: cannot decode audio of row {row.get('id')!r}: {exc}") from exc
-        return {"audio_array": array, "sampling_rate": self.sampling_rate}
+    def _iter_batches(self, handle: DatasetHandle, pieces: list[Piece], size: int) -> Iterator[dict[str, Any]]:
+        """Batches of `size` rows over this consumer's pieces in order (the last one may be short)."""
+        read = self._read_columns()
+        wanted = self.columns if self.columns is not None else handle.schema.names
+        keep = [n for n in (read or handle.schema.names) if n in wanted]  # "audio" read only to decode: dropped
+        if self.decode_audio and "sampling_rate" in keep:
+            keep.remove("sampling_rate")  # replaced by the decoded clips' rate, as in per-row mode
+
+        def convert(table: pa.Table) -> dict[str, Any]:
+            return arrow_to_batch(table, keep=keep, decode_audio=self.decode_audio,
+                                  sampling_rate=self.sampling_rate, where=handle.uri)
+
+        pending: list[pa.RecordBatch] = []
+        held = 0
+        for shard, start, stop in pieces:
+            for batch in handle.iter_shard(shard, read, size, start=start, stop=stop):
+                pending.append(batch)
+                held += batch.num_rows
+                while held >= size:
+                    table = pa.Table.from_batches(pending, schema=pending[0].schema)
+                    yield convert(table.slice(0, size))
+                    rest = table.slice(size)
+                    pending, held = rest.to_batches(), rest.num_rows
+        if held:
+            yield convert(pa.Table.from_batches(pending, schema=pending[0].schema))
 
     def __repr__(self) -> str:
         return (f"SpeechPairsIterableDataset({self.handle.uri!r}, rank={self.rank}/{self.world_size}, "
-                f"epoch={self.epoch}, split={self.split!r})")
-
-
-def _collate_values(values: list[Any]) -> Any:
-    if values and all(isinstance(v, Mapping) for v in values):
-        keys = dict.fromkeys(k for v in values for k in v)
-        return {k: _collate_values([v.get(k) for v in values]) for k in keys}
-    if values and all(isinstance(v, bool | np.bool_) for v in values):
-        return torch.tensor(values, dtype=torch.bool)
-    if values and all(isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
-                      for v in values):
-        floating = any(isinstance(v, float | np.floating) for v in values)
-        return torch.tensor(values, dtype=torch.float64 if floating else torch.int64)
-    if values and all(isinstance(v, np.ndarray) for v in values) and len({v.shape for v in values}) == 1:
-        return torch.from_numpy(np.stack(values))
-    return list(values)
-
-
-def pad_audio(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clips of different lengths → (zero-padded float32 [batch, longest], int64 lengths [batch])."""
-    lengths = [len(a) for a in arrays]
-    out = np.zeros((len(arrays), max(lengths, default=0)), dtype=np.float32)
-    for i, a in enumerate(arrays):
-        out[i, : len(a)] = a
-    return torch.from_numpy(out), torch.tensor(lengths, dtype=torch.int64)
-
-
-def collate_speech_batch(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """`DataLoader(ds, batch_size=N, collate_fn=collate_speech_batch)`: batches any row of this dataset.
-
-    "audio_array" (clips differ in length) → zero-padded float32 tensor [N, longest] plus
-    "audio_lengths" (int64 [N], the true sample counts: mask with `arange(T) < lengths[:, None]`).
-    Numbers → tensors (float64 when any is a float, NaN kept for missing values; int64 otherwise);
-    dicts (struct and json columns) are batched key by key over the union of their keys (a key a row
-    lacks is None); strings, bytes, None, lists and timestamps stay Python lists in row order.
-    """
-    out: dict[str, Any] = {}
-    for key in dict.fromkeys(k for row in rows for k in row):
-        values = [row.get(key) for row in rows]
-        if key == "audio_array":
-            out["audio_array"], out["audio_lengths"] = pad_audio(values)  # type: ignore[arg-type]
-        else:
-            out[key] = _collate_values(values)
-    return out
+                f"epoch={self.epoch}, split={self.split!r}, batch_size={self.batch_size})")
 
 
 __all__ = ["SpeechPairsIterableDataset", "assign_pieces", "collate_speech_batch", "decode_audio_bytes", "pad_audio",

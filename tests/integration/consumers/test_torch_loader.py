@@ -1,6 +1,8 @@
 """`handle.torch_dataset()` under `torch.utils.data.DataLoader(batch_size=4)`: with torch's default
 collate (rows built with `batchable=True`, no decoded audio) and with `collate_speech_batch`
-(decoded audio, padded), in the main process and with 2 workers; values checked against the rows."""
+(decoded audio, padded), in the main process and with 2 workers; values checked against the rows.
+The batch mode (`torch_dataset(batch_size=4)` under `DataLoader(batch_size=None)`) gives the very
+same batches, in the same order."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tests.support.batches import assert_batch_equal
 from tests.support.datasets_support import LocalVersion
 
 torch = pytest.importorskip("torch")
@@ -107,6 +110,26 @@ def test_collate_speech_batch_pads_audio(local_version: LocalVersion, workers: i
         assert batch["messages"] == [r["messages"] for r in want]
         assert batch["sampling_rate"].tolist() == [16_000] * len(want)
     assert len(lengths_seen) > 1  # clips of different lengths were padded
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batch_mode_gives_the_collated_batches(local_version: LocalVersion, workers: int) -> None:
+    """Batches built by column in the worker equal the rows collated by `collate_speech_batch`:
+    same ids in the same order, numbers, strings, dicts, and audio sample-exact with its lengths."""
+    timeout = 120 if workers else 0
+    rows_ds = local_version.handle().torch_dataset(seed=5)
+    collated = list(DataLoader(rows_ds, batch_size=BATCH, num_workers=workers, collate_fn=collate_speech_batch,
+                               timeout=timeout))
+    batch_ds = local_version.handle().torch_dataset(seed=5, batch_size=BATCH)
+    batches = list(DataLoader(batch_ds, batch_size=None, num_workers=workers, timeout=timeout))
+    assert [b["id"] for b in batches] == expected_batches(local_version, batch_ds, workers)
+    assert len(batches) == len(collated)
+    for k, (got, want) in enumerate(zip(batches, collated, strict=True)):
+        assert_batch_equal(got, want, f"batch {k}")
+    rows = stored_rows(local_version)
+    for batch in batches:
+        assert batch["transcript"] == [rows[i]["transcript"] for i in batch["id"]]
+        assert_numbers(batch["duration_s"], [rows[i]["duration_s"] for i in batch["id"]])
 
 
 def test_default_collate_needs_batchable_rows(local_version: LocalVersion) -> None:
