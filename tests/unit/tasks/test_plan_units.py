@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +46,10 @@ def crema_corpus(root: Path) -> Path:
     return root
 
 
-def config_for(source: dict[str, object], shard_size: int, **extra: object) -> RunConfig:
-    return parse_config({"sources": [source], "output": {"shard_size": shard_size},
-                         "audio": {"max_duration_s": CAP} | dict(extra.pop("audio", {})), **extra}, environ={})
+def config_for(source: Mapping[str, object], shard_size: int, audio: Mapping[str, object] | None = None,
+               **extra: object) -> RunConfig:
+    return parse_config({"sources": [dict(source)], "output": {"shard_size": shard_size},
+                         "audio": {"max_duration_s": CAP, **(audio or {})}, **extra}, environ={})
 
 
 def locators(config: RunConfig) -> list[tuple[int, str]]:
@@ -83,7 +85,7 @@ def test_a_corpus_layout_is_planned_by_recording_balanced_by_audio_time(tmp_path
 
 def test_segment_never_and_oversized_files_stay_one_unit(tmp_path: Path) -> None:
     root = crema_corpus(tmp_path / "crema")
-    source = {"path": str(root), "kind": "cremad", "dataset": "c"}
+    source: dict[str, object] = {"path": str(root), "kind": "cremad", "dataset": "c"}
     never = config_for(source | {"segment": {"mode": "never"}}, shard_size=6)
     assert audio_units(never, locators(never)) == {}
     store = LocalStore(tmp_path / "store")
