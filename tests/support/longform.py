@@ -3,12 +3,14 @@
 A recording is real utterances (sample-corpus clips, or any (audio, text) pairs at 16 kHz) joined
 with seeded silences, written as 16-bit WAV, so each utterance's span and words are known. Sidecars
 are written by hand (SRT) or by a real tool (`ffmpeg_subtitles`: ffmpeg converts an SRT to WebVTT,
-ASS, or back to SRT).
+ASS, or back to SRT). `make_segmented_version` commits a version holding such a recording's
+segments, for the consumer tests.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -18,6 +20,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from flows.generate import run_plain
+from schemas.config import parse_config
+from tests.support.datasets_support import LocalVersion
 from tests.support.paths import SAMPLE_CORPUS
 from tests.support.speech import SR, load_16k, trim_quiet
 
@@ -90,3 +95,52 @@ def ffmpeg_subtitles(source: Path, target: Path) -> Path:
 def words_inside(rec: Recording, start_s: float, end_s: float) -> str:
     """The texts of the utterances lying wholly inside [start_s, end_s], joined with spaces."""
     return " ".join(u.text for u in rec.utterances if start_s <= u.start_s and u.end_s <= end_s)
+
+
+@dataclass(frozen=True)
+class SegmentedVersion:
+    """A committed version holding the segments of one long recording and one whole short clip."""
+
+    local: LocalVersion
+    recording: Recording  # its segments' ids are `<recording_id>@<start ms>-<end ms>`
+    recording_id: str = "talks/rec"
+    whole_id: str = "talks/short"
+
+
+def make_segmented_version(work: Path) -> SegmentedVersion:
+    """A ~40 s recording of sample clips (its only sidecar an ffmpeg-written WebVTT) and a 3 s sample
+    clip in one folder source, run through the real stages (no Prefect): the recording is cut into
+    2-12 s segments, the short clip stays whole."""
+    folder = work / "talks"
+    rec = build_recording(folder / "rec.wav", sample_utterances(), seed=5, seconds=40)
+    write_srt(work / "rec.srt", rec)
+    ffmpeg_subtitles(work / "rec.srt", folder / "rec.vtt")
+    shutil.copy(SAMPLE_CORPUS / "audio" / "arctic_slt_a0009.wav", folder / "short.wav")
+    root = work / "root"
+    config = parse_config({"sources": [{"path": str(folder), "dataset": "talks", "language": "en"}],
+                           "output": {"root": str(root), "dataset": "segmented", "shard_size": 3},
+                           "segment": {"min_s": 2.0, "max_s": 12.0, "vad": "energy", "min_silence_s": 0.3},
+                           "llm": {"backend": "rules"}})
+    manifest = run_plain(config)
+    return SegmentedVersion(LocalVersion(root, "segmented", manifest.lineage.version), rec)
+
+
+def segment_span(row_id: str) -> tuple[float, float] | None:
+    """(start_s, end_s) encoded in a segment id `<recording>@<ms>-<ms>`; None for a whole clip's id."""
+    m = re.fullmatch(r".+@(\d+)-(\d+)", row_id)
+    return (int(m[1]) / 1000, int(m[2]) / 1000) if m else None
+
+
+def assert_recording_slice(audio: np.ndarray, rate: int, rec: Recording, offset_s: float, duration_s: float) -> None:
+    """Float audio a consumer decoded from a row is the recording's samples from `offset_s` for
+    `duration_s` (both stored at 16 kHz, 16-bit, lossless): equal to 1 LSB, or, where tasks/audio.py
+    removed the clip's DC offset (one above 1% of its peak), less the slice's mean."""
+    assert rate == SR
+    pcm = np.round(np.asarray(audio, dtype=np.float64) * 32768).astype(np.int32)
+    first = round(offset_s * SR)
+    assert len(pcm) == round(duration_s * SR) and first + len(pcm) <= len(rec.samples)
+    want = rec.samples[first:first + len(pcm)]
+    diff = pcm - want
+    shift = float(np.median(diff))
+    assert np.ptp(diff) <= 1, (offset_s, np.ptp(diff))
+    assert abs(shift) <= 1 or abs(shift + float(np.mean(want, dtype=np.float64))) <= 1, (offset_s, shift)

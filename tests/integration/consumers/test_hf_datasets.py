@@ -16,6 +16,7 @@ import soundfile as sf
 import yaml
 
 from tests.support.datasets_support import LocalVersion
+from tests.support.longform import SegmentedVersion, assert_recording_slice, segment_span
 
 datasets = pytest.importorskip("datasets")
 
@@ -84,3 +85,32 @@ def test_the_warning_is_seen_when_splits_lack_num_bytes(local_version: LocalVers
     (folder / "README.md").write_text("---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n" + body)
     _, messages = load_capturing(folder, tmp_path / "hf")
     assert any("num_bytes" in m for m in about_card(messages)), messages
+
+
+def _decoded(audio: object) -> tuple[np.ndarray, int]:
+    """(samples, rate) of a decoded `Audio` value: a dict under datasets < 4, a torchcodec decoder after."""
+    if isinstance(audio, dict):
+        return np.asarray(audio["array"], dtype=np.float32), int(audio["sampling_rate"])
+    samples = audio.get_all_samples()  # type: ignore[attr-defined]
+    return samples.data.numpy()[0], int(samples.sample_rate)
+
+
+def test_segment_rows_through_load_dataset_parquet(segmented_version: SegmentedVersion, tmp_path: Path) -> None:
+    """`load_dataset("parquet", data_files=<shards>)`: a segment row's audio_offset_s is the start in
+    its id, its audio the recording's samples from there; the whole clip's offset is None."""
+    local, rec = segmented_version.local, segmented_version.recording
+    files = [str(local.version_dir / s.path) for s in local.handle().manifest.shards]
+    ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
+    segments = 0
+    for row in ds:
+        span = segment_span(row["id"])
+        if span is None:
+            assert row["id"] == segmented_version.whole_id and row["audio_offset_s"] is None
+            continue
+        assert row["id"].startswith(segmented_version.recording_id + "@")
+        assert np.float32(row["audio_offset_s"]) == np.float32(span[0]), row["id"]  # ms / 1000, as float32
+        assert row["duration_s"] == pytest.approx(span[1] - span[0], abs=1e-3)
+        audio, rate = _decoded(row["audio"])
+        assert_recording_slice(audio, rate, rec, row["audio_offset_s"], row["duration_s"])
+        segments += 1
+    assert segments >= 3 and ds.num_rows == segments + 1

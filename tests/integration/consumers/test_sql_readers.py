@@ -1,14 +1,19 @@
-"""DuckDB and pyarrow.dataset over a committed local version's files (taken from the manifest)."""
+"""DuckDB and pyarrow.dataset over a committed local version's files (taken from the manifest),
+and DuckDB over a version holding a long recording's segments."""
 
 from __future__ import annotations
 
+import io
 import json
 from collections import Counter
 
+import numpy as np
 import pyarrow.dataset as pads
 import pytest
+import soundfile as sf
 
 from tests.support.datasets_support import LocalVersion
+from tests.support.longform import SegmentedVersion, assert_recording_slice, segment_span, words_inside
 
 duckdb = pytest.importorskip("duckdb")
 
@@ -47,3 +52,31 @@ def test_pyarrow_dataset_filters_and_projects(local_version: LocalVersion) -> No
     assert no_text == [r["id"] for r in whole.to_pylist() if r["transcript"] is None] and no_text
     male = data.to_table(columns=["id"], filter=pads.field("features", "gender") == "male").num_rows
     assert male == sum(1 for r in handle.to_arrow(["features"]).to_pylist() if r["features"]["gender"] == "male")
+
+
+def test_duckdb_segment_offsets_audio_and_words(segmented_version: SegmentedVersion) -> None:
+    """read_parquet over a version with segments: each segment's audio_offset_s is the start in its
+    id (checked in SQL and per row), its audio bytes decode to the recording's samples from there,
+    its transcript is the words of the ffmpeg-written VTT's cues inside its span; the whole clip's
+    offset is NULL."""
+    rec, files = segmented_version.recording, segmented_version.local.handle().shard_uris()
+    con = duckdb.connect()
+    counts = con.execute(r"""SELECT count(*) FILTER (audio_offset_s IS NULL),
+                                    count(*) FILTER (abs(audio_offset_s - TRY_CAST(regexp_extract(id, '@(\d+)-', 1)
+                                                     AS DOUBLE) / 1000) < 1e-5), count(*)
+                             FROM read_parquet(?)""", [files]).fetchone()
+    assert counts is not None and counts[0] == 1 and counts[1] == counts[2] - 1 >= 3
+    rows = con.execute("SELECT id, audio_offset_s, duration_s, audio.bytes, transcript FROM read_parquet(?) "
+                       "ORDER BY id", [files]).fetchall()
+    with_words = 0
+    for row_id, offset, duration, data, transcript in rows:
+        span = segment_span(row_id)
+        if span is None:
+            assert row_id == segmented_version.whole_id and offset is None
+            continue
+        assert np.float32(offset) == np.float32(span[0]), row_id
+        audio, rate = sf.read(io.BytesIO(data), dtype="float32")
+        assert_recording_slice(audio, rate, rec, offset, duration)
+        assert transcript == (words_inside(rec, *span) or None), row_id
+        with_words += transcript is not None
+    assert with_words >= 3
