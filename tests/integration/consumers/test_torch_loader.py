@@ -15,6 +15,7 @@ import pytest
 
 from tests.support.batches import assert_batch_equal
 from tests.support.datasets_support import LocalVersion
+from tests.support.longform import SegmentedVersion, assert_recording_slice, segment_span
 
 torch = pytest.importorskip("torch")
 from torch.utils.data import DataLoader
@@ -140,3 +141,22 @@ def test_default_collate_needs_batchable_rows(local_version: LocalVersion) -> No
     assert isinstance(rows[0]["labels"], dict) and math.isnan(rows[0]["features"]["c50_db"])
     with pytest.raises((TypeError, KeyError, RuntimeError)):
         default_collate(rows[:BATCH])
+
+
+def test_segment_rows_through_the_loader(segmented_version: SegmentedVersion) -> None:
+    """DataLoader + collate_speech_batch over a version with segments: audio_offset_s is the start in
+    each segment's id (NaN for the whole clip), and each padded row is the recording's slice."""
+    ds = segmented_version.local.handle().torch_dataset(seed=5)
+    segments = 0
+    for batch in DataLoader(ds, batch_size=BATCH, collate_fn=collate_speech_batch):
+        for k, row_id in enumerate(batch["id"]):
+            offset, span = float(batch["audio_offset_s"][k]), segment_span(row_id)
+            if span is None:
+                assert row_id == segmented_version.whole_id and math.isnan(offset)
+                continue
+            assert np.float32(offset) == np.float32(span[0]), row_id
+            audio = batch["audio_array"][k, : int(batch["audio_lengths"][k])].numpy()
+            assert_recording_slice(audio, int(batch["sampling_rate"][k]), segmented_version.recording, offset,
+                                   float(batch["duration_s"][k]))
+            segments += 1
+    assert segments >= 3
