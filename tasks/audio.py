@@ -9,7 +9,8 @@ full scale (`out_of_range`), silence once the DC offset is removed (`silent`); t
 libsndfile (soundfile) is the fast, in-process path for WAV/FLAC/OGG/MP3. Everything it cannot
 open (m4a/aac, wma, webm, opus in mp4, …) goes to the `ffmpeg` binary in a child process: a
 hostile file can then neither hang the run (every call has a timeout) nor crash the worker, and
-ffprobe reads the container header first so a 3-hour file is refused as `too_long` undecoded.
+ffprobe reads the container header first so a 3-hour file is refused as `too_long` undecoded
+(tasks/ffmpeg.py runs both, for long recordings too).
 """
 
 from __future__ import annotations
@@ -17,12 +18,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
-import json
 import os
-import re
-import shutil
 import stat
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -36,17 +33,12 @@ import soxr
 from schemas.config import AudioConfig
 from schemas.records import Clip, QuarantineError, ReasonCode, Stage
 from storage import sources
+from tasks.ffmpeg import FFMPEG_FORMATS, FIX, error_lines, ffmpeg_tools, probe, run
 
 AUDIO_VERSION = "soundfile-ffmpeg-soxr/3"  # 3: DC offset removed, out_of_range
 
 PROBE_TIMEOUT_S = 15.0
 DECODE_TIMEOUT_S = 30.0  # plus a tenth of a second per second of audio decoded
-# Demuxers ffmpeg may use: audio containers only. Playlists (hls), concat lists and the like
-# would let a file named .m4a make ffmpeg open other files or URLs.
-FFMPEG_FORMATS = ("mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,asf,aac,ogg,mp3,wav,w64,flac,aiff,caf,au,amr,wv")
-MAX_CHANNELS = 64
-MAX_SAMPLING_RATE = 768_000
-FIX = "check it with `ffprobe <file>` and re-encode it (e.g. to FLAC) or remove it from the corpus"
 DEFAULT_MAX_FILE_BYTES = 2 * 1024**3  # AudioConfig.max_file_bytes' default
 SF_COUNT_MAX = 2**63 - 1  # libsndfile's frame count for a stream whose header holds no length
 # More samples per byte than any codec reaches on real audio: a header claiming that is not trusted.
@@ -359,7 +351,7 @@ def _read_soundfile(data: bytes, where: str, config: AudioConfig,
     if info.frames <= 0 or info.samplerate <= 0:
         raise _fail(ReasonCode.empty, f"{where}: no audio frames")
     if not _plausible_length(info, len(data)):
-        if _ffmpeg() is None:
+        if ffmpeg_tools() is None:
             raise _fail(ReasonCode.unreadable,
                         f"{where}: its header states no length (written through a pipe?) and ffmpeg is not installed "
                         "to measure it; install ffmpeg, or re-encode the file (e.g. `sox in.flac out.flac`)")
@@ -372,22 +364,11 @@ def _read_soundfile(data: bytes, where: str, config: AudioConfig,
     return samples, int(sr)
 
 
-@lru_cache(maxsize=1)
-def _ffmpeg() -> tuple[str, str] | None:
-    ffmpeg, ffprobe = shutil.which("ffmpeg"), shutil.which("ffprobe")
-    return (ffmpeg, ffprobe) if ffmpeg and ffprobe else None
-
-
-def ffmpeg_tools() -> tuple[str, str] | None:
-    """(ffmpeg, ffprobe) paths, or None when either is missing (the long-recording reader's too)."""
-    return _ffmpeg()
-
-
 def _read_ffmpeg(data: bytes, where: str, config: AudioConfig, path: Path | None,
                  trust_header: bool = True) -> tuple[np.ndarray, int]:
     """Probe the header, then decode at most max_duration_s + 1 s of the first audio stream
     (`trust_header=False`: the header's duration is ignored, only the decoded length counts)."""
-    tools = _ffmpeg()
+    tools = ffmpeg_tools()
     if tools is None:
         raise _fail(ReasonCode.unreadable,
                     f"{where}: not a WAV/FLAC/OGG/MP3 file and ffmpeg is not installed to decode it; "
@@ -405,36 +386,18 @@ def _decode_file(tools: tuple[str, str], path: Path, where: str, config: AudioCo
     ffmpeg, ffprobe = tools
     # `file:` keeps a name starting with '-' from reading as an option; whitelists keep ffmpeg local.
     source = ["-protocol_whitelist", "file", "-format_whitelist", FFMPEG_FORMATS, "-i", f"file:{path}"]
-    probe = _run([ffprobe, "-v", "error", *source, "-select_streams", "a:0",
-                  "-show_entries", "format=duration:stream=sample_rate,channels,duration", "-of", "json"],
-                 PROBE_TIMEOUT_S, where, path)
-    if probe.returncode != 0:
-        raise _fail(ReasonCode.unreadable,
-                    f"{where}: not decodable audio ({_ffmpeg_error(probe.stderr, path) or 'ffprobe failed'}); {FIX}")
-    try:
-        info: dict[str, Any] = json.loads(probe.stdout or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        info = {}
-    streams = info.get("streams") or [{}]
-    stream = streams[0] if isinstance(streams[0], dict) else {}
-    sr, channels = _int(stream.get("sample_rate")), _int(stream.get("channels"))
-    if not stream or sr is None or channels is None:
-        raise _fail(ReasonCode.unreadable, f"{where}: the container holds no audio stream; {FIX}")
-    if not (0 < sr <= MAX_SAMPLING_RATE and 0 < channels <= MAX_CHANNELS):
-        raise _fail(ReasonCode.unreadable,
-                    f"{where}: implausible audio header ({sr} Hz, {channels} channels); {FIX}")
-    fmt = info.get("format")
-    fmt = fmt if isinstance(fmt, dict) else {}
-    declared = (_float(fmt.get("duration")) or _float(stream.get("duration"))) if trust_header else None
+    probed = probe(ffprobe, source, where, PROBE_TIMEOUT_S)
+    sr, channels = probed.sampling_rate, probed.channels
+    declared = probed.duration_s if trust_header else None
     if declared is not None and declared > config.max_duration_s:
         raise _fail(ReasonCode.too_long, f"{where}: {declared:.2f} s (container header) > "
                                          f"audio.max_duration_s={config.max_duration_s}; split the clip")
     cap = config.max_duration_s + 1.0
-    decoded = _run([ffmpeg, "-nostdin", "-hide_banner", "-v", "error", *source, "-map", "0:a:0", "-vn", "-sn",
-                    "-dn", "-t", f"{cap:.3f}", "-ac", str(channels), "-ar", str(sr), "-c:a", "pcm_f32le",
-                    "-f", "f32le", "pipe:1"],
-                   DECODE_TIMEOUT_S + cap / 10, where, path)
-    errors = _ffmpeg_error(decoded.stderr, path)
+    decoded = run([ffmpeg, "-nostdin", "-hide_banner", "-v", "error", *source, "-map", "0:a:0", "-vn", "-sn",
+                   "-dn", "-t", f"{cap:.3f}", "-ac", str(channels), "-ar", str(sr), "-c:a", "pcm_f32le",
+                   "-f", "f32le", "pipe:1"],
+                  DECODE_TIMEOUT_S + cap / 10, where)
+    errors = error_lines(decoded.stderr, source[-1])
     if decoded.returncode != 0:
         raise _fail(ReasonCode.unreadable, f"{where}: ffmpeg could not decode it ({errors or 'no detail'}); {FIX}")
     usable = len(decoded.stdout) // (4 * channels) * 4 * channels
@@ -451,47 +414,6 @@ def _decode_file(tools: tuple[str, str], path: Path, where: str, config: AudioCo
                     f"{where}: truncated or corrupt: decoded {seconds:.2f} s of the {declared:.2f} s its header "
                     f"declares ({errors}); re-download or re-encode the file")
     return samples, sr
-
-
-def _run(cmd: list[str], timeout: float, where: str, path: Path) -> subprocess.CompletedProcess[bytes]:
-    try:
-        return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:  # run() has killed the child
-        raise _fail(ReasonCode.unreadable, f"{where}: {Path(cmd[0]).name} did not finish within {timeout:g} s "
-                                           f"(a malformed or hostile file?); {FIX}") from None
-    except OSError as exc:
-        raise _fail(ReasonCode.unreadable, f"{where}: cannot run {Path(cmd[0]).name} ({exc.strerror}); "
-                                           "check the ffmpeg installation") from None
-
-
-_LOG_PREFIX = re.compile(r"^\[[^\]]*@ 0x[0-9a-fA-F]+\]\s*")
-
-
-def _ffmpeg_error(stderr: bytes, path: Path) -> str:
-    """The first two distinct lines ffmpeg logged, without its `[demuxer @ 0x…]` prefixes or our path."""
-    lines: list[str] = []
-    for raw in stderr.decode("utf-8", errors="replace").splitlines():
-        line = _LOG_PREFIX.sub("", raw).replace(f"file:{path}: ", "").replace(f"file:{path}", "input").strip()
-        if line and line not in lines:
-            lines.append(line)
-        if len(lines) == 2:
-            break
-    return "; ".join(lines)[:200]
-
-
-def _int(value: object) -> int | None:
-    try:
-        return int(str(value))
-    except ValueError:
-        return None
-
-
-def _float(value: object) -> float | None:
-    try:
-        number = float(str(value))
-    except ValueError:
-        return None
-    return number if np.isfinite(number) and number > 0 else None
 
 
 def encode_audio(samples: np.ndarray, sampling_rate: int, fmt: str = "flac") -> bytes:

@@ -8,7 +8,7 @@ span read later by `read_segment` lands on the very samples the VAD saw). Every 
 seconds of samples except the last, which is shorter.
 
 The hostile-file rules of tasks/audio.py apply: only regular files within `max_file_bytes` are
-opened, ffmpeg is confined to audio demuxers and to a local file (or the loopback relay below), and
+opened, ffmpeg is confined to audio demuxers and to a local file (or the loopback relay), and
 a child that stops producing output for `IDLE_TIMEOUT_S` is killed. `open_source` is the one place
 that turns a URI into a seekable binary file.
 
@@ -16,27 +16,21 @@ Remote recordings (s3://, http(s)://, issue 14) are never copied to local disk a
 whole: the object is stat'ed first (`max_file_bytes` applies before any byte is read), then
 libsndfile reads it through a `RangeFile` fetching `REMOTE_BUFFER_BYTES` windows (one range GET per
 MiB as blocks stream; a header alone is one 64 KiB GET, a span one or a few GETs). ffmpeg never gets the
-S3 credentials or the remote URL: it reads `http://127.0.0.1:<port>/<random token>`, a relay
-serving that one object for the duration of one ffmpeg/ffprobe call, whose reads are range reads
-through storage/sources.py (so the source's S3 settings, redirect and proxy rules apply), streamed
-`RELAY_CHUNK_BYTES` at a time. ffmpeg seeks with HTTP Range requests, so MP3 spans and M4A/MP4
-with the index (moov) at the end work as they do for local files.
+S3 credentials or the remote URL: it reads the object through the loopback relay of
+tasks/segment/relay.py, one per ffmpeg/ffprobe call. ffprobe is tasks/ffmpeg.py's header probe, the
+one short clips get.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
-import secrets
 import selectors
 import subprocess
 import tempfile
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Literal
 
@@ -46,14 +40,9 @@ import soxr
 
 from schemas.records import QuarantineError, ReasonCode, Stage
 from storage import sources as stores
-from tasks.audio import (
-    DEFAULT_MAX_FILE_BYTES,
-    FFMPEG_FORMATS,
-    ffmpeg_tools,
-    open_regular,
-    remote_failure,
-    too_large,
-)
+from tasks.audio import DEFAULT_MAX_FILE_BYTES, open_regular, remote_failure, too_large
+from tasks.ffmpeg import FFMPEG_FORMATS, ffmpeg_tools, probe
+from tasks.segment.relay import Relay
 
 SR = 16_000
 DEFAULT_BLOCK_S = 30.0
@@ -68,7 +57,6 @@ FFMPEG_PREROLL_S = 0.5
 Reader = Literal["soundfile", "ffmpeg"]
 REMOTE_BUFFER_BYTES = 1 << 20  # libsndfile reads of a remote object: one range GET per MiB
 HEADER_WINDOW_BYTES = 64 << 10  # a remote header (recording_info, planning): one 64 KiB range GET
-RELAY_CHUNK_BYTES = 1 << 20  # the ffmpeg relay's range GETs: at most this much held per request
 # Proxy variables ffmpeg's http client would obey; its only peer is the loopback relay.
 PROXY_VARS = ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
 
@@ -349,7 +337,7 @@ class _FfmpegInput:
     """ffmpeg's input arguments for one recording, and the relay serving it when it is remote."""
 
     args: list[str]
-    relay: _Relay | None = None
+    relay: Relay | None = None
     env: dict[str, str] | None = field(default=None, repr=False)
 
     def check(self) -> None:
@@ -366,93 +354,13 @@ def _ffmpeg_input(uri: str, max_bytes: int | None) -> Iterator[_FfmpegInput]:
         yield _FfmpegInput(["-protocol_whitelist", "file", "-format_whitelist", FFMPEG_FORMATS, "-i", f"file:{path}"])
         return
     store, size = _remote(uri, max_bytes)
-    relay = _Relay(store, uri, size)
+    relay = Relay(store, uri, size)
     env = {k: v for k, v in os.environ.items() if k not in PROXY_VARS}
     try:
         yield _FfmpegInput(["-protocol_whitelist", "http,tcp", "-format_whitelist", FFMPEG_FORMATS,
                             "-i", relay.url], relay, env)
     finally:
         relay.close()
-
-
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
-
-
-class _Relay:
-    """One remote object served on 127.0.0.1 under a random path, with Range support, every byte
-    read through the object's SourceStore in `RELAY_CHUNK_BYTES` range reads as the client takes
-    them (a client that seeks closes the connection and the rest is never fetched)."""
-
-    def __init__(self, store: stores.SourceStore, uri: str, size: int) -> None:
-        self.store, self.uri, self.size = store, uri, size
-        self.error: stores.SourceReadError | None = None
-        self.path = f"/{secrets.token_urlsafe(18)}"
-        relay = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-            def do_HEAD(self) -> None:
-                relay.serve(self, body=False)
-
-            def do_GET(self) -> None:
-                relay.serve(self, body=True)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}{self.path}"
-        self.thread = threading.Thread(target=self.server.serve_forever, name="speechpairs-relay", daemon=True)
-        self.thread.start()
-
-    def serve(self, handler: BaseHTTPRequestHandler, body: bool) -> None:
-        if handler.path != self.path:
-            handler.send_error(404)
-            return
-        lo, hi = 0, self.size
-        spec = handler.headers.get("Range")
-        match = _RANGE.fullmatch(spec.strip()) if spec else None
-        if match is not None and (match.group(1) or match.group(2)):
-            if match.group(1):
-                lo = int(match.group(1))
-                hi = min(self.size, int(match.group(2)) + 1) if match.group(2) else self.size
-            else:
-                lo = max(0, self.size - int(match.group(2)))
-            if lo >= self.size or hi <= lo:
-                handler.send_response(416)
-                handler.send_header("Content-Range", f"bytes */{self.size}")
-                handler.send_header("Content-Length", "0")
-                handler.end_headers()
-                return
-            handler.send_response(206)
-            handler.send_header("Content-Range", f"bytes {lo}-{hi - 1}/{self.size}")
-        else:
-            handler.send_response(200)
-        handler.send_header("Accept-Ranges", "bytes")
-        handler.send_header("Content-Type", "application/octet-stream")
-        handler.send_header("Content-Length", str(hi - lo))
-        handler.end_headers()
-        pos = lo
-        while body and pos < hi:
-            try:
-                data = self.store.read(self.uri, pos, min(hi, pos + RELAY_CHUNK_BYTES))
-            except stores.SourceReadError as exc:
-                self.error = exc
-                return
-            if not data:
-                self.error = stores.SourceReadError(
-                    "unreadable", self.uri, f"{self.uri}: the object ended at byte {pos:,} of the {self.size:,} "
-                                            "it had when opened; it changed while being read: run again")
-                return
-            try:
-                handler.wfile.write(data)
-            except (BrokenPipeError, ConnectionResetError):
-                return  # the client seeked or finished: nothing more is fetched
-            pos += len(data)
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def _need_ffmpeg(uri: str) -> tuple[str, str]:
@@ -464,25 +372,19 @@ def _need_ffmpeg(uri: str) -> tuple[str, str]:
 
 
 def _ffprobe(source: _FfmpegInput, uri: str) -> tuple[float, int, int]:
+    """(duration, rate, channels) from the container header (tasks/ffmpeg.py's probe, the short
+    clips' one too); a relay failure is raised before what ffprobe made of it."""
     _, ffprobe = _need_ffmpeg(uri)
-    cmd = [ffprobe, "-v", "error", *source.args, "-select_streams", "a:0",
-           "-show_entries", "format=duration:stream=sample_rate,channels", "-of", "csv=p=0"]
     try:
-        done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=IDLE_TIMEOUT_S, check=False,
-                              env=source.env)
-    except subprocess.TimeoutExpired:
+        probed = probe(ffprobe, source.args, uri, IDLE_TIMEOUT_S, source.env)
+    except QuarantineError:
         source.check()
-        raise _fail(ReasonCode.unreadable, f"{uri}: ffprobe did not finish within {IDLE_TIMEOUT_S:g} s; "
-                                           "check the file with `ffprobe`") from None
+        raise
     source.check()
-    fields = [v for line in done.stdout.decode(errors="replace").split() for v in line.split(",") if v]
-    try:
-        rate, channels, duration = int(fields[0]), int(fields[1]), float(fields[2])
-    except (IndexError, ValueError):
-        raise _fail(ReasonCode.unreadable, f"{uri}: no audio stream with a duration "
-                                           f"({done.stderr.decode(errors='replace').strip()[:160] or 'ffprobe'}); "
-                                           "check it with `ffprobe` and re-encode it (e.g. to FLAC)") from None
-    return duration, rate, channels
+    if probed.duration_s is None:
+        raise _fail(ReasonCode.unreadable, f"{uri}: the container declares no duration; check it with `ffprobe` "
+                                           "and re-encode it (e.g. to FLAC)")
+    return probed.duration_s, probed.sampling_rate, probed.channels
 
 
 def _ffmpeg_stream(source: _FfmpegInput, uri: str, block: int, rate: int, start_s: float,
