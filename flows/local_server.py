@@ -372,6 +372,9 @@ def use_prefect_api(say: Say) -> str:
     if explicit:
         return explicit
     record = ensure_server(say)
+    from flows import launcher
+
+    launcher.ensure_started()  # the next run on this server starts warm (flows/launcher.py)
     os.environ["PREFECT_API_URL"] = record.api_url
     import prefect.context
 

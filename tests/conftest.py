@@ -25,6 +25,10 @@ if "SPEECHPAIRS_HOME" not in os.environ:
 
     os.environ["SPEECHPAIRS_HOME"] = tempfile.mkdtemp(prefix="speechpairs-test-home-")
 
+# No warm launcher (flows/launcher.py) behind CLI runs unless a test asks for one: it would outlive the
+# test and import the pipeline in the background of every other test.
+os.environ.setdefault("SPEECHPAIRS_LAUNCHER", "off")
+
 pytest_plugins = ["tests.support.seaweedfs"]
 
 

@@ -86,9 +86,20 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def prepare_environment() -> None:
+    """What every command sets before anything imports Prefect (the warm launcher does the same)."""
     _patient_temporary_server()
     _telemetry_off()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    prepare_environment()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from flows.launcher import delegate
+
+    delegated = delegate(argv)  # a warm launcher runs it (flows/launcher.py), else this process does
+    if delegated is not None:
+        return delegated
     try:
         try:
             args = build_parser().parse_args(argv)

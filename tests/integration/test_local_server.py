@@ -83,6 +83,21 @@ def _server_pids(home: Path) -> list[int]:
     return found
 
 
+def _launcher_pids(home: Path) -> list[int]:
+    """Live warm launchers (flows/launcher.py) of this test's data folder, with their monitors and runners."""
+    needle = f"SPEECHPAIRS_HOME={home}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (b"flows.launcher" in (entry / "cmdline").read_bytes()
+                        and needle in (entry / "environ").read_bytes().split(b"\0") and not _gone(int(entry.name))):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
 def _health(url: str) -> object:
     with urllib.request.urlopen(f"{url}/api/health", timeout=5) as resp:
         return json.loads(resp.read())
@@ -93,15 +108,15 @@ def local_home(tmp_path: Path) -> Iterator[Path]:
     """An isolated data folder; afterwards every server process of it is ended (by PID)."""
     home = tmp_path / "sp-home"
     yield home
-    for pid in _server_pids(home):
+    for pid in _server_pids(home) + _launcher_pids(home):
         try:
             os.killpg(pid, signal.SIGKILL) if os.getpgid(pid) == pid else os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + 10
-    while _server_pids(home) and time.monotonic() < deadline:
+    while (_server_pids(home) or _launcher_pids(home)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _server_pids(home)
+    assert not _server_pids(home) and not _launcher_pids(home)
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +240,45 @@ def test_runs_share_one_server_an_explicit_api_wins_and_torch_stays_out(
     assert third.returncode == 0 and "starting" not in third.stderr, third
     assert f"flow run:     {prefect_api.removesuffix('/api')}/runs/flow-run/" in third.stdout
     assert _flow_runs(record.api_url) == before  # the local server saw nothing of it
+
+
+def test_a_warm_launcher_runs_the_next_run_and_stops_with_the_server(
+        tmp_path: Path, local_home: Path, migrated_db: Path) -> None:
+    """The first run starts the launcher in the background; the next run is handed to it (its log says
+    so) and prints what an in-process run prints; `server stop` ends it."""
+    _seed(local_home, migrated_db)
+    config = _two_clip_config(tmp_path)
+    first = _cli(local_home, "run", str(config), "--no-progress", SPEECHPAIRS_LAUNCHER="on")
+    assert first.returncode == 0 and "srv committed v0001" in first.stdout, first
+    log = local_home / "prefect" / "launcher.log"
+    deadline = time.monotonic() + 120
+    while "ready in" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline, "the launcher never became ready"
+        time.sleep(0.5)
+    status = _cli(local_home, "server", "status", SPEECHPAIRS_LAUNCHER="on")
+    warm = re.search(r"launcher:     warm \(PID (\d+);", status.stdout)
+    assert warm, status.stdout
+
+    other = json.loads(config.read_text())
+    other["output"]["root"] = str(tmp_path / "out2")
+    config.write_text(json.dumps(other))
+    second = _cli(local_home, "run", str(config), "--no-progress", SPEECHPAIRS_LAUNCHER="on")
+    assert second.returncode == 0, second
+    assert "srv committed v0001" in second.stdout and f"location:     {tmp_path / 'out2'}" in second.stdout
+    assert "rows written: 2" in second.stdout and "flow run:     http://127.0.0.1:" in second.stdout
+    assert re.search(rf"ran run {re.escape(str(config))} in {re.escape(str(REPO))}: exit 0", log.read_text())
+    assert (tmp_path / "out2" / "srv" / "v0001" / "manifest.json").exists()
+
+    bad = _cli(local_home, "run", str(tmp_path / "missing.yaml"), SPEECHPAIRS_LAUNCHER="on")
+    assert bad.returncode == 2 and "missing.yaml" in bad.stderr, bad  # usage errors come back as they are
+    assert ": exit 2" in log.read_text()
+
+    stop = _cli(local_home, "server", "stop", SPEECHPAIRS_LAUNCHER="on")
+    assert f"stopped the warm launcher (PID {warm[1]})" in stop.stdout, stop
+    deadline = time.monotonic() + 30
+    while _launcher_pids(local_home) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _launcher_pids(local_home)
 
 
 class _Recorder(BaseHTTPRequestHandler):
