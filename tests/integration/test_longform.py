@@ -16,7 +16,6 @@ import json
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,28 +29,14 @@ from schemas.arrow import ROW_SCHEMA
 from schemas.config import RunConfig, parse_config
 from storage.objectstore import open_store
 from storage.versions import read_manifest
+from tests.support.longform import Recording, build_recording, write_srt
 from tests.support.paths import REPO
-from tests.support.speech import SENTENCES, load_16k, trim_quiet
+from tests.support.speech import SENTENCES, SR, load_16k, trim_quiet
 
 SAMPLES = REPO / "examples" / "sample_corpus"
-SR = 16_000
 ID = re.compile(r"^(?P<rec>.+)@(?P<start>\d+)-(?P<end>\d+)$")
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
-
-
-@dataclass(frozen=True)
-class Utterance:
-    start_s: float
-    end_s: float
-    text: str
-
-
-@dataclass(frozen=True)
-class Recording:
-    path: Path
-    utterances: list[Utterance]
-    samples: np.ndarray  # int16, as written
 
 
 @pytest.fixture(scope="module")
@@ -71,34 +56,6 @@ def utterances(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[np.ndarra
         if row.get("transcript") and row["path"].endswith((".wav", ".flac")):
             out.append((trim_quiet(load_16k(SAMPLES / row["path"])), row["transcript"]))
     return out
-
-
-def build_recording(path: Path, utterances: list[tuple[np.ndarray, str]], seed: int, seconds: float) -> Recording:
-    """Utterances in a seeded order with seeded silences of 0.8-1.6 s, until `seconds`; 16-bit WAV."""
-    rng = np.random.default_rng(seed)
-    parts, spans, t = [np.zeros(SR // 2, np.float32)], [], SR // 2
-    while t < seconds * SR:
-        audio, text = utterances[int(rng.integers(len(utterances)))]
-        parts.append((audio * rng.uniform(0.6, 1.0)).astype(np.float32))
-        spans.append(Utterance(t / SR, (t + len(audio)) / SR, text))
-        t += len(audio)
-        gap = int(rng.uniform(0.8, 1.6) * SR)
-        parts.append(np.zeros(gap, np.float32))
-        t += gap
-    pcm = np.round(np.clip(np.concatenate(parts), -1, 1) * 32767).astype(np.int16)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sf.write(path, pcm, SR, subtype="PCM_16")
-    return Recording(path, spans, pcm)
-
-
-def _clock(seconds: float, sep: str = ",") -> str:
-    ms = round(seconds * 1000)
-    return f"{ms // 3_600_000:02d}:{ms // 60_000 % 60:02d}:{ms // 1000 % 60:02d}{sep}{ms % 1000:03d}"
-
-
-def write_srt(path: Path, rec: Recording) -> None:
-    cues = [f"{i}\n{_clock(u.start_s)} --> {_clock(u.end_s)}\n{u.text}\n" for i, u in enumerate(rec.utterances, 1)]
-    path.write_text("\n".join(cues), encoding="utf-8")
 
 
 def write_textgrid(path: Path, rec: Recording) -> None:
