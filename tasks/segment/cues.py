@@ -11,8 +11,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["EPS_S", "Cue", "TranscriptError", "Word", "checked_span", "cue_boundaries", "group_words",
-           "sorted_cues", "text_in_span"]
+from tasks.llm.messages import sanitize_prompt_text
+
+__all__ = ["EPS_S", "PAUSE_MARKS", "Cue", "TranscriptError", "Word", "checked_span", "cue_boundaries", "group_words",
+           "sorted_cues", "speaker_name", "text_in_span"]
+
+# Interval or word texts that mean "no speech here" (besides blank ones): aligners' silence marks.
+PAUSE_MARKS = frozenset({"sil", "sp", "<sil>", "<eps>"})
 
 EPS_S = 1e-6  # times closer than this are the same instant (file formats round to ms)
 
@@ -108,3 +113,9 @@ def group_words(words: Sequence[Word], speaker: str | None = None) -> list[Cue]:
             runs.append([word])
     return [Cue(run[0].start_s, max(w.end_s for w in run), " ".join(w.text for w in run), speaker, tuple(run))
             for run in runs]
+
+
+def speaker_name(raw: object) -> str | None:
+    """A speaker label from a transcript, through the prompt sanitiser (it reaches the seed); None if empty."""
+    text = sanitize_prompt_text(raw, "value") if raw is not None else ""
+    return text or None

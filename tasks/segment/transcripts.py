@@ -2,7 +2,7 @@
 
 A long recording is cut into segments (`tasks.segment.cut`); where it has a timestamped transcript
 each segment takes the words inside its span, and the cutter prefers to cut between cues
-(`cue_boundaries`). Formats (`FORMATS`): SRT, WebVTT, Praat TextGrid (long and short text forms),
+(`cue_boundaries`). Formats (`FORMATS`): SRT, WebVTT, Praat TextGrid (both text forms: tasks.segment.textgrid),
 CTM, lhotse supervisions or cut sets (JSON list or JSONL[.gz]) and Whisper-style JSON. All become `Cue`s sorted
 by start, each with its words when the format times them (TextGrid word tiers, CTM, lhotse word
 alignments, Whisper `words`). Word-only formats (a TextGrid words tier, CTM) group words into cues
@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from tasks.ingest.files import read_small
-from tasks.llm.messages import sanitize_prompt_text, sanitize_transcript
+from tasks.llm.messages import sanitize_transcript
 from tasks.segment.cues import (
+    PAUSE_MARKS,
     Cue,
     TranscriptError,
     Word,
@@ -35,8 +36,10 @@ from tasks.segment.cues import (
     cue_boundaries,
     group_words,
     sorted_cues,
+    speaker_name,
     text_in_span,
 )
+from tasks.segment.textgrid import read_textgrid
 
 __all__ = ["FORMATS", "MAX_SIDECAR_BYTES", "SIDECAR_SUFFIXES", "Cue", "TranscriptError", "Word", "cue_boundaries",
            "find_sidecar", "load_transcript", "text_in_span"]
@@ -46,8 +49,6 @@ MAX_SIDECAR_BYTES = 64 * 1024 * 1024  # ~ a 1,000-hour CTM; a larger "transcript
 # Sidecar precedence: word-timed formats first (they cut at word level), then cue-level subtitles.
 SIDECAR_SUFFIXES = (".TextGrid", ".ctm", ".json", ".vtt", ".srt")
 _SUFFIX_FORMAT = {".srt": "srt", ".vtt": "vtt", ".textgrid": "textgrid", ".ctm": "ctm", ".jsonl": "lhotse"}
-# TextGrid interval texts that mean "no speech here" (besides blank ones): aligners' silence marks.
-PAUSE_MARKS = frozenset({"sil", "sp", "<sil>", "<eps>"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,7 +82,7 @@ def load_transcript(source: Path | str | bytes | Sequence[Mapping[str, Any]], fm
     fmt = fmt or _SUFFIX_FORMAT.get(Path(lower).suffix) or _sniff(text, label)
     if fmt == "lhotse":
         return sorted_cues(_lhotse_text(text, label, recording_id))
-    parse = {"srt": _srt, "vtt": _vtt, "textgrid": _textgrid, "whisper": _whisper}.get(fmt)
+    parse = {"srt": _srt, "vtt": _vtt, "textgrid": read_textgrid, "whisper": _whisper}.get(fmt)
     if parse is not None:
         return sorted_cues(parse(text, label))
     return sorted_cues(_ctm(text, label, recording_id))
@@ -172,11 +173,6 @@ def _lines(text: str) -> list[str]:
     return re.split(r"\r\n|\r|\n", text)
 
 
-def _speaker(raw: object) -> str | None:
-    text = sanitize_prompt_text(raw, "value") if raw is not None else ""
-    return text or None
-
-
 # ---------------------------------------------------------------------------------------------
 # SRT and WebVTT
 
@@ -251,112 +247,8 @@ def _vtt(text: str, label: str) -> list[Cue]:
         _, start, end, body = _timed_block(block, at, label, vtt=True)
         voice = _VOICE.search(" ".join(body))
         if words := _cue_text(body):
-            cues.append(Cue(start, end, words, _speaker(voice.group(1)) if voice else None))
+            cues.append(Cue(start, end, words, speaker_name(voice.group(1)) if voice else None))
     return cues
-
-
-# ---------------------------------------------------------------------------------------------
-# Praat TextGrid (text forms; the long form's keys are skipped, leaving the short form's values)
-
-_TG_TOKEN = re.compile(r'"((?:[^"]|"")*)"|(<exists>|<absent>)|(-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)'
-                       r"|([A-Za-z_][A-Za-z_0-9]*)|(![^\n]*|\[\s*\d*\s*\]|\S)")
-# The long form's keys (skipped); any other bare word is text that lost its quotes.
-_TG_KEYS = frozenset({"File", "type", "Object", "class", "xmin", "xmax", "tiers", "size", "item", "name",
-                      "intervals", "points", "text", "number", "mark", "time"})
-
-
-class _Tokens:
-    """TextGrid values in order (strings, numbers, flags), each with its line number."""
-
-    def __init__(self, text: str, label: str) -> None:
-        self.items: list[tuple[str, str | float, int]] = []
-        self.label, self.i, self.open_quote = label, 0, ""
-        line = 1
-        pos = 0
-        for m in _TG_TOKEN.finditer(text):
-            line += text.count("\n", pos, m.start())
-            pos = m.start()
-            if m.group(1) is not None:
-                self.items.append(("str", m.group(1).replace('""', '"'), line))
-                if "\n" in m.group(1) and not self.open_quote:  # legal, but mostly a missing quote
-                    self.open_quote = f" (the text opened on line {line} spans lines: is a closing quote missing?)"
-            elif m.group(2) is not None:
-                self.items.append(("flag", m.group(2), line))
-            elif m.group(3) is not None:
-                self.items.append(("num", float(m.group(3)), line))
-            elif m.group(4) is not None and m.group(4) not in _TG_KEYS:
-                raise TranscriptError(label, line, f"unquoted text {m.group(4)!r}; TextGrid texts are in double "
-                                                   f"quotes{self.open_quote}")
-            elif m.group(5) == '"':
-                raise TranscriptError(label, line, "a text's closing double quote is missing")
-
-    def take(self, kind: str, what: str) -> tuple[Any, int]:
-        if self.i >= len(self.items):
-            last = self.items[-1][2] if self.items else 1
-            raise TranscriptError(self.label, last, f"file ends early: expected {what}{self.open_quote}")
-        got_kind, value, line = self.items[self.i]
-        if got_kind != kind:
-            raise TranscriptError(self.label, line, f"expected {what}, found {value!r}{self.open_quote}")
-        self.i += 1
-        return value, line
-
-
-def _textgrid(text: str, label: str) -> list[Cue]:
-    tokens = _Tokens(text, label)
-    file_type, line = tokens.take("str", 'File type = "ooTextFile"')
-    if file_type not in ("ooTextFile", "ooTextFile short"):
-        raise TranscriptError(label, line, f"file type {file_type!r} is not a Praat text file (binary "
-                                           "TextGrids: save as text from Praat)")
-    object_class, line = tokens.take("str", 'Object class = "TextGrid"')
-    if object_class != "TextGrid":
-        raise TranscriptError(label, line, f"object class {object_class!r} is not TextGrid")
-    tokens.take("num", "xmin")
-    tokens.take("num", "xmax")
-    flag, _ = tokens.take("flag", "tiers? <exists>")
-    tiers: list[tuple[str, list[tuple[float, float, str]]]] = []
-    count, _ = tokens.take("num", "the number of tiers") if flag == "<exists>" else (0, 0)
-    for _ in range(int(count)):
-        kind, _ = tokens.take("str", 'a tier class ("IntervalTier" or "TextTier")')
-        tier_name, _ = tokens.take("str", "a tier name")
-        tokens.take("num", "tier xmin")
-        tokens.take("num", "tier xmax")
-        size, _ = tokens.take("num", "the number of intervals")
-        intervals = []
-        for _ in range(int(size)):
-            if kind == "IntervalTier":
-                start, line = tokens.take("num", "interval xmin")
-                end, _ = tokens.take("num", "interval xmax")
-                mark, _ = tokens.take("str", "interval text")
-                intervals.append((*checked_span(label, line, start, end), mark))
-            else:  # a point tier: time and mark, skipped
-                tokens.take("num", "point time")
-                tokens.take("str", "point mark")
-        if kind == "IntervalTier":
-            tiers.append((tier_name, intervals))
-    if not tiers:
-        raise TranscriptError(label, None, "no interval tier (only point tiers, or none)")
-    word_tiers = [(n, iv) for n, iv in tiers if re.fullmatch(r"(?:(.+?)\s*-\s*)?words?", n.strip(), re.IGNORECASE)]
-    if word_tiers:
-        cues = []
-        for tier_name, intervals in word_tiers:
-            prefix = re.match(r"(.+?)\s*-\s*words?$", tier_name.strip(), re.IGNORECASE)
-            speaker = _speaker(prefix.group(1)) if prefix else None
-            words: list[Word] = []
-            pause = False
-            for start, end, mark in intervals:
-                word = sanitize_transcript(mark)
-                if not word or word.lower() in PAUSE_MARKS:
-                    pause = True
-                    continue
-                if pause and words:  # an empty interval between words is a pause: a cue boundary
-                    cues.extend(group_words(words, speaker))
-                    words = []
-                pause = False
-                words.append(Word(start, end, word))
-            cues.extend(group_words(words, speaker))
-        return cues
-    return [Cue(start, end, t) for start, end, mark in tiers[0][1]
-            if (t := sanitize_transcript(mark)) and t.lower() not in PAUSE_MARKS]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,7 +335,7 @@ def _lhotse(items: Any, label: str, recording_id: str | None, lines: list[int] |
         words = _alignment(item.get("alignment"), label, where)
         text = sanitize_transcript(item.get("text")) or " ".join(w.text for w in words)
         if text:
-            cues_by_recording.setdefault(rec, []).append(Cue(start, end, text, _speaker(item.get("speaker")), words))
+            cues_by_recording.setdefault(rec, []).append(Cue(start, end, text, speaker_name(item.get("speaker")), words))
     if len(cues_by_recording) > 1:
         names = ", ".join(sorted(cues_by_recording)[:5])
         raise TranscriptError(label, None, f"holds {len(cues_by_recording)} recordings ({names}, ...); "
@@ -526,6 +418,6 @@ def _whisper(text: str, label: str) -> list[Cue]:
                 words.append(Word(ws, we, word))
         body = sanitize_transcript(seg.get("text")) or " ".join(w.text for w in words)
         if body:
-            cues.append(Cue(start, end, body, _speaker(seg.get("speaker")), tuple(words)))
+            cues.append(Cue(start, end, body, speaker_name(seg.get("speaker")), tuple(words)))
     return cues
 
