@@ -7,6 +7,12 @@ measured G is looked up in a G-versus-SNR table. The table is not copied from th
 MATLAB release (a Monte-Carlo curve): `wada_table` integrates the same model numerically,
 once per process (~30 ms). Estimates are clamped to the table's -20 .. 100 dB range; clips
 with digital silence read high, as they should.
+
+Why the whole clip and not only its speech regions (dataspeech's choice): cut to the energy-VAD
+speech regions, real speech is less sparse than the Gamma(0.4) model (its pauses are gone), G
+drops, and real clips with known added noise read 3-14 dB low at 20-30 dB where the whole clip
+is within 2 dB; docs/decisions.md (issue 14 part 6) has the figures.
+`wada_snr_over_speech` is kept to measure that again, not used by the pipeline.
 """
 
 from __future__ import annotations
@@ -15,10 +21,13 @@ from functools import cache
 
 import numpy as np
 
+from tasks.features.vad import FRAME_S, speech_mask
+
 SPEECH_GAMMA_SHAPE = 0.4
 SNR_MIN_DB, SNR_MAX_DB = -20.0, 100.0
 EPS = 1e-10  # amplitudes below EPS * peak are clipped, as in the reference implementation
 _GRID_STEP = 0.01  # log-domain integration step; halving it moves the table by < 1e-3
+MIN_SPEECH_FOR_WADA_S = 0.5  # fewer speech seconds (8000 samples at 16 kHz) than this: G too noisy, use the clip
 
 
 def _mean_log_abs_shifted_normal(ln_mu: np.ndarray) -> np.ndarray:
@@ -71,3 +80,16 @@ def wada_snr(audio: np.ndarray) -> float:
     g_stat = float(np.log(magnitude.mean(dtype=np.float64))) - float(np.log(magnitude).mean(dtype=np.float64))
     snr_db, table = wada_table()
     return float(np.interp(g_stat, table, snr_db))
+
+
+def speech_samples(audio: np.ndarray, sr: int) -> np.ndarray:
+    """The clip's samples inside the energy VAD's speech frames (tasks/features/vad.py), concatenated."""
+    hop = max(1, round(FRAME_S * sr))
+    keep = np.repeat(speech_mask(audio, sr), hop)
+    return np.asarray(audio)[: len(keep)][keep]
+
+
+def wada_snr_over_speech(audio: np.ndarray, sr: int) -> float:
+    """WADA-SNR over the speech regions only (whole clip below MIN_SPEECH_FOR_WADA_S); see the module doc."""
+    speech = speech_samples(audio, sr)
+    return wada_snr(speech if len(speech) >= MIN_SPEECH_FOR_WADA_S * sr else audio)
