@@ -5,7 +5,7 @@ sample manifest in a temp folder, the audio folder in `allowed_roots`), each run
 output root so every run does the same work, in an isolated data folder (SPEECHPAIRS_HOME):
 
 1. cold, first use: no server and no database (the first `make demo` on a machine); it also starts
-   the warm launcher (flows/launcher.py) in the background, which the bench waits for;
+   the warm launcher (flows/launcher/) in the background, which the bench waits for;
 2. warm: the server and the launcher the first run left (median of --warm-runs);
 3. warm server, launcher off (SPEECHPAIRS_LAUNCHER=off): each run imports Prefect and the pipeline itself;
 4. cold, restart: after `speechpairs server stop`, the database already there.

@@ -374,7 +374,7 @@ def use_prefect_api(say: Say) -> str:
     record = ensure_server(say)
     from flows import launcher
 
-    launcher.ensure_started()  # the next run on this server starts warm (flows/launcher.py)
+    launcher.ensure_started()  # the next run on this server starts warm (flows/launcher/)
     os.environ["PREFECT_API_URL"] = record.api_url
     import prefect.context
 

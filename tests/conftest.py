@@ -25,7 +25,7 @@ if "SPEECHPAIRS_HOME" not in os.environ:
 
     os.environ["SPEECHPAIRS_HOME"] = tempfile.mkdtemp(prefix="speechpairs-test-home-")
 
-# No warm launcher (flows/launcher.py) behind CLI runs unless a test asks for one: it would outlive the
+# No warm launcher (flows/launcher/) behind CLI runs unless a test asks for one: it would outlive the
 # test and import the pipeline in the background of every other test.
 os.environ.setdefault("SPEECHPAIRS_LAUNCHER", "off")
 

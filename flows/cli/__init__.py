@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from flows.launcher import delegate
 
-    delegated = delegate(argv)  # a warm launcher runs it (flows/launcher.py), else this process does
+    delegated = delegate(argv)  # a warm launcher runs it (flows/launcher/), else this process does
     if delegated is not None:
         return delegated
     try:

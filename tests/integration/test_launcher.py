@@ -1,4 +1,4 @@
-"""The warm launcher (flows/launcher.py) with real processes, a real Unix socket and passed descriptors.
+"""The warm launcher (flows/launcher/) with real processes, a real Unix socket and passed descriptors.
 
 The launcher runs a stand-in command (tests/support/launcher_entry.py) so each case takes a second:
 what the client sees (output on its own descriptors, exit status, working directory, environment),
@@ -25,7 +25,7 @@ from tests.support.launcher_entry import CLIENT
 from tests.support.paths import REPO
 
 ENTRY = "tests.support.launcher_entry:main"
-SERVE = "import sys\nfrom flows import launcher\nsys.exit(launcher.serve(entry=sys.argv[1], preload=lambda: None))\n"
+SERVE = "import sys\nfrom flows.launcher.serve import serve\nsys.exit(serve(entry=sys.argv[1], preload=lambda: None))\n"
 
 
 def _env(home: Path, **extra: str) -> dict[str, str]:

@@ -84,7 +84,7 @@ def _server_pids(home: Path) -> list[int]:
 
 
 def _launcher_pids(home: Path) -> list[int]:
-    """Live warm launchers (flows/launcher.py) of this test's data folder, with their monitors and runners."""
+    """Live warm launchers (flows/launcher/) of this test's data folder, with their monitors and runners."""
     needle = f"SPEECHPAIRS_HOME={home}".encode()
     found = []
     for entry in Path("/proc").iterdir():

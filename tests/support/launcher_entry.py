@@ -1,4 +1,4 @@
-"""A stand-in command for launcher tests (flows/launcher.py runs it instead of `speechpairs`): it shows
+"""A stand-in command for launcher tests (flows/launcher/ runs it instead of `speechpairs`): it shows
 what the runner inherited (argv, cwd, environment, terminal) and how it ends."""
 
 from __future__ import annotations
