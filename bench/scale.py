@@ -4,7 +4,8 @@ Prints ratios measured in one run (targets: Dask 2 workers ÷ 1 worker throughpu
 Prefect flow ÷ plain loop wall time ≤ 1.15×). Each Dask cluster is started and warmed up (one small
 run imports everything on its workers) before timing, as a long-lived cluster at
 `cluster.address` would be; its start-up time is printed separately. The Prefect API (a
-temporary local server) is started before timing.
+temporary local server) is started before timing. The corpus copies are distinct audio
+(bench/pipeline.py `repeated_manifest`), written before anything is timed.
 
     .venv/bin/python bench/scale.py [--repeat 500] [--shard-size 500]
 """
@@ -83,7 +84,7 @@ def main() -> None:
     shards = (clips + args.shard_size - 1) // args.shard_size
     speedup = dask1 / dask2
     overhead = flow_s / plain_s
-    print(f"corpus: sample ×{args.repeat} = {clips} clips in {shards} shards of ≤{args.shard_size}; "
+    print(f"corpus: sample ×{args.repeat} = {clips} clips (distinct copies) in {shards} shards of ≤{args.shard_size}; "
           f"{os.cpu_count()} cores")
     print(f"local cluster start-up (not timed below): 1 worker {start1:.1f} s, 2 workers {start2:.1f} s")
     print(f"dask, 1 worker:  {dask1:7.2f} s  ({clips / dask1:6.1f} clips/s)")

@@ -60,6 +60,7 @@ from storage.torch_batches import (
     decode_audio_bytes,
     decode_or_raise,
     pad_audio,
+    prefetched,
     row_converters,
 )
 
@@ -198,17 +199,21 @@ class SpeechPairsIterableDataset(IterableDataset[dict[str, Any]]):
             return arrow_to_batch(table, keep=keep, decode_audio=self.decode_audio,
                                   sampling_rate=self.sampling_rate, where=handle.uri)
 
+        def record_batches() -> Iterator[pa.RecordBatch]:
+            for shard, start, stop in pieces:
+                yield from handle.iter_shard(shard, read, size, start=start, stop=stop)
+
         pending: list[pa.RecordBatch] = []
         held = 0
-        for shard, start, stop in pieces:
-            for batch in handle.iter_shard(shard, read, size, start=start, stop=stop):
-                pending.append(batch)
-                held += batch.num_rows
-                while held >= size:
-                    table = pa.Table.from_batches(pending, schema=pending[0].schema)
-                    yield convert(table.slice(0, size))
-                    rest = table.slice(size)
-                    pending, held = rest.to_batches(), rest.num_rows
+        # The next record batches are read (from S3: waiting on the network) while this one decodes.
+        for batch in prefetched(record_batches, depth=2):
+            pending.append(batch)
+            held += batch.num_rows
+            while held >= size:
+                table = pa.Table.from_batches(pending, schema=pending[0].schema)
+                yield convert(table.slice(0, size))
+                rest = table.slice(size)
+                pending, held = rest.to_batches(), rest.num_rows
         if held:
             yield convert(pa.Table.from_batches(pending, schema=pending[0].schema))
 

@@ -156,3 +156,31 @@ def test_decoded_batches_under_two_workers_match_stored_audio(v30: DatasetHandle
             n = int(batch["audio_lengths"][k])
             assert n == len(clip) and np.array_equal(batch["audio_array"][k, :n].numpy(), clip)
             assert not batch["audio_array"][k, n:].any()
+
+
+def test_prefetched_reads_ahead_raises_in_caller_and_stops_when_closed() -> None:
+    import threading
+
+    from storage.torch_batches import prefetched
+
+    produced: list[int] = []
+
+    def numbers(fail_at: int | None = None) -> Any:
+        for i in range(100):
+            if i == fail_at:
+                raise OSError(f"read failed at {i}")
+            produced.append(i)
+            yield i
+
+    assert list(prefetched(numbers, depth=3)) == list(range(100))
+    with pytest.raises(OSError, match="read failed at 5"):
+        list(prefetched(lambda: numbers(fail_at=5)))
+    produced.clear()
+    stream = prefetched(numbers, depth=2)
+    assert [next(stream) for _ in range(3)] == [0, 1, 2]
+    stream.close()  # the consumer stops early: the thread must not read the rest
+    for thread in threading.enumerate():
+        if thread.name == "speechpairs-prefetch":
+            thread.join(timeout=30)
+            assert not thread.is_alive()
+    assert len(produced) <= 3 + 2 + 1  # consumed, queued, one in hand
