@@ -93,6 +93,18 @@ def test_batch_audio_is_padded_and_sample_exact(local_v30: DatasetHandle) -> Non
     assert len(lengths_seen) > 1
 
 
+def test_batch_number_columns_share_one_buffer_per_dtype(local_v30: DatasetHandle) -> None:
+    """Handed between processes as one shared-memory segment per dtype, not one per column."""
+    batch = next(iter(local_v30.torch_dataset(batch_size=6, seed=2)))
+    floats = [batch["duration_s"], batch["audio_offset_s"], *batch["features"].values()]
+    floats = [t for t in floats if isinstance(t, torch.Tensor) and t.dtype == torch.float64]
+    assert len(floats) > 3
+    assert len({t.untyped_storage().data_ptr() for t in floats}) == 1
+    assert batch["audio_lengths"].untyped_storage().data_ptr() == batch["sampling_rate"].untyped_storage().data_ptr()
+    rows = list(local_v30.torch_dataset(seed=2))[:6]
+    assert_batch_equal(batch, collate_speech_batch(rows))  # views with the same values as separate tensors
+
+
 def test_batch_holds_only_the_columns_asked_for(local_v30: DatasetHandle) -> None:
     want = stored(local_v30)
     decoded = next(iter(local_v30.torch_dataset(batch_size=5, columns=["id", "duration_s"])))
