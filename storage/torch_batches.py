@@ -131,12 +131,25 @@ def _collate_values(values: list[Any]) -> Any:
 
 
 def pad_audio(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clips of different lengths → (zero-padded float32 [batch, longest], int64 lengths [batch])."""
+    """Clips of different lengths → (zero-padded float32 [batch, longest], int64 lengths [batch]).
+
+    In a DataLoader worker the padded tensor is allocated in shared memory (as torch's own collate
+    does), so handing it to the main process does not copy it once more.
+    """
+    from torch.utils.data import get_worker_info
+
     lengths = [len(a) for a in arrays]
-    out = np.zeros((len(arrays), max(lengths, default=0)), dtype=np.float32)
+    shape = (len(arrays), max(lengths, default=0))
+    if get_worker_info() is not None and shape[0] * shape[1]:
+        storage = torch.UntypedStorage._new_shared(shape[0] * shape[1] * 4)
+        padded = torch.empty(0, dtype=torch.float32).set_(storage).view(shape)
+        padded.zero_()
+    else:
+        padded = torch.zeros(shape, dtype=torch.float32)
+    out = padded.numpy()
     for i, a in enumerate(arrays):
         out[i, : len(a)] = a
-    return torch.from_numpy(out), torch.tensor(lengths, dtype=torch.int64)
+    return padded, torch.tensor(lengths, dtype=torch.int64)
 
 
 def collate_speech_batch(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
