@@ -88,21 +88,32 @@ def iter_commonvoice_refs(root: CorpusPath, source_index: int, dataset: str, *,
     if not (base / "clips").is_dir():
         raise SourceError(f"{base / 'clips'}: missing Common Voice audio folder; " + TSV_FIX)
     for name in names:
-        _, columns, start = _columns(base / name)
+        columns, rows = _rows(base / name)
         i_path = columns.index("path")
-        with open_source(base / name) as f:
+        for offset, line in rows:
+            if line.strip() or not line:  # an over-long line is a ref too: its load reports it
+                fields = _fields(line)
+                local = _local_id(fields[i_path]) if len(fields) > i_path and fields[i_path].strip() else None
+                yield ClipRef(id=make_id(dataset, local or f"{name}@{offset}"), source=source_index,
+                              locator=f"{name}:{offset}")
+
+
+def _rows(tsv: CorpusPath) -> tuple[list[str], Iterator[tuple[int, bytes]]]:
+    """The TSV's columns, and its rows as (byte offset, raw line) in one sequential read (b"" for an over-long line)."""
+    _, columns, start = _columns(tsv)
+
+    def rows() -> Iterator[tuple[int, bytes]]:
+        with open_source(tsv) as f:
             f.seek(start)
             offset = start
             while True:
                 line, size = read_line(f)
                 if not size:
-                    break
-                if line.strip() or not line:  # an over-long line is a ref too: its load reports it
-                    fields = _fields(line)
-                    local = _local_id(fields[i_path]) if len(fields) > i_path and fields[i_path].strip() else None
-                    yield ClipRef(id=make_id(dataset, local or f"{name}@{offset}"), source=source_index,
-                                  locator=f"{name}:{offset}")
+                    return
+                yield offset, line
                 offset += size
+
+    return columns, rows()
 
 
 def load_commonvoice_clip(root: CorpusPath, locator: str, *, clip_id: str, dataset: str, language: str | None,
@@ -147,19 +158,12 @@ def audio_paths(root: CorpusPath, locators: Iterable[str]) -> Iterator[tuple[str
         if off.isdigit():
             wanted.setdefault(name, set()).add(int(off))
     for name in sorted(wanted):
-        _, columns, start = _columns(base / name)
+        columns, rows = _rows(base / name)
         i_path = columns.index("path")
-        with open_source(base / name) as f:
-            f.seek(start)
-            offset = start
-            while True:
-                line, size = read_line(f)
-                if not size:
-                    break
-                fields = _fields(line) if offset in wanted[name] else []
-                if len(fields) == len(columns) and fields[i_path].strip():
-                    yield f"{name}:{offset}", base / "clips" / fields[i_path].strip()
-                offset += size
+        for offset, line in rows:
+            fields = _fields(line) if offset in wanted[name] else []
+            if len(fields) == len(columns) and fields[i_path].strip():
+                yield f"{name}:{offset}", base / "clips" / fields[i_path].strip()
 
 
 def prepare_commonvoice(path: str | Path, dataset: str = "commonvoice", allowed_roots: Iterable[str] = ()) -> Iterator[Clip]:
