@@ -15,7 +15,10 @@ from schemas.records import utc_now
 
 
 class ShardInfo(BaseModel):
-    path: str  # relative to the version prefix, e.g. data/train-00000-of-00004.parquet
+    # Manifest layout 1: relative to the version prefix (data/train-00000-of-00004.parquet); layout 2:
+    # the root-relative data key (<dataset>/data/<run-id>/train-00000-<sha>.parquet). Resolve it with
+    # storage.versions.file_key, never by hand.
+    path: str
     rows: int
     bytes: int
     sha256: str
@@ -69,6 +72,9 @@ class Stats(BaseModel):
 
 class Manifest(BaseModel):
     format: str = "speechpairs/manifest@1"
+    # Where shard paths point: 1 (absent in older manifests) = copies inside the version prefix;
+    # 2 = root-relative data keys written once by the shard tasks and only referenced by the commit.
+    layout: int = 1
     lineage: Lineage
     stats: Stats
     shards: list[ShardInfo]

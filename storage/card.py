@@ -1,7 +1,10 @@
 """The dataset card: `<dataset>/<version>/README.md`, rendered from the manifest alone.
 
-The YAML header is what the Hugging Face Hub and `datasets.load_dataset(<pulled dir>)` read:
-`configs` points the default config's train split at `data/*.parquet`, `dataset_info.features`
+The YAML header is what the Hugging Face Hub and `datasets.load_dataset(<version dir>)` read:
+`configs` points the default config's train split at the version's shards: `data/*.parquet` for a
+manifest of layout 1 (and a pulled copy), the data keys relative to the version dir
+(`../../<dataset>/data/<run-id>/….parquet`, which `datasets` resolves for a local root) for layout 2;
+`dataset_info.features`
 is the manifest's HF features in the card's list format. The body is for humans: counts,
 quarantine reasons, attribute distributions, lineage and the shard table. Only manifest fields
 are rendered (no store URIs or endpoints), and sampling keys that look like secrets are masked.
@@ -71,6 +74,13 @@ def features_yaml(hf_features: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"name": name, **_yaml_feature(value)} for name, value in hf_features.items()]
 
 
+def data_files(manifest: Manifest) -> str | list[str]:
+    """The card's train files, relative to the version dir (see the module doc)."""
+    if manifest.layout == 1:
+        return DATA_FILES_GLOB
+    return [f"../../{s.path}" for s in manifest.shards]  # layout 2: root-relative data keys
+
+
 def card_metadata(manifest: Manifest) -> dict[str, Any]:
     """The YAML header as a dict (also handy for tests and tools)."""
     lin = manifest.lineage
@@ -93,7 +103,7 @@ def card_metadata(manifest: Manifest) -> dict[str, Any]:
         "license": "other",
         "license_name": "source-corpora",
         "tags": ["speech", "audio", "speech-text-pairs", "desta", "speechpairs"],
-        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": DATA_FILES_GLOB}]}],
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": data_files(manifest)}]}],
         "dataset_info": info,
     }
 

@@ -1,37 +1,51 @@
-"""The janitor: remove abandoned staging runs and uncommitted version prefixes of one dataset.
+"""The janitor: remove what nothing reaches, from one dataset's prefix of a root.
 
 What goes (only when its newest object is older than the threshold):
-- `<dataset>/_staging/<run-id>/…`: a run's in-progress shards, plans and completion markers;
-- `<dataset>/vNNNN/…` WITHOUT `manifest.json`: copies left by a commit that never published.
-  The `_claim` marker itself is kept as a tombstone: versions.py relies on a claim never being
-  reusable, so a stalled publisher that wakes up can never share a prefix with a new one.
-What never goes: anything under a version with a manifest (committed) and anything under `refs/`.
+- `<dataset>/_staging/<run-id>/…`: a run's plans, completion markers, cache (and, for runs staged
+  before data keys, its shards), unless the run's lease is live;
+- `<dataset>/vNNNN/…` WITHOUT `manifest.json`: the claim's card/config (or copies, layout 1) left
+  by a commit that never published. The `_claim` marker itself is kept as a tombstone: versions.py
+  relies on a claim never being reusable, so a stalled publisher that wakes up can never share a
+  prefix with a new one;
+- `<dataset>/data/<run-id>/…` objects (written once by shard tasks, storage/layout.py) that no
+  committed manifest of ANY dataset under the root lists, each older than the threshold, and only
+  once the run's staging is gone or removed in this pass (a run still resumable or holding a live
+  lease claims its data objects: its markers name them). Refs and tags only point at committed
+  versions, so what they reach is what those manifests list.
+What never goes: anything under a version with a manifest (committed), anything under `refs/`, and
+any object a committed manifest lists.
 
 Ages come from the store's own timestamps (file mtime, S3 LastModified), listed in one pass.
 Right before a prefix is deleted its newest timestamp is read again, so a run that resumed in
-the meantime is left alone.
+the meantime is left alone; before data objects go, manifests committed since the scan are read
+and the run's lease and staging checked again.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from datetime import UTC, datetime
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from storage.layout import staging_run
+from storage.layout import data_prefix, data_run, staging_prefix, staging_run
 from storage.lease import read_lease
-from storage.objectstore import ObjectInfo, ObjectStore
-from storage.versions import CLAIM_PATH, MANIFEST_PATH, VERSION_RE, check_dataset
+from storage.objectstore import NotFound, ObjectInfo, ObjectStore
+from storage.versions import CLAIM_PATH, LAYOUT_DATA_KEYS, MANIFEST_PATH, VERSION_RE, check_dataset
+from storage.versions import read_manifest as _read_manifest
 
 log = logging.getLogger(__name__)
 
+_MANIFEST_KEY_RE = re.compile(rf"^([^/]+)/(v\d{{4,}})/{re.escape(MANIFEST_PATH)}$")
+Kind = Literal["staging", "version", "data"]
+
 
 class GcPrefix(BaseModel):
-    prefix: str  # store key prefix, e.g. demo/_staging/run-…/ or demo/v0007/
-    kind: Literal["staging", "uncommitted"]
+    prefix: str  # store key prefix, e.g. demo/_staging/run-…/, demo/v0007/ or demo/data/run-…/
+    kind: Literal["staging", "uncommitted", "data"]
     objects: int  # objects removed (or that would be, on a dry run)
     bytes: int
     newest: datetime
@@ -43,8 +57,9 @@ class GcReport(BaseModel):
     older_than_s: float
     dry_run: bool
     removed: list[GcPrefix] = Field(default_factory=list)
-    kept_young: list[GcPrefix] = Field(default_factory=list)  # garbage candidates not old enough yet
+    kept_young: list[GcPrefix] = Field(default_factory=list)  # garbage candidates not old enough / claimed
     committed_versions: list[str] = Field(default_factory=list)  # seen and left alone
+    referenced_objects: int = 0  # data objects of this dataset a committed manifest lists (kept)
 
     @property
     def objects_removed(self) -> int:
@@ -55,20 +70,53 @@ class GcReport(BaseModel):
         return sum(p.bytes for p in self.removed)
 
 
-def _group(dataset: str, key: str) -> tuple[str, Literal["staging", "version"]] | None:
+def _group(dataset: str, key: str) -> tuple[str, Kind] | None:
     """The collectable prefix a key belongs to, or None (refs, anything unknown)."""
     staging = staging_run(dataset, key)
     if staging is not None:
         return staging, "staging"
+    run = data_run(dataset, key)
+    if run is not None:
+        return data_prefix(dataset, run), "data"
     parts = key[len(dataset) + 1:].split("/")
     if len(parts) >= 2 and VERSION_RE.match(parts[0]):
         return f"{dataset}/{parts[0]}/", "version"
     return None
 
 
+class _References:
+    """Every data key the committed manifests under the root list (each manifest read once)."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+        self.seen: set[str] = set()
+        self.keys: set[str] = set()
+
+    def refresh(self) -> set[str]:
+        """Read the manifests committed since the last call; the referenced keys so far."""
+        for key in self.store.list(""):
+            m = _MANIFEST_KEY_RE.match(key)
+            if m is None or key in self.seen:
+                continue
+            self.seen.add(key)
+            try:
+                manifest = _read_manifest(self.store, m.group(1), m.group(2))
+            except NotFound:
+                continue
+            if manifest.layout == LAYOUT_DATA_KEYS:
+                self.keys.update(s.path for s in [*manifest.shards, *manifest.quarantine])
+        return self.keys
+
+
+def _entry(prefix: str, kind: Literal["staging", "uncommitted", "data"], doomed: list[ObjectInfo],
+           newest: float, clock: float) -> GcPrefix:
+    return GcPrefix(prefix=prefix, kind=kind, objects=len(doomed), bytes=sum(o.size for o in doomed),
+                    newest=datetime.fromtimestamp(newest, UTC), age_s=round(clock - newest, 3))
+
+
 def collect_garbage(store: ObjectStore, dataset: str, older_than_s: float, *, dry_run: bool = False,
                     now: float | None = None) -> GcReport:
-    """Remove staging runs and uncommitted version prefixes whose newest object is older than
+    """Remove staging runs, uncommitted version prefixes and unreferenced data objects older than
     `older_than_s` seconds (relative to `now`, epoch seconds, default the current time)."""
     check_dataset(dataset)
     if older_than_s < 0:
@@ -76,13 +124,16 @@ def collect_garbage(store: ObjectStore, dataset: str, older_than_s: float, *, dr
     clock = time.time() if now is None else now
     report = GcReport(dataset=dataset, older_than_s=older_than_s, dry_run=dry_run)
 
-    groups: dict[str, tuple[Literal["staging", "version"], list[ObjectInfo]]] = {}
+    groups: dict[str, tuple[Kind, list[ObjectInfo]]] = {}
     for obj in store.list_info(f"{dataset}/"):
         found = _group(dataset, obj.key)
         if found is not None:
             groups.setdefault(found[0], (found[1], []))[1].append(obj)
 
+    surviving_staging: set[str] = set()  # staging prefixes still there after this pass
     for prefix, (kind, objs) in sorted(groups.items()):
+        if kind == "data":
+            continue
         names = {o.key[len(prefix):] for o in objs}
         if kind == "version" and MANIFEST_PATH in names:
             report.committed_versions.append(prefix.rstrip("/").rsplit("/", 1)[1])
@@ -91,19 +142,57 @@ def collect_garbage(store: ObjectStore, dataset: str, older_than_s: float, *, dr
         if not doomed:  # a bare claim tombstone: nothing to remove
             continue
         newest = max(o.mtime for o in objs)
-        entry = GcPrefix(prefix=prefix, kind="staging" if kind == "staging" else "uncommitted",
-                         objects=len(doomed), bytes=sum(o.size for o in doomed),
-                         newest=datetime.fromtimestamp(newest, UTC), age_s=round(clock - newest, 3))
-        if clock - newest <= older_than_s or (kind == "staging" and _live_lease(store, prefix, clock)):
+        entry = _entry(prefix, "staging" if kind == "staging" else "uncommitted", doomed, newest, clock)
+        if (clock - newest <= older_than_s or (kind == "staging" and _live_lease(store, prefix, clock))
+                or (not dry_run and not _remove(store, prefix, kind, older_than_s, clock))):
             report.kept_young.append(entry)
-            continue
-        if not dry_run and not _remove(store, prefix, kind, older_than_s, clock):
-            report.kept_young.append(entry)
+            if kind == "staging":
+                surviving_staging.add(prefix)
             continue
         report.removed.append(entry)
         log.info("gc %s %s (%d objects, %d bytes, newest %s)%s", entry.kind, store.uri(prefix.rstrip("/")),
                  entry.objects, entry.bytes, entry.newest.isoformat(), " [dry run]" if dry_run else "")
+
+    data_groups = sorted((p, objs) for p, (kind, objs) in groups.items() if kind == "data")
+    if data_groups:
+        refs = _References(store)
+        referenced = refs.refresh()
+        for prefix, objs in data_groups:
+            _collect_data(store, report, refs, referenced, prefix, objs, surviving_staging, clock)
     return report
+
+
+def _collect_data(store: ObjectStore, report: GcReport, refs: _References, referenced: set[str], prefix: str,
+                  objs: list[ObjectInfo], surviving_staging: set[str], clock: float) -> None:
+    """One run's data objects: the unreferenced, old ones go once the run's staging no longer claims them."""
+    dataset, run_id = report.dataset, prefix.rstrip("/").rsplit("/", 1)[1]
+    staging = staging_prefix(dataset, run_id) + "/"
+    live = [o for o in objs if o.key not in referenced]
+    report.referenced_objects += len(objs) - len(live)
+    if not live:
+        return
+    old = [o for o in live if clock - o.mtime > report.older_than_s]
+    newest = max(o.mtime for o in live)
+    if staging in surviving_staging or not old:  # a resumable run's markers name them, or too young
+        report.kept_young.append(_entry(prefix, "data", live, newest, clock))
+        return
+    if not report.dry_run:
+        # Re-check right before deleting: a commit or a resumed run since the scan keeps them.
+        referenced = refs.refresh()
+        if _live_lease(store, staging, clock) or any(True for _ in store.list(staging)):
+            report.kept_young.append(_entry(prefix, "data", live, newest, clock))
+            return
+        old = [o for o in old if o.key not in referenced]
+        for obj in old:
+            store.delete(obj.key)
+    if old:
+        entry = _entry(prefix, "data", old, max(o.mtime for o in old), clock)
+        report.removed.append(entry)
+        log.info("gc data %s (%d unreferenced objects, %d bytes)%s", store.uri(prefix.rstrip("/")), entry.objects,
+                 entry.bytes, " [dry run]" if report.dry_run else "")
+    young = [o for o in live if o not in old]
+    if young:
+        report.kept_young.append(_entry(prefix, "data", young, max(o.mtime for o in young), clock))
 
 
 def _live_lease(store: ObjectStore, prefix: str, clock: float) -> bool:

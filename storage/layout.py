@@ -10,23 +10,61 @@
                                /refused.json                   the commit gate said no (kept for the re-run)
                                /committed.json                 the version this run committed
     <dataset>/_staging/probe-<token>                            preflight's write probe
+    <dataset>/data/<run-id>/train-00003-<sha256[:16]>.parquet   a finished shard's rows (immutable)
+                           /quarantine-00003-<sha256[:16]>.parquet  its quarantine rows (immutable)
 
+The shard task uploads each shard once, to its data key (the content hash in the name: a retried
+attempt with other bytes never overwrites a file a marker or manifest references); a commit then
+only references it (manifest layout 2). `shards/` and `quarantine/` under the staging prefix are
+where runs staged before that change (a resumed old run still has them; the commit copies those).
 A resumed run finds its shards, markers and cache by these names, so they never change without a
 migration. Version prefixes (`<dataset>/vNNNN/…`, `refs/`) are storage/versions.py's.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-from storage.versions import check_dataset
-
+DATASET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 STAGING_DIR = "_staging"
+DATA_DIR = "data"
+# `<dataset>/data/<run-id>/<file>`: a data object written by a shard task (what a layout-2 manifest lists).
+_DATA_KEY_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)/data/([^/]+)/([^/]+\.parquet)$")
 PLAN = "plan.json"
 LEASE = "lease.json"
 REFUSED = "refused.json"
 COMMITTED = "committed.json"
 CACHE_DIR = "llm-cache"
+
+
+def check_dataset(dataset: str) -> str:
+    if not DATASET_RE.match(dataset):
+        raise ValueError(f"invalid dataset name {dataset!r} (allowed: letters, digits, '.', '_', '-')")
+    return dataset
+
+
+def data_prefix(dataset: str, run_id: str) -> str:
+    """Where a run's shard tasks put their immutable data objects (`<dataset>/data/<run-id>/`)."""
+    if not run_id or "/" in run_id:
+        raise ValueError(f"invalid run id {run_id!r}")
+    return f"{check_dataset(dataset)}/{DATA_DIR}/{run_id}/"
+
+
+def data_key(dataset: str, run_id: str, kind: str, index: int, sha256: str) -> str:
+    """The data key of shard `index`'s rows (`kind` "train") or quarantine rows ("quarantine")."""
+    return f"{data_prefix(dataset, run_id)}{kind}-{_shard(index)}-{sha256[:16]}.parquet"
+
+
+def is_data_key(key: str) -> bool:
+    """True for a root-relative data key (`<dataset>/data/<run-id>/<file>.parquet`)."""
+    return _DATA_KEY_RE.match(key) is not None
+
+
+def data_run(dataset: str, key: str) -> str | None:
+    """The run id whose data prefix of `dataset` holds `key`, or None (for gc)."""
+    m = _DATA_KEY_RE.match(key)
+    return m.group(2) if m and m.group(1) == dataset else None
 
 
 def staging_prefix(dataset: str, run_id: str) -> str:
@@ -70,10 +108,28 @@ class RunLayout:
     def shard_plan(self, index: int) -> str:
         return f"{self.staging}/plan/shard-{_shard(index)}.json"
 
+    @property
+    def dataset(self) -> str:
+        return self.staging.split("/", 1)[0]
+
+    @property
+    def run_id(self) -> str:
+        return self.staging.rsplit("/", 1)[1]
+
+    def data_shard(self, index: int, sha256: str) -> str:
+        """Shard `index`'s rows, uploaded once by the shard task (its content hash in the name)."""
+        return data_key(self.dataset, self.run_id, "train", index, sha256)
+
+    def data_quarantine(self, index: int, sha256: str) -> str:
+        """Shard `index`'s quarantine rows, uploaded once by the shard task."""
+        return data_key(self.dataset, self.run_id, "quarantine", index, sha256)
+
     def shard(self, index: int) -> str:
+        """Where runs staged a shard's rows before data keys (a resumed old run's markers name it)."""
         return f"{self.staging}/shards/train-{_shard(index)}.parquet"
 
     def quarantine_part(self, index: int) -> str:
+        """Where runs staged quarantine rows before data keys."""
         return f"{self.staging}/quarantine/part-{_shard(index)}.parquet"
 
     @property

@@ -10,6 +10,7 @@ client here (boto3 and pyarrow) is built from that one resolution.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
 import fcntl
@@ -83,8 +84,9 @@ class ObjectStore(ABC):
         only redone, and fsync per small object would dominate their cost)."""
 
     @abstractmethod
-    def put_file(self, key: str, local_path: str | Path) -> None:
-        """Upload a (large) local file; readers never see a partial object."""
+    def put_file(self, key: str, local_path: str | Path, *, sha256: str | None = None) -> None:
+        """Upload a (large) local file; readers never see a partial object. `sha256` (hex, of the
+        file) goes along where the store checks it on receipt (S3), so a corrupted upload fails."""
 
     @abstractmethod
     def get_with_etag(self, key: str) -> tuple[bytes, str]:
@@ -255,7 +257,7 @@ class LocalStore(ObjectStore):
                 fh.flush()
                 os.fsync(fh.fileno())
 
-    def put_file(self, key: str, local_path: str | Path) -> None:
+    def put_file(self, key: str, local_path: str | Path, *, sha256: str | None = None) -> None:
         path = self._path(key)
         tmp = self._temp_for(path)
         try:
@@ -366,6 +368,9 @@ _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
 # AWS answers 409 ConditionalRequestConflict when two conditional writes race on one key.
 _PRECONDITION_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
 _MAX_SINGLE_COPY = 5 * 1024**3
+# What a store that does not implement upload checksums answers (a bad digest is BadDigest /
+# InvalidRequest with a checksum message on AWS and is not among these: it fails the upload).
+_CHECKSUM_REFUSED = {"NotImplemented", "InvalidArgument", "UnsupportedChecksumAlgorithm"}
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -399,6 +404,7 @@ class S3Store(ObjectStore):
         # Files above `multipart_bytes` go up in parts of that size (S3's minimum part is 5 MiB).
         part = max(multipart_bytes, 5 * 1024**2)
         self._transfer = TransferConfig(multipart_threshold=part, multipart_chunksize=part, max_concurrency=4)
+        self._checksums: bool | None = None  # does the store take upload checksums (None: not tried yet)
 
     def _key(self, key: str) -> str:
         check_key(key)
@@ -432,8 +438,34 @@ class S3Store(ObjectStore):
             raise self._translate(exc, key) from None
         return str(resp["ETag"])
 
-    def put_file(self, key: str, local_path: str | Path) -> None:
+    def put_file(self, key: str, local_path: str | Path, *, sha256: str | None = None) -> None:
+        """With `sha256`, the store verifies what it received: a single PUT carries the whole file's
+        ChecksumSHA256; a multipart upload asks for SHA256 per part (S3 checks each part). A store
+        that refuses checksums (answers the first such upload with an error) is remembered and
+        uploaded to without them; the sha256 is still recorded and `datasets verify` re-reads it."""
+        if sha256 is not None and self._checksums is not False:
+            try:
+                self._put_file_checked(key, Path(local_path), sha256)
+                self._checksums = True
+                return
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                if self._checksums is True or code not in _CHECKSUM_REFUSED:
+                    raise self._translate(exc, key) from None
+                log.warning("%s refused an upload checksum (%s); uploading without, sha256 still recorded",
+                            self.uri(key), code)
+                self._checksums = False
         self.client.upload_file(str(local_path), self.bucket, self._key(key), Config=self._transfer)
+
+    def _put_file_checked(self, key: str, local_path: Path, sha256: str) -> None:
+        if local_path.stat().st_size < self._transfer.multipart_threshold:
+            digest = base64.b64encode(bytes.fromhex(sha256)).decode()
+            with open(local_path, "rb") as fh:
+                self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=fh,
+                                       ChecksumAlgorithm="SHA256", ChecksumSHA256=digest)
+        else:
+            self.client.upload_file(str(local_path), self.bucket, self._key(key), Config=self._transfer,
+                                    ExtraArgs={"ChecksumAlgorithm": "SHA256"})
 
     def get_with_etag(self, key: str) -> tuple[bytes, str]:
         try:

@@ -1,11 +1,14 @@
 """Download one committed version to a local directory: resumable and checksum-verified.
 
-Layout of DEST mirrors the version prefix, so it is itself a loadable dataset directory
-(`datasets.load_dataset(DEST)` reads the card's `configs`):
+DEST is a self-contained copy, a loadable dataset directory (`datasets.load_dataset(DEST)` reads
+the card's `configs`, also on the Hub after an upload):
 ```
-DEST/README.md  DEST/data/train-…parquet  DEST/quarantine/part-…parquet  DEST/manifest.json
+DEST/README.md  DEST/data/train-00000-of-00012.parquet  DEST/quarantine/part-00000.parquet  DEST/manifest.json
 ```
-A file already present with the manifest's size and sha256 is skipped; anything else streams into
+A version of manifest layout 1 is mirrored as stored. One of layout 2 (shards referenced at their
+data keys, outside the version prefix) is materialised in the same local names: DEST/manifest.json
+then lists those local paths (layout 1; rows, bytes and sha256 unchanged) and DEST/README.md is the
+card rendered from it. A file already present with the manifest's size and sha256 is skipped; anything else streams into
 `<file>.part` (hashed on the way) and is renamed into place only if it verifies. A mismatch means
 the store's copy is corrupt: the pull stops with an error naming the shard. `manifest.json` is
 written last, so a DEST with a manifest is a complete pull.
@@ -25,7 +28,17 @@ from schemas.manifest import Manifest, ShardInfo
 from storage.card import render_card
 from storage.objectstore import NotFound, ObjectStore
 from storage.shards import sha256_file
-from storage.versions import CARD_PATH, MANIFEST_PATH, VersionNotFound, card_key, manifest_key, version_key
+from storage.versions import (
+    CARD_PATH,
+    LAYOUT_IN_VERSION,
+    MANIFEST_PATH,
+    VersionNotFound,
+    card_key,
+    data_path,
+    file_key,
+    manifest_key,
+    quarantine_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +111,19 @@ def _write_small(path: Path, data: bytes) -> bool:
     return True
 
 
+def local_manifest(manifest: Manifest) -> Manifest:
+    """The manifest of a self-contained copy: layout 1 paths (data/train-…-of-…, quarantine/part-…);
+    the manifest itself if it already is one."""
+    if manifest.layout == LAYOUT_IN_VERSION:
+        return manifest
+    n = len(manifest.shards)
+    return manifest.model_copy(update={
+        "layout": LAYOUT_IN_VERSION,
+        "shards": [s.model_copy(update={"path": data_path(i, n)}) for i, s in enumerate(manifest.shards)],
+        "quarantine": [q.model_copy(update={"path": quarantine_path(i)}) for i, q in enumerate(manifest.quarantine)],
+    })
+
+
 def pull_version(store: ObjectStore, dataset: str, version: str, dest: Path, progress: bool = False) -> PullReport:
     """Download a committed version (manifest, card, shards, quarantine parts) into `dest`."""
     dest = Path(dest)
@@ -106,15 +132,20 @@ def pull_version(store: ObjectStore, dataset: str, version: str, dest: Path, pro
     except NotFound:
         raise VersionNotFound(f"dataset {dataset!r} has no committed version {version!r}") from None
     manifest = Manifest.model_validate_json(manifest_bytes)
-    files = [*manifest.shards, *manifest.quarantine]
-    report = PullReport(dataset=dataset, version=version, dest=str(dest), bytes_total=sum(f.bytes for f in files))
+    local = local_manifest(manifest)
+    files = list(zip([*manifest.shards, *manifest.quarantine], [*local.shards, *local.quarantine], strict=True))
+    report = PullReport(dataset=dataset, version=version, dest=str(dest), bytes_total=sum(f.bytes for f, _ in files))
     dest.mkdir(parents=True, exist_ok=True)
 
-    try:
-        card = store.get_bytes(card_key(dataset, version))
-    except NotFound:
-        card = render_card(manifest).encode()
-        report.card_generated = True
+    if local is not manifest:  # layout 2: the stored card points outside the version; render the local one
+        card = render_card(local).encode()
+        manifest_bytes = local.model_dump_json(indent=2).encode()
+    else:
+        try:
+            card = store.get_bytes(card_key(dataset, version))
+        except NotFound:
+            card = render_card(manifest).encode()
+            report.card_generated = True
     (report.downloaded if _write_small(dest / CARD_PATH, card) else report.skipped).append(CARD_PATH)
 
     bar = None
@@ -124,15 +155,15 @@ def pull_version(store: ObjectStore, dataset: str, version: str, dest: Path, pro
         bar = tqdm(total=report.bytes_total, unit="B", unit_scale=True, unit_divisor=1024,
                    desc=f"{dataset}@{version}", dynamic_ncols=True)
     try:
-        for info in files:
-            target = dest.joinpath(*info.path.split("/"))
+        for info, here in files:
+            target = dest.joinpath(*here.path.split("/"))
             if _local_ok(target, info):
-                report.skipped.append(info.path)
+                report.skipped.append(here.path)
                 if bar is not None:
                     bar.update(info.bytes)
                 continue
-            _fetch(store, version_key(dataset, version, info.path), target, info, bar)
-            report.downloaded.append(info.path)
+            _fetch(store, file_key(manifest, info), target, info, bar)
+            report.downloaded.append(here.path)
             report.bytes_downloaded += info.bytes
     finally:
         if bar is not None:

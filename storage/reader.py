@@ -34,9 +34,9 @@ from storage.versions import (
     DATASET_RE,
     REF_RE,
     VERSION_RE,
+    file_key,
     read_manifest,
     resolve_version,
-    version_key,
     version_prefix,
 )
 
@@ -205,7 +205,8 @@ class DatasetHandle:
 
     # -- where the files are -------------------------------------------------------------
     def shard_key(self, i: int) -> str:
-        return version_key(self.dataset, self.version, self.manifest.shards[i].path)
+        """The store key of shard `i` (inside the version, or the data key it references)."""
+        return file_key(self.manifest, self.manifest.shards[i])
 
     def shard_uris(self) -> list[str]:
         """Absolute paths (local root) or s3:// URIs of the data shards, in manifest order."""

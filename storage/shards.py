@@ -1,8 +1,11 @@
 """Parquet shard writing and per-shard completion markers.
 
 A shard is written to a local temp file first so its sha256, size and row count are known
-before upload; the upload is a single atomic object (multipart on S3), so a half-written shard
-is never visible under its key. The marker is written after the shard, so marker ⇒ shard.
+before upload; the key may depend on the sha256 (a shard task's data key carries it, see
+storage/layout.py), and the upload sends the checksum along where the store can check it (S3).
+The upload is a single atomic object (multipart on S3), so a half-written shard is never visible
+under its key. The marker is written after the shard, so marker ⇒ shard; the commit only
+references the uploaded object (storage/versions.py).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
 
@@ -22,6 +26,9 @@ from schemas.manifest import ShardInfo
 from storage.objectstore import NotFound, ObjectStore
 
 log = logging.getLogger(__name__)
+
+# A fixed key, or the key as a function of the finished file's sha256 (hex).
+ShardKey = str | Callable[[str], str]
 
 # Rows carry encoded audio (tens to hundreds of KB each): small row groups keep a streaming
 # reader's memory bounded while still compressing the text columns well.
@@ -40,11 +47,11 @@ class ParquetShardWriter:
     """Streams tables into one Parquet object at `key`: memory holds a batch, never the shard.
 
     Rows go to a local temp file (schema and its metadata kept exactly); `close()` uploads it as
-    one atomic object and returns its ShardInfo. Leaving the `with` block on an exception
-    discards the temp file and uploads nothing.
+    one atomic object (at `key(sha256)` when `key` is a function) and returns its ShardInfo.
+    Leaving the `with` block on an exception discards the temp file and uploads nothing.
     """
 
-    def __init__(self, store: ObjectStore, key: str, schema: pa.Schema, *, compression: str = "zstd",
+    def __init__(self, store: ObjectStore, key: ShardKey, schema: pa.Schema, *, compression: str = "zstd",
                  row_group_rows: int = ROW_GROUP_ROWS) -> None:
         self.store, self.key, self.schema = store, key, schema
         self._codec = None if compression in ("none", "", None) else compression
@@ -76,12 +83,13 @@ class ParquetShardWriter:
         try:
             self._open().close()
             assert self._tmp is not None
-            info = ShardInfo(path=self.key, rows=self.rows, bytes=self._tmp.stat().st_size,
-                             sha256=sha256_file(self._tmp))
-            self.store.put_file(self.key, self._tmp)
+            digest = sha256_file(self._tmp)
+            key = self.key(digest) if callable(self.key) else self.key
+            info = ShardInfo(path=key, rows=self.rows, bytes=self._tmp.stat().st_size, sha256=digest)
+            self.store.put_file(key, self._tmp, sha256=digest)
         finally:
             self.abort()
-        log.debug("wrote shard %s (%d rows, %d bytes)", self.store.uri(self.key), info.rows, info.bytes)
+        log.debug("wrote shard %s (%d rows, %d bytes)", self.store.uri(info.path), info.rows, info.bytes)
         return info
 
     def abort(self) -> None:
@@ -101,11 +109,11 @@ class ParquetShardWriter:
         self.abort()
 
 
-def write_parquet_shard(store: ObjectStore, key: str, table: pa.Table, *, compression: str = "zstd",
+def write_parquet_shard(store: ObjectStore, key: ShardKey, table: pa.Table, *, compression: str = "zstd",
                         row_group_rows: int = ROW_GROUP_ROWS) -> ShardInfo:
     """Write `table` as one Parquet object at `key` (an empty table still makes a valid file).
 
-    Returns ShardInfo(path=key, …); the commit step rewrites `path` relative to the version.
+    Returns ShardInfo(path=<the key written>, …), what a completion marker records.
     """
     with ParquetShardWriter(store, key, table.schema, compression=compression,
                             row_group_rows=row_group_rows) as writer:

@@ -27,7 +27,7 @@ from pydantic import BaseModel, Field
 from schemas.arrow import QUARANTINE_SCHEMA, schema_from_b64
 from schemas.manifest import FileInfo, Manifest, ShardInfo
 from storage.objectstore import NotFound, ObjectStore
-from storage.versions import MANIFEST_PATH, read_manifest, version_key
+from storage.versions import MANIFEST_PATH, file_key, read_manifest, version_key
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ _MAX_WORKERS = 8
 
 
 class ShardProblem(BaseModel):
-    """One thing wrong with one object of a version (`path` is relative to the version prefix)."""
+    """One thing wrong with one object of a version (`path` as the manifest lists it)."""
 
     path: str
     problem: str
@@ -161,7 +161,7 @@ def verify_manifest(store: ObjectStore, manifest: Manifest, *, deep: bool = True
     jobs += [(q, QUARANTINE_SCHEMA) for q in manifest.quarantine]
 
     def check(job: tuple[ShardInfo, pa.Schema | None]) -> tuple[list[ShardProblem], int | None]:
-        return _check_object(store, fs_base, version_key(dataset, version, job[0].path), job[0], job[1], deep)
+        return _check_object(store, fs_base, file_key(manifest, job[0]), job[0], job[1], deep)
 
     n_workers = max(1, min(workers or min(_MAX_WORKERS, (os.cpu_count() or 2) * 2), len(jobs) or 1))
     with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="verify") as pool:

@@ -1,16 +1,24 @@
-"""Immutable dataset versions: allocate, copy, verify, publish the manifest, move the ref.
+"""Immutable dataset versions: allocate, reference the shards, publish the manifest, move the ref.
 
-Commit protocol (ARCHITECTURE.md, "Storage layout and commit protocol"):
+Commit protocol (ARCHITECTURE.md, "Storage layout and commit protocol"), O(metadata):
 1. claim `<dataset>/vNNNN/_claim` create-only; on conflict try N+1 (so concurrent commits never
    share a prefix; the claim stays forever, or a later writer could reuse the prefix);
-2. copy the staged shards into the version prefix and re-verify each copy's sha256;
+2. check that every shard and quarantine part the shard tasks wrote is there with its size (one
+   listing per run's data prefix: metadata, never bytes). The shard tasks uploaded them once, to
+   immutable data keys `<dataset>/data/<run-id>/…-<sha256[:16]>.parquet` (storage/layout.py), with
+   their sha256 taken while writing (and checked by S3 on upload); nothing is copied or re-read;
 3. write the run's resolved config `config.yaml` (secrets redacted) and the dataset card
    `README.md` (create-only), so a visible version always has both; the manifest lists the config
    with its sha256, so `datasets verify` covers it;
-4. write `manifest.json` LAST and create-only: this is the instant the version exists;
+4. write `manifest.json` LAST and create-only: this is the instant the version exists. It is
+   layout 2: shard paths are those root-relative data keys (a later version, of any dataset, may
+   list the same files);
 5. move `refs/latest.json` forward by compare-and-swap.
-A crash before 4 leaves only garbage under an unreferenced prefix (a janitor may remove it);
-readers never list prefixes, they go through refs and manifests.
+A crash before 4 leaves only garbage (an unreferenced claim, card, config; data objects no manifest
+lists), which storage/gc.py removes; readers never list prefixes, they go through refs and
+manifests and resolve every listed file with `file_key`. A run staged by the code before data keys
+(markers naming `_staging/<run-id>/shards/…`) is committed as before: its shards are copied into
+the version prefix and each copy's sha256 re-verified (manifest layout 1, still read unchanged).
 """
 
 from __future__ import annotations
@@ -30,12 +38,14 @@ from schemas.canonical import redact_secrets
 from schemas.manifest import FileInfo, Lineage, Manifest, Ref, ShardInfo, Stats
 from schemas.records import utc_now
 from storage.card import render_card
+from storage.layout import DATASET_RE, check_dataset, is_data_key
 from storage.objectstore import NotFound, ObjectStore, PreconditionFailed
 
 log = logging.getLogger(__name__)
 
+__all__ = ["DATASET_RE", "check_dataset"]  # re-exported: their home is storage/layout.py
+
 VERSION_RE = re.compile(r"^v(\d{4,})$")
-DATASET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 REF_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 MAX_CLAIM_TRIES = 1000
 MAX_REF_TRIES = 50
@@ -47,12 +57,6 @@ class CommitError(RuntimeError):
 
 class VersionNotFound(NotFound):
     """A ref or version that does not resolve to a committed manifest."""
-
-
-def check_dataset(dataset: str) -> str:
-    if not DATASET_RE.match(dataset):
-        raise ValueError(f"invalid dataset name {dataset!r} (allowed: letters, digits, '.', '_', '-')")
-    return dataset
 
 
 def version_name(n: int) -> str:
@@ -90,6 +94,21 @@ def version_prefix(dataset: str, version: str) -> str:
 def version_key(dataset: str, version: str, path: str) -> str:
     """The store key of `path` (relative, as the version manifest lists it) in a version."""
     return f"{version_prefix(dataset, version)}/{path}"
+
+
+LAYOUT_IN_VERSION = 1  # shards copied into the version prefix; paths relative to it
+LAYOUT_DATA_KEYS = 2  # shards referenced where the shard tasks wrote them; paths root-relative
+
+
+def file_key(manifest: Manifest, info: ShardInfo) -> str:
+    """The store key of a shard or quarantine part a manifest lists, whatever its layout: every
+    reader resolves listed files through here."""
+    if manifest.layout == LAYOUT_IN_VERSION:
+        return version_key(manifest.lineage.dataset, manifest.lineage.version, info.path)
+    if manifest.layout == LAYOUT_DATA_KEYS:
+        return info.path
+    raise ValueError(f"{manifest.lineage.dataset} {manifest.lineage.version}: manifest layout {manifest.layout} "
+                     "is newer than this speechpairs understands (upgrade it)")
 
 
 def manifest_key(dataset: str, version: str) -> str:
@@ -262,6 +281,7 @@ def _own_unfinished_claim(store: ObjectStore, dataset: str, version: str, run_id
 
 
 def _copy_verified(store: ObjectStore, src: ShardInfo, dst_key: str, rel_path: str) -> ShardInfo:
+    """A shard staged by the code before data keys: copied into the version, the copy re-read."""
     store.copy(src.path, dst_key)
     size = store.size(dst_key)
     digest = store.sha256(dst_key)
@@ -269,6 +289,22 @@ def _copy_verified(store: ObjectStore, src: ShardInfo, dst_key: str, rel_path: s
         raise CommitError(f"copy of {src.path} to {store.uri(dst_key)} does not verify "
                           f"(bytes {size} vs {src.bytes}, sha256 {digest[:12]} vs {src.sha256[:12]})")
     return ShardInfo(path=rel_path, rows=src.rows, bytes=src.bytes, sha256=src.sha256)
+
+
+def _check_present(store: ObjectStore, files: list[ShardInfo]) -> None:
+    """Every data object is there with its manifest size: one listing per data prefix (metadata only),
+    so a manifest never points at a missing object. Its bytes were checksummed when written."""
+    by_prefix: dict[str, list[ShardInfo]] = {}
+    for info in files:
+        by_prefix.setdefault(info.path.rsplit("/", 1)[0] + "/", []).append(info)
+    for prefix, infos in by_prefix.items():
+        sizes = {o.key: o.size for o in store.list_info(prefix)}
+        for info in infos:
+            size = sizes.get(info.path)
+            if size != info.bytes:
+                found = "missing" if size is None else f"{size:,} bytes"
+                raise CommitError(f"{store.uri(info.path)} is {found}, the shard task recorded {info.bytes:,} "
+                                  "bytes; not publishing")
 
 
 def _write_once(store: ObjectStore, key: str, body: bytes, dataset: str, version: str, run_id: str) -> None:
@@ -290,7 +326,9 @@ def commit_version(store: ObjectStore, *, dataset: str, staged_shards: list[Shar
                    hf_features: dict, config: Mapping[str, Any] | None = None) -> Manifest:
     """Publish staged shards as the next immutable version and move `latest` to it.
 
-    `staged_*[i].path` are store keys of staged objects; `lineage` needs every Lineage field but
+    `staged_*[i].path` are store keys: data keys (storage/layout.py) are referenced as they are
+    (manifest layout 2); if any is a key of the old staging layout, every file is copied into the
+    version prefix and verified, as before data keys (layout 1). `lineage` needs every Lineage field but
     dataset/version/parent, which are filled in here; `config` (the run's resolved settings) is
     stored as config.yaml, redacted, and listed in the manifest. Returns the published manifest.
     """
@@ -314,15 +352,22 @@ def commit_version(store: ObjectStore, *, dataset: str, staged_shards: list[Shar
     prefix = version_prefix(dataset, version)
     log.info("committing %s %s (parent %s) to %s", dataset, version, parent, store.uri(prefix))
 
-    total = len(staged_shards)
-    shards: list[ShardInfo] = []
-    for i, staged in enumerate(staged_shards):
-        rel = data_path(i, total)
-        shards.append(_copy_verified(store, staged, version_key(dataset, version, rel), rel))
-    quarantine: list[ShardInfo] = []
-    for i, staged in enumerate(staged_quarantine):
-        rel = quarantine_path(i)
-        quarantine.append(_copy_verified(store, staged, version_key(dataset, version, rel), rel))
+    if all(is_data_key(s.path) for s in [*staged_shards, *staged_quarantine]):
+        layout = LAYOUT_DATA_KEYS
+        _check_present(store, [*staged_shards, *staged_quarantine])
+        shards = [ShardInfo.model_validate(s.model_dump()) for s in staged_shards]
+        quarantine = [ShardInfo.model_validate(s.model_dump()) for s in staged_quarantine]
+    else:  # a run staged before data keys (resumed by this code): copy and re-verify, as then
+        layout = LAYOUT_IN_VERSION
+        total = len(staged_shards)
+        shards = []
+        for i, staged in enumerate(staged_shards):
+            rel = data_path(i, total)
+            shards.append(_copy_verified(store, staged, version_key(dataset, version, rel), rel))
+        quarantine = []
+        for i, staged in enumerate(staged_quarantine):
+            rel = quarantine_path(i)
+            quarantine.append(_copy_verified(store, staged, version_key(dataset, version, rel), rel))
 
     config_info = None
     if config is not None:
@@ -331,6 +376,7 @@ def commit_version(store: ObjectStore, *, dataset: str, staged_shards: list[Shar
         config_info = FileInfo(path=CONFIG_PATH, bytes=len(body), sha256=hashlib.sha256(body).hexdigest())
 
     manifest = Manifest(
+        layout=layout,
         lineage=draft.model_copy(update={"version": version, "parent": parent}),
         stats=stats,
         shards=shards,

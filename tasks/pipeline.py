@@ -179,8 +179,10 @@ def process_shard(plan: ShardPlan, config: RunConfig, store: ObjectStore, ctx: R
     if isinstance(backend, CachedBackend):  # a resumed shard reads its own cached results, not the run's
         backend = backend.scoped(ctx.layout.cache_scope(plan.index))
     acc = ShardTally(shard=plan.index, run_id=ctx.run_id, created_at=plan.created_at or utc_now(), gate=gate)
-    key = ctx.layout.shard(plan.index)
-    with ParquetShardWriter(store, key, ROW_SCHEMA, compression=config.output.compression) as writer:
+    layout, index = ctx.layout, plan.index
+    # Uploaded once, to its immutable data key (content hash in the name); the commit only references it.
+    with ParquetShardWriter(store, lambda sha: layout.data_shard(index, sha), ROW_SCHEMA,
+                            compression=config.output.compression) as writer:
         sent = Progress("done", 0)  # the shard's totals last reported
         for batch in _batches(shard_clips(plan.refs, config, acc), batch_size):
             check_stop(f"shard {plan.index:05d}")
@@ -243,7 +245,8 @@ def _write_outcome(plan: ShardPlan, store: ObjectStore, ctx: RunContext, config:
     quarantine = None
     if acc.quarantine:
         qtable = quarantine_to_table(acc.quarantine).cast(QUARANTINE_SCHEMA)
-        quarantine = write_parquet_shard(store, ctx.layout.quarantine_part(plan.index), qtable,
+        layout, index = ctx.layout, plan.index
+        quarantine = write_parquet_shard(store, lambda sha: layout.data_quarantine(index, sha), qtable,
                                          compression=compression)
     acc.stage_seconds["write"] += time.perf_counter() - t0
     outcome = ShardOutcome(

@@ -274,7 +274,8 @@ def cmd_datasets_gc(args: argparse.Namespace) -> int:
               f"{p.age_s / 3600:.1f} h old)")
     print(f"{dataset}: {verb} {len(report.removed)} prefixes ({report.objects_removed} objects, "
           f"{report.bytes_removed:,} bytes); {len(report.kept_young)} younger than {args.older_than} kept; "
-          f"{len(report.committed_versions)} committed versions untouched")
+          f"{len(report.committed_versions)} committed versions untouched, "
+          f"{report.referenced_objects} data objects a committed manifest lists kept")
     return EXIT_OK
 
 
@@ -337,7 +338,8 @@ def add_datasets_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--audio-end", metavar="TAG", help="text after the locator (default <end_audio>; '' for none)")
     g.add_argument("--audio-position", choices=["after", "before"],
                    help="wrapped locator after (default, as in the trainer's example) or before the instruction")
-    p = add("gc", cmd_datasets_gc, "remove old staging runs and uncommitted version prefixes")
+    p = add("gc", cmd_datasets_gc, "remove old staging runs, uncommitted version prefixes and data objects no "
+                                   "committed manifest lists (--dry-run: what it would free)")
     p.add_argument("uri", help="ROOT/DATASET")
     p.add_argument("--older-than", default="24h", help="minimum age of what is removed (default 24h)")
     p.add_argument("--dry-run", action="store_true", help="report what would be removed; remove nothing")

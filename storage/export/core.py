@@ -36,7 +36,7 @@ from pydantic import BaseModel
 
 from schemas.manifest import Manifest
 from storage.objectstore import ObjectStore
-from storage.versions import read_manifest, version_key
+from storage.versions import file_key, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +164,10 @@ def _iter_rows(store: ObjectStore, dataset: str, version: str, manifest: Manifes
     """(shard path, its rows) for each shard in manifest order; checks each shard's row count."""
     fs, base = store.arrow_fs()
 
-    def rows_of(path: str, expected: int) -> Iterator[dict[str, Any]]:
+    def rows_of(path: str, key: str, expected: int) -> Iterator[dict[str, Any]]:
         seen = 0
         try:
-            with fs.open_input_file(f"{base}/{version_key(dataset, version, path)}") as fh:
+            with fs.open_input_file(f"{base}/{key}") as fh:
                 for batch in pq.ParquetFile(fh).iter_batches(batch_size=BATCH_ROWS, columns=columns):
                     for row in batch.to_pylist():
                         seen += 1
@@ -178,7 +178,7 @@ def _iter_rows(store: ObjectStore, dataset: str, version: str, manifest: Manifes
             raise ExportError(f"shard {path} has {seen} rows, the manifest says {expected}")
 
     for shard in manifest.shards:
-        yield shard.path, rows_of(shard.path, shard.rows)
+        yield shard.path, rows_of(shard.path, file_key(manifest, shard), shard.rows)
 
 
 def export_version(store: ObjectStore, dataset: str, version: str, dest: Path, fmt: ExportFormat, *,

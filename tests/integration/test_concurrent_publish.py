@@ -14,7 +14,7 @@ import pytest
 
 from schemas.config import S3Config
 from storage.objectstore import ObjectStore, open_store
-from storage.versions import list_versions, read_manifest, resolve_version
+from storage.versions import file_key, list_versions, read_manifest, resolve_version
 from tests.support.paths import REPO
 from tests.support.seaweedfs import SeaweedS3
 
@@ -46,7 +46,7 @@ def _ids(store: ObjectStore, dataset: str, version: str) -> set[str]:
     manifest = read_manifest(store, dataset, version)
     ids: set[str] = set()
     for shard in manifest.shards:
-        table = pq.read_table(io.BytesIO(store.get_bytes(f"{dataset}/{version}/{shard.path}")), columns=["id"])
+        table = pq.read_table(io.BytesIO(store.get_bytes(file_key(manifest, shard))), columns=["id"])
         ids.update(table.column("id").to_pylist())
     assert len(ids) == manifest.stats.rows
     return ids

@@ -6,7 +6,6 @@ on a local directory and on a real SeaweedFS S3 server.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import os
@@ -27,9 +26,9 @@ from storage.card import render_card
 from storage.export import AUDIO_MARKER
 from storage.gc import collect_garbage
 from storage.objectstore import LocalStore, ObjectStore, open_store
-from storage.pull import PullError, pull_version
+from storage.pull import PullError, local_manifest, pull_version
 from storage.shards import write_parquet_shard
-from storage.versions import commit_version, list_versions, read_manifest
+from storage.versions import commit_version, file_key, list_versions, read_manifest
 from tests.support.datasets_support import make_version
 from tests.support.paths import REPO
 from tests.support.seaweedfs import SeaweedS3
@@ -89,11 +88,10 @@ def test_committed_version_has_a_card_with_hf_yaml(versions: Path) -> None:
     meta = card_header(card)
     config = meta["configs"][0]
     assert config["config_name"] == "default"
-    assert config["data_files"] == [{"split": "train", "path": "data/*.parquet"}]
-    on_disk = sorted(p.relative_to(versions / DS / "v0001").as_posix()
-                     for p in (versions / DS / "v0001").rglob("*") if p.is_file())
-    matched = [p for p in on_disk if fnmatch.fnmatch(p, config["data_files"][0]["path"])]
-    assert matched == sorted(s.path for s in manifest.shards)
+    # Layout 2: the card lists the shards' data keys relative to the version dir, in manifest order.
+    assert config["data_files"] == [{"split": "train", "path": [f"../../{s.path}" for s in manifest.shards]}]
+    assert all((versions / DS / "v0001" / p).resolve() == versions / file_key(manifest, s)
+               for p, s in zip(config["data_files"][0]["path"], manifest.shards, strict=True))
     # Features in the card's list format, exactly as `datasets` writes and reads them.
     expected = datasets.Features.from_dict(manifest.hf_features)
     assert meta["dataset_info"]["features"] == expected._to_yaml_list()
@@ -222,11 +220,16 @@ def test_pull_is_verified_and_resumable(versions: Path, tmp_path: Path, capsys: 
     rc, out, err = cli(capsys, "pull", f"{versions}/{DS}@v0002", str(dest), "--progress")
     assert rc == 0 and "7 downloaded" in out and "0 already present" in out
     assert "100%" in err  # the byte progress bar
-    manifest = read_manifest(LocalStore(versions), DS, "v0002")
+    stored = read_manifest(LocalStore(versions), DS, "v0002")
+    # The shards are referenced at their data keys (layout 2): the pull is a self-contained layout-1 copy.
+    manifest = local_manifest(stored)
+    assert stored.layout == 2 and manifest.layout == 1
+    assert [s.path for s in manifest.shards] == [f"data/train-{i:05d}-of-00005.parquet" for i in range(5)]
     for shard in manifest.shards:
         assert _sha(dest / shard.path) == shard.sha256
-    assert (dest / "manifest.json").read_bytes() == (versions / DS / "v0002" / "manifest.json").read_bytes()
-    assert (dest / "README.md").read_bytes() == (versions / DS / "v0002" / "README.md").read_bytes()
+    assert Manifest.model_validate_json((dest / "manifest.json").read_bytes()) == manifest
+    assert [s.sha256 for s in manifest.shards] == [s.sha256 for s in stored.shards]
+    assert (dest / "README.md").read_text() == render_card(manifest)
     assert not list(dest.rglob("*.part"))
 
     store = LocalStore(versions)
@@ -254,7 +257,7 @@ def test_corrupt_committed_shard_fails_verify_and_pull(root: Path, tmp_path: Pat
     assert cli(capsys, "verify", f"{root}/{DS}@v0001")[0] == 0
     manifest = read_manifest(LocalStore(root), DS, "v0001")
     bad = manifest.shards[1].path
-    path = root / DS / "v0001" / bad
+    path = root / file_key(manifest, manifest.shards[1])
     path.write_bytes(flip_byte(path.read_bytes()))
 
     rc, out, err = cli(capsys, "verify", f"{root}/{DS}@v0001")
@@ -277,8 +280,9 @@ def test_export_desta_layout(versions: Path, tmp_path: Path, capsys: pytest.Capt
     dest = tmp_path / "desta"
     rc, out, _ = cli(capsys, "export", "desta", f"{versions}/{DS}@v0001", str(dest))
     assert rc == 0 and "10 rows" in out
-    rows = {r["id"]: r for s in sorted((versions / DS / "v0001" / "data").glob("*.parquet"))
-            for r in pq.read_table(s, columns=["id", "transcript", "duration_s", "response", "prompt"]).to_pylist()}
+    manifest = read_manifest(LocalStore(versions), DS, "v0001")
+    rows = {r["id"]: r for s in manifest.shards
+            for r in pq.read_table(versions / file_key(manifest, s), columns=["id", "transcript", "duration_s", "response", "prompt"]).to_pylist()}
     lines = [json.loads(ln) for ln in (dest / f"{DS}.jsonl").read_text().splitlines()]
     assert len(lines) == 10 and {ln["clip_id"] for ln in lines} == set(rows)
     for ln in lines:
@@ -364,7 +368,7 @@ def test_s3_list_verify_pull_corrupt_and_gc(seaweedfs: SeaweedS3, tmp_path: Path
     rc, out, _ = cli(capsys, "pull", f"{s3_root}/{DS}@v0001", str(dest), "--no-progress", *opts)
     assert rc == 0
     manifest = read_manifest(store, DS, "v0001")
-    for shard in manifest.shards:
+    for shard in local_manifest(manifest).shards:
         assert _sha(dest / shard.path) == shard.sha256
     assert card_header((dest / "README.md").read_text())["configs"][0]["data_files"][0]["path"] == "data/*.parquet"
     again = pull_version(store, DS, "v0001", dest)
@@ -376,7 +380,7 @@ def test_s3_list_verify_pull_corrupt_and_gc(seaweedfs: SeaweedS3, tmp_path: Path
     assert all((tmp_path / "desta" / json.loads(ln)["id"]).is_file() for ln in lines)
 
     bad = manifest.shards[0].path
-    key = f"{DS}/v0001/{bad}"
+    key = file_key(manifest, manifest.shards[0])
     store.put_bytes(key, flip_byte(store.get_bytes(key)))
     rc, out, err = cli(capsys, "verify", f"{s3_root}/{DS}@v0001", *opts)
     assert rc == 1 and bad in out and bad in err
@@ -398,7 +402,9 @@ def test_s3_list_verify_pull_corrupt_and_gc(seaweedfs: SeaweedS3, tmp_path: Path
     assert [k for k in left if k.startswith(f"{DS}/v0002/")] == [f"{DS}/v0002/_claim"]
     assert list_versions(store, DS) == ["v0001"] and report.committed_versions == ["v0001"]
     assert store.exists(f"{DS}/refs/latest.json") and store.exists(f"{DS}/refs/stable.json")
-    assert len([k for k in left if k.startswith(f"{DS}/v0001/")]) == len(manifest.shards) + 4  # +claim, card, config, manifest
+    assert [k.rsplit("/", 1)[1] for k in left if k.startswith(f"{DS}/v0001/")] == [
+        "README.md", "_claim", "config.yaml", "manifest.json"]  # the shards are referenced at their data keys
+    assert all(store.exists(file_key(manifest, s)) for s in [*manifest.shards, *manifest.quarantine])
 
 
 def test_cli_gives_the_temporary_prefect_server_time_to_start() -> None:

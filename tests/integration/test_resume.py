@@ -38,7 +38,7 @@ import yaml
 from schemas.config import load_config
 from storage.objectstore import open_store
 from storage.reader import open_dataset
-from storage.versions import list_versions, read_manifest, resolve_version
+from storage.versions import file_key, list_versions, read_manifest, resolve_version
 from tests.support.fake_llm_server import FakeLLMServer
 from tests.support.paths import REPO
 from tests.support.resume_support import KILL_POINTS
@@ -182,10 +182,10 @@ class Scenario:
         return [ref["id"] for ref in plan["refs"]]
 
     def staged_files(self, index: int) -> dict[str, tuple[int, int, int]]:
-        """The staged Parquet objects of shard `index`: name → (inode, mtime_ns, size)."""
+        """The Parquet objects shard `index` wrote (its data keys): name → (inode, mtime_ns, size)."""
         found = {}
-        for p in (self.staging / "shards" / f"train-{index:05d}.parquet",
-                  self.staging / "quarantine" / f"part-{index:05d}.parquet"):
+        data = self.root / self.dataset / "data" / self.run_id
+        for p in sorted([*data.glob(f"train-{index:05d}-*.parquet"), *data.glob(f"quarantine-{index:05d}-*.parquet")]):
             if p.exists():
                 st = p.stat()
                 found[p.name] = (st.st_ino, st.st_mtime_ns, st.st_size)
@@ -217,7 +217,7 @@ def committed_ids(sc: Scenario, version: str) -> tuple[list[str], list[str]]:
     manifest = read_manifest(store, sc.dataset, version)
     quarantine: list[str] = []
     for q in manifest.quarantine:
-        table = pq.read_table(pa.BufferReader(store.get_bytes(f"{sc.dataset}/{version}/{q.path}")))
+        table = pq.read_table(pa.BufferReader(store.get_bytes(file_key(manifest, q))))
         quarantine += table.column("id").to_pylist()
     assert len(rows) == manifest.stats.rows and len(quarantine) == manifest.stats.quarantined
     return rows, quarantine

@@ -70,5 +70,5 @@ class LocalVersion:
         """The version's rows read straight from its shard files with pyarrow (the reference)."""
         import pyarrow.parquet as pq
 
-        files = [self.version_dir / s.path for s in self.handle().manifest.shards]
+        files = self.handle().shard_uris()
         return pa.concat_tables(pq.read_table(f, columns=columns) for f in files)

@@ -8,7 +8,7 @@ protocol (storage/versions.py) so that reaching the point sends SIGKILL to this 
 instead of a timing window a few milliseconds wide. Points, in commit order:
 
   before-claim      every shard finished and marked, the commit not begun (`_claim_version` call)
-  claimed           `v<N>/_claim` exists, no shard copied yet (first `_copy_verified` call)
+  claimed           `v<N>/_claim` exists, nothing else of the version written (`_check_present` call)
   manifest-written  `v<N>/manifest.json` written (the version exists), `refs/latest` not yet moved
   ref-moved         `refs/latest` moved to the new version, `committed.json` not yet written
 
@@ -66,7 +66,7 @@ def install(point: str) -> None:
     if point == "before-claim":
         versions._claim_version = _before(versions._claim_version)  # type: ignore[assignment]
     elif point == "claimed":
-        versions._copy_verified = _before(versions._copy_verified)  # type: ignore[assignment]
+        versions._check_present = _before(versions._check_present)  # type: ignore[assignment]
     elif point == "manifest-written":
         versions.set_ref = _before_latest(versions.set_ref)  # type: ignore[assignment]
     elif point == "ref-moved":

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import shutil
 import warnings
 from pathlib import Path
 
@@ -15,6 +14,8 @@ import pytest
 import soundfile as sf
 import yaml
 
+from storage.objectstore import LocalStore
+from storage.pull import pull_version
 from tests.support.datasets_support import LocalVersion
 from tests.support.longform import SegmentedVersion, assert_recording_slice, segment_span
 
@@ -76,7 +77,8 @@ def test_version_folder_loads_without_card_warnings(local_version: LocalVersion,
 def test_the_warning_is_seen_when_splits_lack_num_bytes(local_version: LocalVersion, tmp_path: Path) -> None:
     """Control: the capture above does see the warning a card without num_bytes gives."""
     folder = tmp_path / "old-card"
-    shutil.copytree(local_version.version_dir, folder)
+    # A self-contained copy (the version dir's card points at data keys outside it, see storage/card.py).
+    pull_version(LocalStore(local_version.root), local_version.dataset, local_version.version, folder)
     text = (folder / "README.md").read_text()
     header, _, body = text[4:].partition("\n---\n")
     meta = yaml.safe_load(header)
@@ -99,7 +101,7 @@ def test_segment_rows_through_load_dataset_parquet(segmented_version: SegmentedV
     """`load_dataset("parquet", data_files=<shards>)`: a segment row's audio_offset_s is the start in
     its id, its audio the recording's samples from there; the whole clip's offset is None."""
     local, rec = segmented_version.local, segmented_version.recording
-    files = [str(local.version_dir / s.path) for s in local.handle().manifest.shards]
+    files = local.handle().shard_uris()
     ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
     segments = 0
     for row in ds:

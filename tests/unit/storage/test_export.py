@@ -22,7 +22,7 @@ import soundfile as sf
 from flows.cli import main
 from storage.export import ExportError, export_desta2
 from storage.objectstore import LocalStore
-from storage.versions import read_manifest
+from storage.versions import file_key, read_manifest
 from tests.support.datasets_support import make_version
 from tests.support.paths import REPO
 
@@ -44,9 +44,10 @@ def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
 
 
 def version_rows(root: Path) -> dict[str, dict[str, Any]]:
-    shards = read_manifest(LocalStore(root), DS, "v0001").shards
+    manifest = read_manifest(LocalStore(root), DS, "v0001")
+    shards = manifest.shards
     cols = ["id", "dataset", "audio", "transcript", "prompt", "response", "seed_description", "duration_s"]
-    return {r["id"]: r for s in shards for r in pq.read_table(root / DS / "v0001" / s.path, columns=cols).to_pylist()}
+    return {r["id"]: r for s in shards for r in pq.read_table(root / file_key(manifest, s), columns=cols).to_pylist()}
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -154,8 +155,9 @@ def _rewrite_row_audio(shard: Path, index: int, audio: dict[str, Any] | None) ->
 def test_a_row_that_cannot_be_exported_is_named(root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     copy = tmp_path / "root"
     shutil.copytree(root, copy)
-    shard = read_manifest(LocalStore(copy), DS, "v0001").shards[1].path
-    bad = _rewrite_row_audio(copy / DS / "v0001" / shard, 2, {"bytes": b"this is not audio", "path": "x.flac"})
+    manifest = read_manifest(LocalStore(copy), DS, "v0001")
+    shard = file_key(manifest, manifest.shards[1])
+    bad = _rewrite_row_audio(copy / shard, 2, {"bytes": b"this is not audio", "path": "x.flac"})
 
     dest = tmp_path / "out"
     rc, out, err = cli(capsys, "desta2", f"{copy}/{DS}@v0001", str(dest), "--no-progress")
@@ -165,7 +167,7 @@ def test_a_row_that_cannot_be_exported_is_named(root: Path, tmp_path: Path, caps
     with pytest.raises(ExportError, match=f"row '{bad}' in shard {shard}"):
         export_desta2(LocalStore(copy), DS, "v0001", dest)
 
-    missing = _rewrite_row_audio(copy / DS / "v0001" / shard, 0, None)
+    missing = _rewrite_row_audio(copy / shard, 0, None)
     rc, _, err = cli(capsys, "desta", f"{copy}/{DS}@v0001", str(dest), "--no-progress")
     assert rc == 1 and f"row {missing!r} in shard {shard}" in err and "no stored audio bytes" in err
     assert not (dest / f"{DS}.jsonl").exists()

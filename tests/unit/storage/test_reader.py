@@ -199,7 +199,7 @@ def test_iter_batches_columns_and_to_arrow(v30: DatasetHandle) -> None:
     uris = v30.shard_uris()
     assert len(uris) == 8 and uris == v30.hf_data_files()
     if v30.store.root.startswith("s3://"):
-        assert all(u.startswith(f"{v30.store.root}/{DATASET}/{v30.version}/data/") for u in uris)
+        assert all(u.startswith(f"{v30.store.root}/{DATASET}/data/") for u in uris)
         assert v30.hf_storage_options()["client_kwargs"]["endpoint_url"].startswith("http://127.0.0.1:")
     else:
         assert all(Path(u).is_absolute() and Path(u).is_file() for u in uris)
