@@ -17,6 +17,7 @@ import soundfile as sf
 from flows.generate import run_plain
 from schemas.config import RunConfig, load_config, parse_config
 from storage.objectstore import open_store
+from storage.versions import file_key
 from tasks.calibrate import (
     bins_json,
     calibrate,
@@ -61,8 +62,8 @@ def synth_config(manifest: Path, root: Path, *overrides: str) -> RunConfig:
 
 def committed_rows(config: RunConfig) -> list[dict]:
     manifest = run_plain(config)
-    base = Path(config.output.root) / config.output.dataset / manifest.lineage.version
-    return [r for s in manifest.shards for r in pq.read_table(base / s.path).to_pylist()]
+    base = Path(config.output.root)
+    return [r for s in manifest.shards for r in pq.read_table(base / file_key(manifest, s)).to_pylist()]
 
 
 # --------------------------------------------------------------------------- edges (plain functions)

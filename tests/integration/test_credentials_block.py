@@ -11,7 +11,7 @@ from flows.generate import run_generate
 from schemas.config import S3Config, load_config
 from storage.objectstore import open_store
 from storage.reader import open_dataset
-from storage.versions import read_manifest
+from storage.versions import file_key, read_manifest
 from tests.support.paths import REPO
 from tests.support.seaweedfs import SeaweedS3
 
@@ -42,7 +42,7 @@ def test_flow_writes_to_s3_with_credentials_from_a_block(seaweedfs: SeaweedS3, t
     store = open_store(root, config.s3)
     manifest = read_manifest(store, "sample", summary.version)
     fs, base = store.arrow_fs()  # pyarrow gets the block's keys too
-    table = pq.read_table(f"{base}/sample/{summary.version}/{manifest.shards[0].path}", filesystem=fs,
+    table = pq.read_table(f"{base}/{file_key(manifest, manifest.shards[0])}", filesystem=fs,
                           columns=["id"])
     assert table.num_rows == manifest.shards[0].rows
     text = manifest.model_dump_json() + caplog.text + str(summary.model_dump())

@@ -14,7 +14,7 @@ from flows.generate import run_generate
 from schemas.arrow import ROW_SCHEMA
 from schemas.config import RunConfig, load_config
 from storage.objectstore import open_store
-from storage.versions import read_manifest, resolve_version
+from storage.versions import file_key, read_manifest, resolve_version
 from tasks.ingest import iter_refs
 from tasks.llm import make_backend
 from tasks.pipeline import process_shard
@@ -23,6 +23,7 @@ from tasks.run import run_context
 from tasks.segment.clips import shard_clips
 from tasks.tally import ShardTally
 from tests.support.corrupt_zoo import build_zoo
+from tests.support.datasets_support import quarantine_rows
 from tests.support.paths import REPO
 from tests.support.seaweedfs import SeaweedS3
 
@@ -38,7 +39,7 @@ def committed_rows(root: Path, dataset: str, version: str) -> list[dict]:
     manifest = read_manifest(store, dataset, version)
     rows: list[dict] = []
     for shard in manifest.shards:
-        table = pq.read_table(root / dataset / version / shard.path)
+        table = pq.read_table(root / file_key(manifest, shard))
         assert table.schema.equals(ROW_SCHEMA)
         assert table.schema.metadata[b"huggingface"] == ROW_SCHEMA.metadata[b"huggingface"]
         rows += table.to_pylist()
@@ -98,8 +99,7 @@ def test_corrupt_zoo_nothing_lost(tmp_path: Path, sample_corpus: Path) -> None:
     summary = run_generate(config)
     assert summary.clips_in == len(expected) + 1  # + the line that is not JSON
     assert summary.clips_in == summary.rows + summary.quarantined
-    version_dir = tmp_path / "out" / "zoo" / summary.version
-    quarantine = pq.read_table(version_dir / "quarantine").to_pylist()
+    quarantine = quarantine_rows(tmp_path / "out", "zoo", summary.version)
     got = {q["id"].split("/", 1)[1]: q["reason_code"] for q in quarantine}
     bad_json = [k for k in got if k.startswith("row@")]
     assert len(bad_json) == 1 and got.pop(bad_json[0]) == "bad_row"
@@ -154,9 +154,9 @@ def test_flow_commits_to_s3_and_hf_decodes_the_shards(seaweedfs: SeaweedS3, tmp_
     assert "version v0001" in shown and "rows 10" in shown and seaweedfs.secret_key not in shown
     local = tmp_path / "pulled"
     for shard in manifest.shards:
-        target = local / shard.path
+        target = local / "data" / Path(shard.path).name
         target.parent.mkdir(parents=True, exist_ok=True)
-        store.download_file(f"sample/v0001/{shard.path}", target)
+        store.download_file(file_key(manifest, shard), target)
         assert hashlib.sha256(target.read_bytes()).hexdigest() == shard.sha256
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import datasets
@@ -230,7 +230,7 @@ def test_flow_with_openai_backend_retries_faults_and_loses_nothing(tmp_path: Pat
                for r in rows.values())
     sent = server.requests_for("flaky")[-1].body["messages"]
     assert sent == rows["librivox_ss01_0870"]["messages"]
-    quarantine = pq.read_table(tmp_path / "out" / "sample" / summary.version / "quarantine").to_pylist()
+    quarantine = quarantine_rows(tmp_path / "out", "sample", summary.version)
     assert quarantine[0]["id"] == "sample/cmu_cards_002" and "400" in quarantine[0]["message"]
 
 

@@ -9,12 +9,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
 from flows.generate import run_generate
 from schemas.config import parse_config
+from storage.reader import open_dataset
 from tests.support.corrupt_zoo import (
     CHAT_TOKEN,
     EXPECTED_SEEDS,
@@ -22,13 +22,14 @@ from tests.support.corrupt_zoo import (
     INJECTED_ACCENT,
     build_zoo,
 )
+from tests.support.datasets_support import quarantine_rows
 from tests.support.speech import SR
 
 SLT = "arctic_slt_a0009.wav"
 
 
 def _rows(root: Path, dataset: str, version: str) -> list[dict]:
-    table = pq.read_table(root / dataset / version / "data")
+    table = open_dataset(f"{root}/{dataset}@{version}").to_arrow()
     return table.to_pylist()
 
 
@@ -40,7 +41,7 @@ def test_zoo_hostile_cases_end_to_end(tmp_path: Path, sample_corpus: Path) -> No
                           environ={})
     summary = run_generate(config)
     assert summary.clips_in == len(expected) + 1 == summary.rows + summary.quarantined
-    quarantine = pq.read_table(tmp_path / "out" / "zoo" / summary.version / "quarantine").to_pylist()
+    quarantine = quarantine_rows(tmp_path / "out", "zoo", summary.version)
     got = {q["id"].split("/", 1)[1]: (q["stage"], q["reason_code"]) for q in quarantine}
     assert got["dc_offset"] == ("audio", "silent")
     assert got["click_in_silence"] == ("audio", "no_speech")
@@ -94,7 +95,7 @@ def test_non_speech_source_keeps_labels_only_seeds(tmp_path: Path, sample_corpus
     summary = run_generate(config)
     assert (summary.clips_in, summary.rows, summary.quarantined) == (4, 3, 1)
     assert summary.quarantine_by_reason == {"no_speech": 1}
-    quarantine = pq.read_table(tmp_path / "out" / "mixed" / summary.version / "quarantine").to_pylist()
+    quarantine = quarantine_rows(tmp_path / "out", "mixed", summary.version)
     assert [q["id"] for q in quarantine] == ["talk/click"]  # the same file under the speech source
     rows = {r["id"]: r for r in _rows(tmp_path / "out", "mixed", summary.version)}
     assert rows["talk/slt"]["seed_description"].startswith("[00:00-00:03] he turned sharply (Gender: Female, ")

@@ -28,7 +28,7 @@ from flows.generate import run_generate
 from schemas.arrow import ROW_SCHEMA
 from schemas.config import RunConfig, parse_config
 from storage.objectstore import open_store
-from storage.versions import read_manifest
+from storage.versions import file_key, read_manifest
 from tests.support.longform import Recording, build_recording, write_srt
 from tests.support.paths import REPO
 from tests.support.speech import SENTENCES, SR, load_16k, trim_quiet
@@ -114,12 +114,12 @@ def committed(out: Path, dataset: str, version: str) -> tuple[list[dict[str, Any
     manifest = read_manifest(open_store(str(out)), dataset, version)
     rows: list[dict[str, Any]] = []
     for shard in manifest.shards:
-        table = pq.read_table(out / dataset / version / shard.path)
+        table = pq.read_table(out / file_key(manifest, shard))
         assert table.schema.equals(ROW_SCHEMA)
         rows += table.to_pylist()
     quarantined: list[dict[str, Any]] = []
     for part in manifest.quarantine:
-        quarantined += pq.read_table(out / dataset / version / part.path).to_pylist()
+        quarantined += pq.read_table(out / file_key(manifest, part)).to_pylist()
     return rows, quarantined
 
 

@@ -27,7 +27,7 @@ import yaml
 from flows.generate import run_generate
 from schemas.config import parse_config
 from storage.objectstore import open_store
-from storage.versions import read_manifest
+from storage.versions import file_key, read_manifest
 from tests.support.paths import REPO
 from tests.support.speech import trim_quiet
 
@@ -81,7 +81,7 @@ def committed_ids(out: Path, version: str) -> list[str]:
     manifest = read_manifest(open_store(str(out)), "talks", version)
     ids: list[str] = []
     for shard in manifest.shards:
-        ids += pq.read_table(out / "talks" / version / shard.path, columns=["id"]).column("id").to_pylist()
+        ids += pq.read_table(out / file_key(manifest, shard), columns=["id"]).column("id").to_pylist()
     return ids
 
 

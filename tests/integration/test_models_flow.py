@@ -12,8 +12,8 @@ import pytest
 from flows.generate import run_plain
 from schemas.records import QuarantineError, ReasonCode, Stage
 from storage.objectstore import open_store
-from storage.versions import read_manifest
-from tests.support.datasets_support import sample_config
+from storage.versions import file_key, read_manifest
+from tests.support.datasets_support import quarantine_rows, sample_config
 from tests.support.paths import REPO
 
 pytest.importorskip("whisper")
@@ -44,7 +44,7 @@ def _rows(root: Path, dataset: str, version: str) -> dict[str, dict[str, Any]]:
     manifest = read_manifest(store, dataset, version)
     out: dict[str, dict[str, Any]] = {}
     for shard in manifest.shards:
-        for row in pq.read_table(root / dataset / version / shard.path).to_pylist():
+        for row in pq.read_table(root / file_key(manifest, shard)).to_pylist():
             out[row["id"].split("/", 1)[1]] = row
     return out
 
@@ -92,8 +92,7 @@ def test_a_failing_clip_is_quarantined_and_the_shard_goes_on(tiny_models: dict[s
     manifest = run_plain(config)
     assert (manifest.stats.rows, manifest.stats.quarantined) == (8, 2)  # 0870 (7.1 s) and 0920 (6.05 s)
     assert manifest.stats.quarantine_by_reason == {"classifier_error": 2}
-    version = tmp_path / "out" / "fail" / manifest.lineage.version
-    q = pq.read_table(version / "quarantine").to_pylist()
+    q = quarantine_rows(tmp_path / "out", "fail", manifest.lineage.version)
     assert sorted(r["id"] for r in q) == ["sample/librivox_ss01_0870", "sample/librivox_ss01_0920"]
     assert all(r["stage"] == "classify" and "injected" in r["message"] for r in q)
 

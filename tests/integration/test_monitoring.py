@@ -17,7 +17,7 @@ import pytest
 from flows.generate import run_generate
 from schemas.config import RunConfig, load_config
 from storage.objectstore import open_store
-from storage.versions import read_manifest
+from storage.versions import file_key, read_manifest
 from tasks.llm import make_backend
 from tasks.pipeline import ShardOutcome, process_shard
 from tasks.plan import load_shard_plan, plan_run
@@ -103,8 +103,9 @@ def test_ui_shows_progress_summary_run_name_and_quarantined_clips(tmp_path: Path
     summary = run_generate(config)
     assert (summary.clips_in, summary.rows, summary.quarantined, summary.shards) == (11, 10, 1, 3)
     assert summary.quarantine_by_stage == {"audio": 1} and summary.quarantine_by_reason == {"missing_file": 1}
-    rows = [r for s in read_manifest(open_store(str(tmp_path / "out")), "monitoring", "v0001").shards
-            for r in pq.read_table(tmp_path / "out" / "monitoring" / "v0001" / s.path,
+    manifest = read_manifest(open_store(str(tmp_path / "out")), "monitoring", "v0001")
+    rows = [r for s in manifest.shards
+            for r in pq.read_table(tmp_path / "out" / file_key(manifest, s),
                                    columns=["generation"]).to_pylist()]
     assert summary.tokens_completion == sum(r["generation"]["completion_tokens"] or 0 for r in rows) > 0
     assert summary.tokens_prompt == sum(r["generation"]["prompt_tokens"] or 0 for r in rows)

@@ -25,7 +25,7 @@ from schemas.config import AudioConfig, RunConfig, load_config, parse_config
 from schemas.records import QuarantineError, ReasonCode
 from storage.objectstore import open_store
 from storage.reader import open_dataset
-from storage.versions import read_manifest
+from storage.versions import file_key, read_manifest
 from tasks.audio import load_audio
 from tasks.ingest import SourceError, iter_refs, load_clip, source_fingerprint
 from tests.support.http_files import RequestLog, serve_files
@@ -187,7 +187,7 @@ def test_end_to_end_run_reads_s3_and_writes_another_bucket(seaweedfs: SeaweedS3,
     manifest = read_manifest(store, "remote", "v0001")
     assert manifest.stats.quarantine_by_reason == {"missing_file": 1}
     local = tmp_path / "q.parquet"
-    store.download_file(f"remote/v0001/{manifest.quarantine[0].path}", local)
+    store.download_file(file_key(manifest, manifest.quarantine[0]), local)
     (quarantined,) = pq.read_table(local).to_pylist()
     assert quarantined["reason_code"] == "missing_file"
     assert quarantined["audio_uri"] == f"s3://{corpus['bucket']}/holes/audio/not_uploaded.wav"

@@ -11,7 +11,6 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -19,6 +18,7 @@ from storage.gc import collect_garbage
 from storage.layout import LEASE
 from storage.lease import LeaseInfo, LeaseLost, RunBusy, RunLease, read_lease
 from storage.objectstore import ObjectStore, open_store
+from storage.reader import open_dataset
 from tests.support.fake_llm_server import FakeLLMServer
 from tests.support.paths import REPO
 from tests.support.seaweedfs import SeaweedS3
@@ -199,7 +199,7 @@ def test_two_launches_at_once_on_local_disk_one_runs_the_other_is_told(tmp_path:
     (ok,) = [out for rc, out, _ in results if rc == 0]
     assert "lease committed v0001" in ok
     store = open_store(str(tmp_path / "out"))
-    _check_one_version(store, pq.read_table(tmp_path / "out" / "lease" / "v0001" / "data").column("id").to_pylist())
+    _check_one_version(store, open_dataset(f"{tmp_path / 'out'}/lease@v0001").to_arrow(["id"]).column("id").to_pylist())
 
 
 @pytest.mark.slow
@@ -209,7 +209,7 @@ def test_two_launches_at_once_with_wait_both_succeed_once(tmp_path: Path, prefec
     outs = sorted(out for _, out, _ in results)
     assert any("lease committed v0001" in o for o in outs) and any("already committed as v0001" in o for o in outs)
     store = open_store(str(tmp_path / "out"))
-    _check_one_version(store, pq.read_table(tmp_path / "out" / "lease" / "v0001" / "data").column("id").to_pylist())
+    _check_one_version(store, open_dataset(f"{tmp_path / 'out'}/lease@v0001").to_arrow(["id"]).column("id").to_pylist())
 
 
 @pytest.mark.slow

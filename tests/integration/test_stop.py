@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from storage.reader import open_dataset
 from tests.support.fake_llm_server import FakeLLMServer
 from tests.support.paths import REPO
 
@@ -91,7 +92,6 @@ def test_a_signal_stops_the_run_within_seconds_and_a_rerun_resumes(
         assert proc.wait(timeout=180) == 0, err.read_text()
     finally:
         server.stop()
-    import pyarrow.parquet as pq
 
-    rows = pq.read_table(root / "stop" / "v0001" / "data").column("id").to_pylist()
+    rows = open_dataset(f"{root}/stop@v0001").to_arrow(["id"]).column("id").to_pylist()
     assert sorted(rows) == sorted(ids)

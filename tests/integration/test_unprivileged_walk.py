@@ -13,6 +13,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from storage.objectstore import open_store
+from storage.versions import file_key, read_manifest
 from tests.support.hostile_tree import (
     FLAC,
     REPO,
@@ -70,9 +72,10 @@ def test_an_unreadable_sub_directory_is_a_quarantine_row_not_a_silent_loss() -> 
         assert done.returncode == 0, done.stderr[-3000:]
         report = json.loads(done.stdout.strip().splitlines()[-1])
         assert report["clips"] == 3 and report["unentered"] == {"unreadable": 1}
-        base = work / "out" / "locked" / report["version"]
-        rows = {r["id"] for p in sorted((base / "data").glob("*.parquet")) for r in pq.read_table(p).to_pylist()}
-        quarantine = [q for p in sorted((base / "quarantine").glob("*.parquet")) for q in pq.read_table(p).to_pylist()]
+        manifest = read_manifest(open_store(str(work / "out")), "locked", report["version"])
+        rows = {r["id"] for s in manifest.shards for r in pq.read_table(work / "out" / file_key(manifest, s)).to_pylist()}
+        quarantine = [q for s in manifest.quarantine
+                      for q in pq.read_table(work / "out" / file_key(manifest, s)).to_pylist()]
         assert rows == {"u/ok", "u/open/b"}
         assert [(q["id"], q["reason_code"], q["stage"]) for q in quarantine] == [("u/locked/", "unreadable", "ingest")]
         message = quarantine[0]["message"]

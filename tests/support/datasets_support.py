@@ -49,6 +49,18 @@ def make_version(root: str, dataset: str, *, workdir: Path, repeat: int = 1, sha
     return run_plain(config)
 
 
+def quarantine_rows(root: Path, dataset: str, version: str) -> list[dict]:
+    """Every quarantine row of a committed version under a local root, found through its manifest
+    (the parts live at data keys outside the version folder since manifest layout 2)."""
+    import pyarrow.parquet as pq
+
+    from storage.objectstore import open_store
+    from storage.versions import file_key, read_manifest
+
+    manifest = read_manifest(open_store(str(root)), dataset, version)
+    return [r for q in manifest.quarantine for r in pq.read_table(Path(root) / file_key(manifest, q)).to_pylist()]
+
+
 @dataclass(frozen=True)
 class LocalVersion:
     root: Path

@@ -21,6 +21,7 @@ import soundfile as sf
 from flows.generate import run_plain
 from schemas.config import RunConfig, parse_config
 from schemas.manifest import Manifest
+from storage.versions import file_key
 from tests.support.paths import REPO
 
 SAMPLE_AUDIO = REPO / "examples" / "sample_corpus" / "audio"
@@ -126,7 +127,7 @@ class RunResult:
 def run(config: RunConfig) -> RunResult:
     """`run_plain` and the committed version's rows and quarantine rows, by id."""
     manifest = run_plain(config)
-    base = Path(config.output.root) / config.output.dataset / manifest.lineage.version
-    rows = [r for s in manifest.shards for r in pq.read_table(base / s.path).to_pylist()]
-    quarantine = [r for s in manifest.quarantine for r in pq.read_table(base / s.path).to_pylist()]
+    base = Path(config.output.root)
+    rows = [r for s in manifest.shards for r in pq.read_table(base / file_key(manifest, s)).to_pylist()]
+    quarantine = [r for s in manifest.quarantine for r in pq.read_table(base / file_key(manifest, s)).to_pylist()]
     return RunResult(manifest, {r["id"]: r for r in rows}, {q["id"]: q for q in quarantine})

@@ -26,6 +26,7 @@ from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, Supervis
 from flows.generate import run_plain
 from schemas.config import SourceConfig, parse_config
 from schemas.records import Clip, ReasonCode
+from storage.versions import file_key
 from tasks.describe import load_bins
 from tasks.features.pitch import estimate_pitch
 from tasks.ingest import iter_refs, load_clip
@@ -134,9 +135,8 @@ def _run(corpus: Corpus, root: Path, **source: Any) -> tuple[dict[str, dict[str,
                                         "allowed_roots": [str(corpus.audio)], **source}],
                            "output": {"root": str(root), "dataset": "talk", "shard_size": 50}}, environ={})
     manifest = run_plain(config)
-    base = root / "talk" / manifest.lineage.version
-    rows = [r for s in manifest.shards for r in pq.read_table(base / s.path).to_pylist()]
-    quarantine = [r for s in manifest.quarantine for r in pq.read_table(base / s.path).to_pylist()]
+    rows = [r for s in manifest.shards for r in pq.read_table(root / file_key(manifest, s)).to_pylist()]
+    quarantine = [r for s in manifest.quarantine for r in pq.read_table(root / file_key(manifest, s)).to_pylist()]
     return {r["id"].split("/", 1)[1]: r for r in rows}, quarantine
 
 
