@@ -59,8 +59,10 @@ demo: setup
 
 # Everything (CI calls this): tests/unit (plain functions, local files) and tests/integration (real
 # SeaweedFS, the Prefect API, clusters, subprocess CLIs, kill -9). `make test-fast`: the unit layer only.
-test: setup
-	$(PY) -m pytest -q
+test: setup  # everything: the unit layer without S3 on every core, then its S3 cases, then integration
+	$(PY) -m pytest -q -n auto -m "not s3" tests/unit
+	$(PY) -m pytest -q -m s3 tests/unit
+	$(PY) -m pytest -q tests/integration
 
 test-fast: setup
 	$(PY) -m pytest -q -n auto -m "not s3" tests/unit
