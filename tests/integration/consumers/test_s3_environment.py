@@ -24,7 +24,9 @@ import yaml
 
 from flows.cli import main
 from schemas.config import S3Config
+from schemas.manifest import Manifest
 from storage.reader import DatasetHandle, open_dataset
+from storage.versions import file_key
 from tests.support.datasets_support import SAMPLE, make_version
 from tests.support.seaweedfs import (
     ACCESS_KEY,
@@ -95,9 +97,11 @@ def committed(seaweedfs_server: SeaweedS3, decoy_server: WeedServer,
     fs = _explicit_fs(seaweedfs_server)
     expected: dict[str, tuple[str, str]] = {}
     base = f"{root.removeprefix('s3://')}/{DATASET}/v0001"
-    latest = json.loads(fs.open_input_stream(f"{base}/manifest.json").read())
-    for shard in latest["shards"]:
-        table = pq.read_table(f"{base}/{shard['path']}", filesystem=fs, columns=["id", "response", "audio"])
+    latest = Manifest.model_validate_json(fs.open_input_stream(f"{base}/manifest.json").read())
+    bucket_root = root.removeprefix("s3://")
+    for shard in latest.shards:  # listed files resolve against the root (manifest layout 2)
+        table = pq.read_table(f"{bucket_root}/{file_key(latest, shard)}", filesystem=fs,
+                              columns=["id", "response", "audio"])
         for row in table.to_pylist():
             expected[row["id"]] = (row["response"], hashlib.sha256(row["audio"]["bytes"]).hexdigest())
     assert len(expected) == 10
