@@ -42,6 +42,9 @@ class Lineage(BaseModel):
     dataset: str
     version: str
     parent: str | None = None
+    # Versions this one references shards of, "DATASET@vNNNN" (a composed version, or a run's
+    # `output.base`); `parent` stays the previous version of this dataset.
+    parents: list[str] = Field(default_factory=list)
     created_at: datetime = Field(default_factory=utc_now)
     flow_run_id: str | None = None
     run_id: str

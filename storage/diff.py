@@ -1,4 +1,5 @@
-"""What changed between two versions, from their manifests and recorded configs (no shard is read)."""
+"""What changed between two versions, from their manifests and recorded configs (no shard is read),
+and which shards they share."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from schemas.manifest import Lineage, Manifest
+from storage.versions import file_key
 
 UNSET = "(unset)"
 
@@ -29,6 +31,8 @@ def _lineage_items(lin: Lineage) -> dict[str, Any]:
         "prompt_pool_hash": lin.prompt_pool_hash,
         "run_id": lin.run_id,
     }
+    if lin.parents:
+        items["parents"] = ", ".join(lin.parents)
     for m in lin.models:
         items[f"models.{m.role}"] = m.name + (f"@{m.revision}" if m.revision else "")
     for k, v in lin.sampling.items():
@@ -77,10 +81,27 @@ def _settings_section(manifest_a: Manifest, manifest_b: Manifest, config_a: Mapp
     return ["settings changes:", *(f"  {line}" for line in changes)] if changes else ["settings: unchanged"]
 
 
+def shared_shards(manifest_a: Manifest, manifest_b: Manifest) -> str:
+    """Which shards the versions share (the same store key: a composed or based version references
+    its sources' files), by count and bytes, and which are only in one of them."""
+    keys_a = {file_key(manifest_a, s): s.bytes for s in manifest_a.shards}
+    keys_b = {file_key(manifest_b, s): s.bytes for s in manifest_b.shards}
+    both = keys_a.keys() & keys_b.keys()
+    only_a, only_b = keys_a.keys() - both, keys_b.keys() - both
+
+    def part(keys: set[str], sizes: dict[str, int]) -> str:
+        return f"{len(keys)} ({sum(sizes[k] for k in keys):,} bytes)"
+
+    la, lb = manifest_a.lineage, manifest_b.lineage
+    return (f"shared shards: {part(both, keys_a)}; only in {la.dataset}@{la.version}: {part(only_a, keys_a)}; "
+            f"only in {lb.dataset}@{lb.version}: {part(only_b, keys_b)}")
+
+
 def diff_versions(manifest_a: Manifest, manifest_b: Manifest, config_a: Mapping[str, Any] | None = None,
-                  config_b: Mapping[str, Any] | None = None) -> str:
-    """A human-readable report: counts, quarantine reasons, attribute distributions, the settings
-    that changed (from each version's recorded config, when both have one), lineage."""
+                  config_b: Mapping[str, Any] | None = None, *, same_root: bool = True) -> str:
+    """A human-readable report: counts, shared shards (when both are on one root), quarantine
+    reasons, attribute distributions, the settings that changed (from each version's recorded
+    config, when both have one), lineage."""
     la, lb = manifest_a.lineage, manifest_b.lineage
     sa, sb = manifest_a.stats, manifest_b.stats
     lines = [
@@ -92,6 +113,8 @@ def diff_versions(manifest_a: Manifest, manifest_b: Manifest, config_a: Mapping[
         f"shards:       {_num(len(manifest_a.shards), len(manifest_b.shards))}",
         f"bytes:        {_num(sum(s.bytes for s in manifest_a.shards), sum(s.bytes for s in manifest_b.shards))}",
     ]
+    if same_root:
+        lines.append(shared_shards(manifest_a, manifest_b))
     reasons = sorted(set(sa.quarantine_by_reason) | set(sb.quarantine_by_reason))
     if reasons:
         lines.append("quarantined by reason:")

@@ -323,14 +323,17 @@ def _write_once(store: ObjectStore, key: str, body: bytes, dataset: str, version
 
 def commit_version(store: ObjectStore, *, dataset: str, staged_shards: list[ShardInfo],
                    staged_quarantine: list[ShardInfo], lineage: dict, stats: Stats, arrow_schema_b64: str,
-                   hf_features: dict, config: Mapping[str, Any] | None = None) -> Manifest:
+                   hf_features: dict, config: Mapping[str, Any] | None = None,
+                   layout: int | None = None) -> Manifest:
     """Publish staged shards as the next immutable version and move `latest` to it.
 
     `staged_*[i].path` are store keys: data keys (storage/layout.py) are referenced as they are
     (manifest layout 2); if any is a key of the old staging layout, every file is copied into the
     version prefix and verified, as before data keys (layout 1). `lineage` needs every Lineage field but
     dataset/version/parent, which are filled in here; `config` (the run's resolved settings) is
-    stored as config.yaml, redacted, and listed in the manifest. Returns the published manifest.
+    stored as config.yaml, redacted, and listed in the manifest. `layout=LAYOUT_DATA_KEYS` references
+    every file as given, whatever root-relative key it has (storage/compose.py: shards of other
+    versions). Returns the published manifest.
     """
     check_dataset(dataset)
     try:  # validate before touching the store, so a bad lineage leaves nothing behind
@@ -352,7 +355,7 @@ def commit_version(store: ObjectStore, *, dataset: str, staged_shards: list[Shar
     prefix = version_prefix(dataset, version)
     log.info("committing %s %s (parent %s) to %s", dataset, version, parent, store.uri(prefix))
 
-    if all(is_data_key(s.path) for s in [*staged_shards, *staged_quarantine]):
+    if layout == LAYOUT_DATA_KEYS or all(is_data_key(s.path) for s in [*staged_shards, *staged_quarantine]):
         layout = LAYOUT_DATA_KEYS
         _check_present(store, [*staged_shards, *staged_quarantine])
         shards = [ShardInfo.model_validate(s.model_dump()) for s in staged_shards]

@@ -1,8 +1,8 @@
-"""`speechpairs datasets …`: list, show, verify, pull, tag, diff, export and gc committed versions.
+"""`speechpairs datasets …`: list, show, verify, pull, tag, diff, export, compose and gc committed versions.
 
 Exit 2 for a bad URI, tag name or duration and for a version/ref that does not exist; 1 for a version
-that fails verification, a pull or export that hits a corrupt shard or row (named), or a store that
-cannot be reached.
+that fails verification, a pull or export that hits a corrupt shard or row (named), a compose whose
+sources conflict (duplicate ids, row schemas), or a store that cannot be reached.
 """
 
 from __future__ import annotations
@@ -206,7 +206,8 @@ def cmd_datasets_diff(args: argparse.Namespace) -> int:
         store_b, dataset_b, ref_b = _open(args, args.uri_b)
     a = read_manifest(store_a, dataset_a, _resolve(store_a, dataset_a, ref_a))
     b = read_manifest(store_b, dataset_b, _resolve(store_b, dataset_b, ref_b))
-    print(diff_versions(a, b, read_config(store_a, a), read_config(store_b, b)))  # settings changed by name
+    print(diff_versions(a, b, read_config(store_a, a), read_config(store_b, b),  # settings changed by name
+                        same_root=_where(store_a) == _where(store_b)))
     return EXIT_OK
 
 
@@ -245,6 +246,44 @@ def cmd_datasets_export(args: argparse.Namespace) -> int:
           f"{report.jsonl} ({report.jsonl_bytes:,} bytes), {report.audio_files:,} audio files "
           f"({report.audio_bytes:,} bytes; {report.audio_written:,} written, {report.audio_skipped:,} already "
           "there and verified)")
+    return EXIT_OK
+
+
+def _where(store: ObjectStore) -> str:
+    """The store's root as an absolute path or full s3:// URI (two spellings of one root compare equal)."""
+    return store.uri("_").removesuffix("_")
+
+
+@_datasets_command
+def cmd_datasets_compose(args: argparse.Namespace) -> int:
+    from storage.compose import ComposeError, compose_version, load_part
+    from storage.versions import CommitError
+    from tasks.run import code_version
+
+    sources = [_open(args, uri) for uri in args.sources]
+    store = sources[0][0]
+    if "/" in args.name.rstrip("/"):
+        target_store, target, _ = _open(args, args.name, with_ref=False)
+        if _where(target_store) != _where(store):
+            raise _Usage(f"{args.name!r} is not on the root of {args.sources[0]!r}: compose references shards, "
+                         "so the target and every source share one root")
+    else:
+        from storage.versions import check_dataset
+
+        target = check_dataset(args.name)
+    for uri, (other, _, _) in zip(args.sources, sources, strict=True):
+        if _where(other) != _where(store):
+            raise _Usage(f"--from {uri!r} is on another root than {args.sources[0]!r} ({other.root} vs "
+                         f"{store.root}): compose references shards, so every source shares the target's root")
+    parts = [load_part(store, dataset, ref) for _, dataset, ref in sources]
+    try:
+        manifest = compose_version(store, target, parts, exclude=args.exclude_dataset, code_version=code_version())
+    except (ComposeError, CommitError) as exc:
+        print(f"speechpairs: compose failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"composed {target} {manifest.lineage.version} from {', '.join(manifest.lineage.parents)}: "
+          f"{len(manifest.shards)} shards, {manifest.stats.rows:,} rows, {manifest.stats.quarantined:,} quarantined "
+          f"({store.uri(target)})")
     return EXIT_OK
 
 
@@ -295,7 +334,7 @@ _URI_HELP = "ROOT/DATASET[@vN|@tag], e.g. ./data/sample@v0002 or s3://bucket/pre
 
 
 def add_datasets_parser(sub: argparse._SubParsersAction) -> None:
-    ds = sub.add_parser("datasets", help="inspect, verify, pull, tag, diff, export and clean datasets")
+    ds = sub.add_parser("datasets", help="inspect, verify, pull, tag, diff, export, compose and clean datasets")
     ds_sub = ds.add_subparsers(dest="datasets_command", required=True)
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
@@ -338,6 +377,14 @@ def add_datasets_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--audio-end", metavar="TAG", help="text after the locator (default <end_audio>; '' for none)")
     g.add_argument("--audio-position", choices=["after", "before"],
                    help="wrapped locator after (default, as in the trainer's example) or before the instruction")
+    p = add("compose", cmd_datasets_compose, "commit a version referencing the shards of existing versions "
+                                             "(no copy; duplicate ids fail, naming both sources)")
+    p.add_argument("name", help="target DATASET (on the sources' root), or ROOT/DATASET")
+    p.add_argument("--from", dest="sources", action="append", required=True, metavar="ROOT/DATASET@REF",
+                   help="a source version (repeat); every source on the same root")
+    p.add_argument("--exclude-dataset", action="append", default=[], metavar="CORPUS",
+                   help="leave out the rows whose `dataset` column is CORPUS (repeat); mixed shards are "
+                        "rewritten filtered, once")
     p = add("gc", cmd_datasets_gc, "remove old staging runs, uncommitted version prefixes and data objects no "
                                    "committed manifest lists (--dry-run: what it would free)")
     p.add_argument("uri", help="ROOT/DATASET")
