@@ -395,9 +395,17 @@ class OutputConfig(_Strict):
     lease_s: float = Field(default=60.0, ge=5, le=3600, description="A run's lease expires this long after its "
                            "holder's last renewal (renewed every third of it): a dead launch's run is then taken over.")
 
-    # The keys above that only decide whether and when to commit (left out of RunConfig.config_hash).
+    base: str | None = Field(
+        default=None, pattern=r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*@)?[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Commit the run's new shards on top of a committed version on this root: `latest`, a tag or "
+        "vNNNN of output.dataset, or DATASET@REF. The base's shards holding rows of the corpora this run "
+        "produces are left out (mixed ones rewritten filtered), the rest referenced, not copied; a row id in "
+        "both fails the commit. Unset: the version holds this run's rows only.")
+
+    # The keys above that only decide whether and when to commit, and on top of what (left out of
+    # RunConfig.config_hash: none changes the run's own rows).
     POLICY_KEYS: ClassVar[frozenset[str]] = frozenset({"allow_empty", "max_quarantine_ratio",
-                                                        "max_transient_ratio", "when_running", "lease_s"})
+                                                        "max_transient_ratio", "when_running", "lease_s", "base"})
 
 
 class ClusterConfig(_Strict):

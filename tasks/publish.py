@@ -1,6 +1,7 @@
 """Turning a finished run into a version, or refusing to: the commit gate's verdict, the stats, the
 commit itself, and what the run's staging area records about it (refused.json, committed.json).
 
+With `output.base` the version also references a base version's shards (storage/compose.py).
 A run commits once: a retried or re-launched commit finds the version it already published (its
 committed.json, or the latest version manifest naming its run id) instead of publishing twice.
 """
@@ -9,13 +10,23 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from typing import Any
 
 from schemas.arrow import ROW_SCHEMA, hf_features, schema_to_b64
 from schemas.canonical import config_record
 from schemas.config import RunConfig
 from schemas.manifest import Manifest, Stats
+from storage.compose import Part, common_schema, load_part, merge_stats, on_base
+from storage.layout import is_data_key
 from storage.objectstore import NotFound, ObjectStore
-from storage.versions import commit_version, read_manifest, resolve_version
+from storage.versions import (
+    LAYOUT_DATA_KEYS,
+    CommitError,
+    VersionNotFound,
+    commit_version,
+    read_manifest,
+    resolve_version,
+)
 from tasks.commit_gate import CommitRefused, QuarantineExample, Refusal, check_commit
 from tasks.features.models import load_models
 from tasks.instructions import instruction_pool, pool_hash
@@ -37,7 +48,7 @@ def publish(config: RunConfig, ctx: RunContext, plan: RunPlan, outcomes: list[Sh
         return landed
     backend = make_backend(config.llm)
     model = backend.model_info()
-    lineage = {
+    lineage: dict[str, Any] = {
         "flow_run_id": flow_run_id,
         "run_id": ctx.run_id,
         "code_version": ctx.pipeline_version,
@@ -50,19 +61,48 @@ def publish(config: RunConfig, ctx: RunContext, plan: RunPlan, outcomes: list[Sh
         "prompt_pool_hash": pool_hash(instruction_pool(config.describe)),
         "extractor_versions": ctx.extractor_versions,
     }
+    shards = [o.shard for o in outcomes if o.shard is not None]
+    quarantine = [o.quarantine for o in outcomes if o.quarantine is not None]
+    layout = None
+    base = base_part(store, config)
+    if base is not None:  # output.base: the base's other corpora referenced, this run's replaced
+        if not all(is_data_key(s.path) for s in [*shards, *quarantine]):
+            raise CommitError("output.base needs shards at data keys; this run was staged by an older "
+                              "speechpairs: commit it without output.base, then compose")
+        common_schema([base], expected=schema_to_b64(ROW_SCHEMA))
+        selection = on_base(store, base, shards, target=config.output.dataset, run_id=ctx.run_id)
+        shards, quarantine = [*selection.shards, *shards], [*selection.quarantine, *quarantine]
+        stats = merge_stats([base.manifest.stats, stats], selection.excluded)
+        lineage["parents"] = [base.label]
+        layout = LAYOUT_DATA_KEYS
     manifest = commit_version(
         store,
         dataset=config.output.dataset,
-        staged_shards=[o.shard for o in outcomes if o.shard is not None],
-        staged_quarantine=[o.quarantine for o in outcomes if o.quarantine is not None],
+        staged_shards=shards,
+        staged_quarantine=quarantine,
         lineage=lineage,
         stats=stats,
         arrow_schema_b64=schema_to_b64(ROW_SCHEMA),
         hf_features=hf_features(),
         config=config_record(config),  # config.yaml beside the version manifest, redacted
+        layout=layout,
     )
     store.put_bytes(ctx.layout.committed, json.dumps({"version": manifest.lineage.version}).encode())
     return manifest
+
+
+def base_part(store: ObjectStore, config: RunConfig) -> Part | None:
+    """The committed version `output.base` names (REF of output.dataset, or DATASET@REF), or None when
+    unset, or when it is `latest` of output.dataset and that has no version yet (the first run)."""
+    if config.output.base is None:
+        return None
+    dataset, _, ref = config.output.base.rpartition("@")
+    try:
+        return load_part(store, dataset or config.output.dataset, ref)
+    except VersionNotFound:
+        if dataset in ("", config.output.dataset) and ref == "latest":
+            return None
+        raise
 
 
 def commit_refusal(config: RunConfig, plan: RunPlan, outcomes: list[ShardOutcome]) -> Refusal | None:
