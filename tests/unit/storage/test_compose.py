@@ -18,8 +18,10 @@ from schemas.arrow import ROW_SCHEMA, schema_to_b64
 from schemas.manifest import Stats
 from storage.compose import ComposeError, Part, common_schema, compose_version, load_part, on_base
 from storage.diff import diff_versions
+from storage.export import Desta2Format, export_version
 from storage.gc import collect_garbage
 from storage.objectstore import LocalStore
+from storage.pull import pull_version
 from storage.reader import open_dataset
 from storage.verify import verify_version
 from storage.versions import file_key, list_versions, read_manifest, ref_key
@@ -65,6 +67,9 @@ def test_compose_references_both_layouts_without_copying(tmp_path: Path) -> None
     _same_stats(c.stats, table_stats([a0, a1, b0]))
     assert verify_version(store, "C", "v0001").ok
     assert _ids(tmp_path, "C") == ["a/0", "a/1", "a/2", "b/0", "b/1", "b/2"]
+    assert export_version(store, "C", "v0001", tmp_path / "export", Desta2Format()).rows == 6
+    pulled = pull_version(store, "C", "v0001", tmp_path / "pulled")  # a self-contained layout-1 copy
+    assert len([p for p in pulled.downloaded if p.endswith(".parquet")]) == 3
 
 
 def test_duplicate_ids_fail_naming_both_sources_and_commit_nothing(tmp_path: Path) -> None:
