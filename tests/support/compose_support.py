@@ -24,7 +24,8 @@ from storage.versions import commit_version
 SR = 16_000
 
 
-def _flac(seconds: float, freq: float) -> bytes:
+def flac_tone(seconds: float, freq: float) -> bytes:
+    """A sine tone as FLAC bytes: a real, distinct clip per (seconds, freq)."""
     t = np.arange(int(SR * seconds)) / SR
     buf = io.BytesIO()
     sf.write(buf, (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32), SR, format="FLAC")
@@ -35,7 +36,7 @@ def rows_table(rows: Sequence[tuple[str, str]], run_id: str = "r") -> pa.Table:
     """One row per (id, corpus): the corpus goes in the `dataset` column, gender alternates."""
     out = []
     for i, (row_id, corpus) in enumerate(rows):
-        audio = _flac(0.2 + 0.01 * i, 200.0 + 10 * i)
+        audio = flac_tone(0.2 + 0.01 * i, 200.0 + 10 * i)
         gender = "female" if i % 2 == 0 else "male"
         out.append(Row(
             id=row_id, dataset=corpus, audio=AudioRef(bytes=audio, path=f"{i}.flac"), audio_uri=f"/c/{i}.wav",

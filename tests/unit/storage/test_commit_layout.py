@@ -5,17 +5,14 @@ The janitor removes data objects no committed manifest lists, never a referenced
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pytest
-import soundfile as sf
 
 from schemas.arrow import ROW_SCHEMA, hf_features, quarantine_to_table, rows_to_table, schema_to_b64
 from schemas.manifest import Manifest, ShardInfo, Stats
@@ -47,23 +44,17 @@ from storage.versions import (
     read_manifest,
     resolve_version,
 )
+from tests.support.compose_support import flac_tone
 
 DS = "demo"
 DAY = 86_400.0
 SR = 16_000
 
 
-def _flac(seconds: float, freq: float) -> bytes:
-    t = np.arange(int(SR * seconds)) / SR
-    buf = io.BytesIO()
-    sf.write(buf, (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32), SR, format="FLAC")
-    return buf.getvalue()
-
-
 def _rows(n: int, run_id: str) -> pa.Table:
     rows = []
     for i in range(n):
-        audio = _flac(0.25 + 0.05 * i, 200.0 + 50 * i)
+        audio = flac_tone(0.25 + 0.05 * i, 200.0 + 50 * i)
         rows.append(Row(
             id=f"sample/{run_id}-{i}", dataset="sample", audio=AudioRef(bytes=audio, path=f"c{i}.flac"),
             audio_uri=f"/corpus/c{i}.wav", audio_sha256=hashlib.sha256(audio).hexdigest(), sampling_rate=SR,
