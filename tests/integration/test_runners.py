@@ -22,6 +22,8 @@ from flows.runners import (
     task_runner,
 )
 from schemas.config import RunConfig, load_config, parse_config
+from storage.objectstore import LocalStore
+from storage.versions import file_key, read_manifest
 from tasks.gpu import gpu_stages, model_stages
 from tasks.run import run_context
 from tests.support.paths import REPO
@@ -36,8 +38,11 @@ def quickstart(root: Path, *overrides: str) -> RunConfig:
 
 
 def shard_bytes(root: Path, dataset: str) -> dict[str, bytes]:
-    folder = root / dataset / "v0001"
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*.parquet"))}
+    """Every shard and quarantine part v0001 lists, by its key (content hashes are in the data keys)."""
+    store = LocalStore(root)
+    manifest = read_manifest(store, dataset, "v0001")
+    return {file_key(manifest, info): store.get_bytes(file_key(manifest, info))
+            for info in [*manifest.shards, *manifest.quarantine]}
 
 
 def same_run_with(tmp_path: Path, config: RunConfig, overrides: list[str]) -> tuple[dict[str, bytes], dict[str, bytes]]:
