@@ -62,11 +62,13 @@ def _setting(value: Any) -> str:
 
 
 def settings_changes(config_a: Mapping[str, Any], config_b: Mapping[str, Any]) -> list[str]:
-    """`llm.temperature: 0.05 → 0.2` for every setting that differs (added/removed ones as (unset))."""
+    """`llm.temperature: 0.05 → 0.2` for every setting that differs (added/removed ones as (unset);
+    a setting absent on one side and null on the other is no change)."""
     fa, fb = flatten_settings(config_a), flatten_settings(config_b)
-    absent = object()
+    # A setting added later with a null default (e.g. output.base) is no change against an older
+    # record that lacks it: absent and null compare equal.
     return [f"{name}: {_setting(fa[name]) if name in fa else UNSET} → {_setting(fb[name]) if name in fb else UNSET}"
-            for name in dict.fromkeys([*fa, *fb]) if fa.get(name, absent) != fb.get(name, absent)]
+            for name in dict.fromkeys([*fa, *fb]) if fa.get(name) != fb.get(name)]
 
 
 def _settings_section(manifest_a: Manifest, manifest_b: Manifest, config_a: Mapping[str, Any] | None,
