@@ -181,6 +181,7 @@ def render_card(manifest: Manifest) -> str:
         f"| dataset | {_md(lin.dataset)} |",
         f"| version | {_md(lin.version)} |",
         f"| parent | {_md(lin.parent or '-')} |",
+        *([f"| built from | {_md(', '.join(lin.parents))} |"] if lin.parents else []),
         f"| created | {lin.created_at.isoformat()} |",
         f"| run id | {_md(lin.run_id)} |",
         f"| flow run id | {_md(lin.flow_run_id or '-')} |",

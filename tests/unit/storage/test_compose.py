@@ -64,6 +64,7 @@ def test_compose_references_both_layouts_without_copying(tmp_path: Path) -> None
     assert [s.sha256 for s in c.shards] == [s.sha256 for p in parts for s in p.manifest.shards]
     written = set(store.list("")) - before
     assert all(k.startswith(("C/v0001/", "C/refs/")) for k in written), written  # no data bytes written
+    assert "| built from | A@v0001, B@v0001 |" in store.get_bytes("C/v0001/README.md").decode()  # the card says so
     _same_stats(c.stats, table_stats([a0, a1, b0]))
     assert verify_version(store, "C", "v0001").ok
     assert _ids(tmp_path, "C") == ["a/0", "a/1", "a/2", "b/0", "b/1", "b/2"]
