@@ -118,6 +118,7 @@ def serve(entry: str = ENTRY, folder: Path | None = None, preload: Callable[[], 
             monitor = os.fork()
             if monitor == 0:  # the monitor: owns this connection
                 listener.close()
+                os.close(lock)  # the lock means "a launcher lives", not "a run does": a successor may start
                 try:
                     _monitor(conn, entry, code, launcher)
                 finally:

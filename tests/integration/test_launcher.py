@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.launcher import socket_path
+from flows.launcher import running, socket_path
 from tests.support.launcher_entry import CLIENT
 from tests.support.paths import REPO
 
@@ -145,3 +145,17 @@ def test_a_launcher_with_other_code_declines_and_exits(tmp_path: Path) -> None:
         assert not socket_path(tmp_path / "home" / "prefect").exists()
     finally:
         started.stop()
+
+
+def test_a_run_in_progress_does_not_hold_the_launchers_place(launcher: Launcher, tmp_path: Path) -> None:
+    """The launcher dies mid-run: its lock is free at once (a successor may start) while the run goes on."""
+    proc = launcher.client("sleep", str(tmp_path / "marker"))
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "SLEEPING"
+    os.kill(launcher.proc.pid, signal.SIGKILL)  # the launcher alone, not its session
+    launcher.proc.wait(timeout=30)
+    folder = launcher.home / "prefect"
+    assert not running(folder)
+    assert proc.poll() is None  # the run still goes on
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in out
