@@ -40,12 +40,13 @@ from storage.versions import read_manifest as _read_manifest
 log = logging.getLogger(__name__)
 
 _MANIFEST_KEY_RE = re.compile(rf"^([^/]+)/(v\d{{4,}})/{re.escape(MANIFEST_PATH)}$")
-Kind = Literal["staging", "version", "data"]
+Kind = Literal["staging", "version", "data"]  # what a key of the dataset belongs to
+EntryKind = Literal["staging", "uncommitted", "data"]  # what a report entry removes or keeps
 
 
 class GcPrefix(BaseModel):
     prefix: str  # store key prefix, e.g. demo/_staging/run-…/, demo/v0007/ or demo/data/run-…/
-    kind: Literal["staging", "uncommitted", "data"]
+    kind: EntryKind
     objects: int  # objects removed (or that would be, on a dry run)
     bytes: int
     newest: datetime
@@ -108,7 +109,7 @@ class _References:
         return self.keys
 
 
-def _entry(prefix: str, kind: Literal["staging", "uncommitted", "data"], doomed: list[ObjectInfo],
+def _entry(prefix: str, kind: EntryKind, doomed: list[ObjectInfo],
            newest: float, clock: float) -> GcPrefix:
     return GcPrefix(prefix=prefix, kind=kind, objects=len(doomed), bytes=sum(o.size for o in doomed),
                     newest=datetime.fromtimestamp(newest, UTC), age_s=round(clock - newest, 3))

@@ -358,8 +358,8 @@ def commit_version(store: ObjectStore, *, dataset: str, staged_shards: list[Shar
     if layout == LAYOUT_DATA_KEYS or all(is_data_key(s.path) for s in [*staged_shards, *staged_quarantine]):
         layout = LAYOUT_DATA_KEYS
         _check_present(store, [*staged_shards, *staged_quarantine])
-        shards = [ShardInfo.model_validate(s.model_dump()) for s in staged_shards]
-        quarantine = [ShardInfo.model_validate(s.model_dump()) for s in staged_quarantine]
+        shards = [s.model_copy() for s in staged_shards]
+        quarantine = [s.model_copy() for s in staged_quarantine]
     else:  # a run staged before data keys (resumed by this code): copy and re-verify, as then
         layout = LAYOUT_IN_VERSION
         total = len(staged_shards)

@@ -69,33 +69,28 @@ def _gone(pid: int) -> bool:
     return state in ("Z", "X")  # not our child: init reaps it (or a container's PID 1 leaves a zombie)
 
 
-def _server_pids(home: Path) -> list[int]:
-    """Live processes whose PREFECT_HOME is this test's server folder."""
-    needle = f"PREFECT_HOME={home / 'prefect'}".encode()
+def _pids(needle: bytes, command: bytes | None = None) -> list[int]:
+    """Live processes with `needle` (NAME=value) in their environment (and `command` in their command line)."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if needle in (entry / "environ").read_bytes().split(b"\0") and not _gone(int(entry.name)):
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
-
-
-def _launcher_pids(home: Path) -> list[int]:
-    """Live warm launchers (flows/launcher/) of this test's data folder, with their monitors and runners."""
-    needle = f"SPEECHPAIRS_HOME={home}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if (b"flows.launcher" in (entry / "cmdline").read_bytes()
+                if ((command is None or command in (entry / "cmdline").read_bytes())
                         and needle in (entry / "environ").read_bytes().split(b"\0") and not _gone(int(entry.name))):
                     found.append(int(entry.name))
             except OSError:
                 continue
     return found
+
+
+def _server_pids(home: Path) -> list[int]:
+    """Live processes whose PREFECT_HOME is this test's server folder."""
+    return _pids(f"PREFECT_HOME={home / 'prefect'}".encode())
+
+
+def _launcher_pids(home: Path) -> list[int]:
+    """Live warm launchers (flows/launcher/) of this test's data folder, with their monitors and runners."""
+    return _pids(f"SPEECHPAIRS_HOME={home}".encode(), b"flows.launcher")
 
 
 def _health(url: str) -> object:
