@@ -22,6 +22,11 @@ class ShardInfo(BaseModel):
     rows: int
     bytes: int
     sha256: str
+    # Audio stored once (layout 2): the row shard's `audio` column holds the file name with null bytes,
+    # and this audio file (root-relative key; `id`, `audio` columns, a superset of the shard's ids)
+    # holds the bytes, shared by every run and version whose shard measured the same clips.
+    # None: the shard carries its audio itself. Readers join it through storage.audio_files.
+    audio: ShardInfo | None = None
 
 
 class FileInfo(BaseModel):

@@ -163,9 +163,10 @@ class Segment(BaseModel):
 
 
 class AudioRef(BaseModel):
-    """HF `Audio` storage layout: encoded bytes plus a file name hint."""
+    """HF `Audio` storage layout: encoded bytes plus a file name hint (bytes None in a row shard whose
+    audio lives in its audio file: storage/audio_files.py joins them back)."""
 
-    bytes: bytes
+    bytes: bytes | None
     path: str
 
 

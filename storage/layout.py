@@ -12,6 +12,13 @@
     <dataset>/_staging/probe-<token>                            preflight's write probe
     <dataset>/data/<run-id>/train-00003-<sha256[:16]>.parquet   a finished shard's rows (immutable)
                            /quarantine-00003-<sha256[:16]>.parquet  its quarantine rows (immutable)
+    <dataset>/audio/<clip-key>-<sha256[:16]>.parquet          a shard's measured clips and their audio (immutable)
+                   /<clip-key>.json                           that clip cache's index, written last
+
+Audio is stored once: a shard's clips are measured and encoded once per clip key (the shard's clip
+references, the corpus fingerprint, the measuring settings and extractor versions; tasks/clip_cache.py)
+and every later run with the same key (another LLM, other instructions, bins or describe settings)
+reuses the file; row shards name it (ShardInfo.audio) and keep no audio bytes of their own.
 
 The shard task uploads each shard once, to its data key (the content hash in the name: a retried
 attempt with other bytes never overwrites a file a marker or manifest references); a commit then
@@ -36,6 +43,8 @@ LEASE = "lease.json"
 REFUSED = "refused.json"
 COMMITTED = "committed.json"
 CACHE_DIR = "llm-cache"
+AUDIO_DIR = "audio"
+_CLIP_KEY_RE = re.compile(r"^[0-9a-f]{16,64}$")
 
 
 def check_dataset(dataset: str) -> str:
@@ -65,6 +74,27 @@ def data_run(dataset: str, key: str) -> str | None:
     """The run id whose data prefix of `dataset` holds `key`, or None (for gc)."""
     m = _DATA_KEY_RE.match(key)
     return m.group(2) if m and m.group(1) == dataset else None
+
+
+def audio_prefix(dataset: str) -> str:
+    """Where the audio files and clip-cache indexes of `dataset`'s runs live."""
+    return f"{check_dataset(dataset)}/{AUDIO_DIR}/"
+
+
+def _clip_key(key: str) -> str:
+    if not _CLIP_KEY_RE.match(key):
+        raise ValueError(f"invalid clip key {key!r}")
+    return key
+
+
+def audio_file_key(dataset: str, clip_key: str, sha256: str) -> str:
+    """A shard's audio file (immutable: its content hash in the name)."""
+    return f"{audio_prefix(dataset)}{_clip_key(clip_key)}-{sha256[:16]}.parquet"
+
+
+def clip_index_key(dataset: str, clip_key: str) -> str:
+    """The clip cache index of `clip_key` (names the audio file; written after it)."""
+    return f"{audio_prefix(dataset)}{_clip_key(clip_key)}.json"
 
 
 def staging_prefix(dataset: str, run_id: str) -> str:

@@ -28,6 +28,7 @@ import yaml
 from schemas.arrow import schema_from_b64
 from schemas.config import S3Config
 from schemas.manifest import Manifest, ShardInfo
+from storage.audio_files import AUDIO, ID, AudioLookup, fill_audio
 from storage.objectstore import ObjectStore, S3Store, open_store
 from storage.s3 import DuckDBSecret, S3Settings
 from storage.versions import (
@@ -275,42 +276,68 @@ class DatasetHandle:
         with fs.open_input_file(f"{base}/{self.shard_key(i)}") as fh, pq.ParquetFile(fh, **_READ_OPTIONS) as pf:
             yield pf
 
+    def audio_lookup(self, i: int) -> AudioLookup | None:
+        """The join for shard `i`'s audio bytes when they live in an audio file (audio stored once)."""
+        info = self.manifest.shards[i].audio
+        if info is None:
+            return None
+        fs, base = self._arrow_fs()
+        key = file_key(self.manifest, info)
+        return AudioLookup(fs, f"{base}/{key}", self.store.uri(key))
+
+    def _joined(self, i: int, columns: list[str] | None) -> tuple[AudioLookup | None, list[str] | None, bool]:
+        """(the audio join shard `i` needs for `columns`, the columns to read, whether `id` is extra)."""
+        lookup = self.audio_lookup(i) if columns is None or AUDIO in columns else None
+        if lookup is None or columns is None or ID in columns:
+            return lookup, columns, False
+        return lookup, [*columns, ID], True
+
     def iter_shard(self, i: int, columns: list[str] | None = None, batch_size: int = 256, *,
                    start: int = 0, stop: int | None = None) -> Iterator[pa.RecordBatch]:
         """Batches of rows [start, stop) of shard `i`; only the row groups that overlap are read."""
         columns = self.check_columns(columns)
-        with self.open_shard(i) as pf:
-            meta = pf.metadata
-            stop = meta.num_rows if stop is None else min(stop, meta.num_rows)
-            if start >= stop:
-                return
-            groups: list[int] = []
-            first_row = None
-            offset = 0
-            for g in range(meta.num_row_groups):
-                n = meta.row_group(g).num_rows
-                if offset < stop and offset + n > start:
-                    groups.append(g)
-                    if first_row is None:
-                        first_row = offset
-                offset += n
-            if not groups:
-                return
-            assert first_row is not None
-            skip, remaining = start - first_row, stop - start
-            metadata = self._projected_metadata(columns)
-            for batch in pf.iter_batches(batch_size=batch_size, row_groups=groups, columns=columns,
-                                         use_threads=True):
-                if skip >= batch.num_rows:
-                    skip -= batch.num_rows
-                    continue
-                if skip or batch.num_rows - skip > remaining:
-                    batch = batch.slice(skip, min(remaining, batch.num_rows - skip))
-                skip = 0
-                remaining -= batch.num_rows
+        lookup, read, extra = self._joined(i, columns)
+        metadata = self._projected_metadata(columns)
+        with self.open_shard(i) as pf, lookup or contextlib.nullcontext():
+            for batch in self._iter_groups(pf, read, batch_size, start, stop):
+                if lookup is not None:
+                    batch = fill_audio(batch, lookup)
+                    if extra:
+                        batch = batch.drop_columns([ID])
                 yield batch if metadata is None else batch.replace_schema_metadata(metadata)
-                if remaining <= 0:
-                    return
+
+    def _iter_groups(self, pf: pq.ParquetFile, columns: list[str] | None, batch_size: int, start: int,
+                     stop: int | None) -> Iterator[pa.RecordBatch]:
+        meta = pf.metadata
+        stop = meta.num_rows if stop is None else min(stop, meta.num_rows)
+        if start >= stop:
+            return
+        groups: list[int] = []
+        first_row = None
+        offset = 0
+        for g in range(meta.num_row_groups):
+            n = meta.row_group(g).num_rows
+            if offset < stop and offset + n > start:
+                groups.append(g)
+                if first_row is None:
+                    first_row = offset
+            offset += n
+        if not groups:
+            return
+        assert first_row is not None
+        skip, remaining = start - first_row, stop - start
+        for batch in pf.iter_batches(batch_size=batch_size, row_groups=groups, columns=columns,
+                                     use_threads=True):
+            if skip >= batch.num_rows:
+                skip -= batch.num_rows
+                continue
+            if skip or batch.num_rows - skip > remaining:
+                batch = batch.slice(skip, min(remaining, batch.num_rows - skip))
+            skip = 0
+            remaining -= batch.num_rows
+            yield batch
+            if remaining <= 0:
+                return
 
     def iter_batches(self, columns: list[str] | None = None, batch_size: int = 256) -> Iterator[pa.RecordBatch]:
         """Stream the version's rows as record batches, shard after shard in manifest order.
@@ -327,8 +354,13 @@ class DatasetHandle:
         columns = self.check_columns(columns)
         tables = []
         for i in range(len(self.manifest.shards)):
-            with self.open_shard(i) as pf:
-                tables.append(pf.read(columns=columns, use_threads=True))
+            lookup, read, extra = self._joined(i, columns)
+            with self.open_shard(i) as pf, lookup or contextlib.nullcontext():
+                table = pf.read(columns=read, use_threads=True)
+                if lookup is not None:
+                    table = fill_audio(table, lookup)
+                    table = table.drop_columns([ID]) if extra else table
+            tables.append(table)
         metadata = self._projected_metadata(columns)
         if not tables:
             schema = self.schema

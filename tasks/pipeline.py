@@ -31,13 +31,14 @@ from schemas.manifest import ShardInfo
 from schemas.records import Clip, Features, QuarantineError, QuarantineRow, utc_now
 from storage.objectstore import ObjectStore
 from storage.shards import ParquetShardWriter, read_marker, write_marker, write_parquet_shard
+from tasks.clip_cache import ClipRecorder, clip_key, load_index, replay
 from tasks.commit_gate import QuarantineExample, shard_needs_redo
 from tasks.describe import Bins, load_bins
 from tasks.features.models import LoadedModels, load_models
 from tasks.gpu import StageGate, no_gate
 from tasks.llm import LLMBackend, LLMResult, make_backend
 from tasks.llm.cache import CachedBackend
-from tasks.measure import measure_batch
+from tasks.measure import Measured, measure_batch
 from tasks.plan import ShardPlan
 from tasks.regenerate import generate_with_qc
 from tasks.rows import Prepared, build_row, describe_clip
@@ -180,39 +181,64 @@ def process_shard(plan: ShardPlan, config: RunConfig, store: ObjectStore, ctx: R
         backend = backend.scoped(ctx.layout.cache_scope(plan.index))
     acc = ShardTally(shard=plan.index, run_id=ctx.run_id, created_at=plan.created_at or utc_now(), gate=gate)
     layout, index = ctx.layout, plan.index
+    # Measured clips (and their audio) come from the clip cache when an earlier run measured this
+    # shard the same way; otherwise they are measured here and recorded for the next run.
+    key = clip_key(config, ctx, plan)
+    cached = load_index(store, layout.dataset, key)
+    recorder = None if cached is not None else ClipRecorder(store, layout.dataset, key, config, acc)
+    measured_batches = replay(store, cached, acc, batch_size) if cached is not None else \
+        recorder.record(_measure(plan, config, acc, models, batch_size))  # type: ignore[union-attr]
     # Uploaded once, to its immutable data key (content hash in the name); the commit only references it.
-    with ParquetShardWriter(store, lambda sha: layout.data_shard(index, sha), ROW_SCHEMA,
-                            compression=config.output.compression) as writer:
-        sent = Progress("done", 0)  # the shard's totals last reported
-        for batch in _batches(shard_clips(plan.refs, config, acc), batch_size):
-            check_stop(f"shard {plan.index:05d}")
-            prepared = prepare_batch(batch, config, bins, acc, models)
+    try:
+        with ParquetShardWriter(store, lambda sha: layout.data_shard(index, sha), ROW_SCHEMA,
+                                compression=config.output.compression) as writer:
+            sent = Progress("done", 0)  # the shard's totals last reported
+            for measured in measured_batches:
+                check_stop(f"shard {plan.index:05d}")
+                prepared = describe_batch(measured, config, bins, acc)
+                t0 = time.perf_counter()
+                results: list[LLMResult | QuarantineError] = []
+                if prepared:
+                    with gate("llm"):
+                        results = generate_with_qc(prepared, backend, config, acc.qc_failures)
+                acc.stage_seconds["llm"] += time.perf_counter() - t0
+                rows = [row for p, r in zip(prepared, results, strict=True)
+                        if (row := build_row(p, r, config, ctx, acc, backend)) is not None]
+                t0 = time.perf_counter()
+                writer.write(rows_to_table(rows))  # streamed: the shard is never held in memory
+                acc.n_rows += len(rows)
+                acc.stage_seconds["write"] += time.perf_counter() - t0
+                sent = _report_since(progress, acc, sent)
+            # Recordings dropped whole after the last full batch (no speech, unreadable) are reported here.
+            _report_since(progress, acc, sent)
+            audio = cached.file if cached is not None else recorder.finish()  # type: ignore[union-attr]
             t0 = time.perf_counter()
-            results: list[LLMResult | QuarantineError] = []
-            if prepared:
-                with gate("llm"):
-                    results = generate_with_qc(prepared, backend, config, acc.qc_failures)
-            acc.stage_seconds["llm"] += time.perf_counter() - t0
-            rows = [row for p, r in zip(prepared, results, strict=True)
-                    if (row := build_row(p, r, config, ctx, acc, backend)) is not None]
-            t0 = time.perf_counter()
-            writer.write(rows_to_table(rows))  # streamed: the shard is never held in memory
-            acc.n_rows += len(rows)
+            shard = writer.close()
             acc.stage_seconds["write"] += time.perf_counter() - t0
-            sent = _report_since(progress, acc, sent)
-        # Recordings dropped whole after the last full batch (no speech, unreadable) are reported here.
-        _report_since(progress, acc, sent)
-        t0 = time.perf_counter()
-        shard = writer.close()
-        acc.stage_seconds["write"] += time.perf_counter() - t0
+    finally:
+        if recorder is not None:
+            recorder.abort()
+    if shard is not None:
+        shard = shard.model_copy(update={"audio": audio})
     return _write_outcome(plan, store, ctx, config, acc, shard)
+
+
+def _measure(plan: ShardPlan, config: RunConfig, acc: ShardTally, models: LoadedModels,
+             batch_size: int) -> Iterator[list[Measured]]:
+    """The shard's clips (recordings cut into segments) measured batch by batch."""
+    for batch in _batches(shard_clips(plan.refs, config, acc), batch_size):
+        check_stop(f"shard {plan.index:05d}")
+        yield measure_batch(batch, config, acc, models)
+
+
+def describe_batch(measured: list[Measured], config: RunConfig, bins: Bins, acc: ShardTally) -> list[Prepared]:
+    return [p for p in (describe_clip(m, config, bins, acc) for m in measured) if p is not None]
 
 
 def prepare_batch(batch: list[Clip], config: RunConfig, bins: Bins, acc: ShardTally,
                   models: LoadedModels) -> list[Prepared]:
     """Decode + DSP per clip, then Whisper and classifiers per batch, then describe per clip."""
-    measured = measure_batch(batch, config, acc, models)
-    return [p for p in (describe_clip(m, config, bins, acc) for m in measured) if p is not None]
+    return describe_batch(measure_batch(batch, config, acc, models), config, bins, acc)
 
 
 def measure_clips(clips: list[Clip], config: RunConfig, bins: Bins, models: LoadedModels,

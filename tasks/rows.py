@@ -2,7 +2,7 @@
 dataset row around the model's answer.
 
 Describing quarantines a clip whose Whisper transcript is too long or whose description fails; the
-row carries the audio, features, seed, messages, the prompt as rendered (where we render it), the
+row carries the audio's name (its bytes are in the shard's audio file, tasks/clip_cache.py), features, seed, messages, the prompt as rendered (where we render it), the
 response and the run's provenance.
 """
 
@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 from schemas.config import RunConfig
 from schemas.records import AudioRef, Features, Provenance, QuarantineError, ReasonCode, Row, Segment, Stage
-from tasks.audio import encode_audio
 from tasks.describe import (
     Bins,
     describe_attributes,
@@ -117,7 +116,7 @@ def build_row(p: Prepared, result: LLMResult | QuarantineError, config: RunConfi
     row = Row(
         id=m.clip.id,
         dataset=m.clip.dataset,
-        audio=AudioRef(bytes=encode_audio(m.audio.samples, m.audio.sampling_rate, fmt), path=f"{local}.{fmt}"),
+        audio=AudioRef(bytes=None, path=f"{local}.{fmt}"),  # the bytes live in the shard's audio file
         audio_uri=m.clip.audio_uri,
         audio_sha256=m.audio.sha256,
         sampling_rate=m.audio.sampling_rate,
@@ -147,5 +146,5 @@ def build_row(p: Prepared, result: LLMResult | QuarantineError, config: RunConfi
     acc.tokens_completion += result.generation.completion_tokens or 0
     for key, word in p.attributes.items():
         acc.attribute_counts.setdefault(key, Counter())[word] += 1
-    acc.stage_seconds["encode"] += time.perf_counter() - t0
+    acc.stage_seconds["row"] += time.perf_counter() - t0
     return row

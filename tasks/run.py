@@ -36,6 +36,7 @@ class RunContext(BaseModel):
     pipeline_version: str
     bins_version: str
     extractor_versions: dict[str, str]
+    corpus_fingerprint: str = ""  # the sources' content (tasks/clip_cache.py keys measured clips by it)
     # An earlier attempt of this run was refused at commit: shards with clips quarantined at a model
     # stage are redone too (commit_gate.shard_needs_redo), not only those with transient failures.
     after_refusal: bool = False
@@ -75,10 +76,12 @@ def run_context(config: RunConfig) -> RunContext:
     config = launch_config(config)  # idempotent: the flow already runs with the canonical config
     config_hash = config.config_hash()
     # Same config + same corpus content = same run (resumable); a changed corpus is a new run.
-    run_id = f"run-{config_hash}-{source_fingerprint(config.sources)[:8]}"
+    corpus = source_fingerprint(config.sources)
+    run_id = f"run-{config_hash}-{corpus[:8]}"
     staging = staging_prefix(config.output.dataset, run_id)
     return RunContext(
         run_id=run_id,
+        corpus_fingerprint=corpus,
         staging=staging,
         after_refusal=run_store(config).exists(RunLayout(staging).refused),
         config_hash=config_hash,

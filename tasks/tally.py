@@ -52,11 +52,19 @@ class ShardTally:
 
 def quarantine(tally: ShardTally, clip: Clip, stage: Stage, reason: ReasonCode, message: str) -> None:
     """Record `clip` as a quarantine row with its stage and reason, and log it while the budget lasts."""
-    tally.quarantine.append(QuarantineRow(id=clip.id, dataset=clip.dataset, audio_uri=clip.audio_uri,
-                                          stage=stage, reason_code=reason, message=message,
-                                          created_at=tally.created_at))
+    replay_quarantine(tally, QuarantineRow(id=clip.id, dataset=clip.dataset, audio_uri=clip.audio_uri, stage=stage,
+                                           reason_code=reason, message=message, created_at=tally.created_at))
+
+
+def replay_quarantine(tally: ShardTally, row: QuarantineRow) -> None:
+    """Record a quarantine row (one made here, or one a clip cache kept from the run that measured
+    it: restamped with this run's time), and log it while the budget lasts."""
+    if row.created_at != tally.created_at:
+        row = row.model_copy(update={"created_at": tally.created_at})
+    tally.quarantine.append(row)
+    reason, message, stage = row.reason_code, row.message, row.stage
     if reason.value not in tally.examples:
-        tally.examples[reason.value] = QuarantineExample(id=clip.id, message=message[:EXAMPLE_CHARS])
+        tally.examples[reason.value] = QuarantineExample(id=row.id, message=message[:EXAMPLE_CHARS])
     # A line per quarantined clip for the first few of each reason, so ops find them from the run's
     # logs; then only counted (a line per shard): 200k log records would take minutes to flush and
     # bloat the Prefect database, and the quarantine Parquet lists every clip anyway.
@@ -64,7 +72,7 @@ def quarantine(tally: ShardTally, clip: Clip, stage: Stage, reason: ReasonCode, 
         tally.unlogged[reason.value] += 1
         return
     where = f"shard {tally.shard:05d}" if tally.shard >= 0 else "measuring"
-    log.warning("%s clip %s: quarantined at %s (%s): %s", where, clip.id, stage.value,
+    log.warning("%s clip %s: quarantined at %s (%s): %s", where, row.id, stage.value,
                 reason.value, message if len(message) <= 500 else message[:500] + "…")
 
 
