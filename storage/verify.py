@@ -7,7 +7,11 @@
   manifest's `arrow_schema` (quarantine parts: QUARANTINE_SCHEMA), huggingface metadata included;
 - the manifest's stats agree with its own shard list (rows, quarantined);
 - the recorded run config (`config.yaml`, when the manifest lists one) exists, has its size and
-  sha256 and parses as YAML; a version committed before configs were recorded has none to check.
+  sha256 and parses as YAML; a version committed before configs were recorded has none to check;
+- each distinct audio file the shards name (`ShardInfo.audio`, audio stored once) exists, has its
+  size and sha256 (deep), reads as Parquet with `id` and `audio` columns, and holds every id of
+  each row shard that names it (deep: the readers join the audio bytes on `id`). A version from
+  before audio files names none and is checked as before.
 It never raises for a damaged version: problems are collected so a CLI can name them all.
 """
 
@@ -16,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
@@ -32,6 +38,7 @@ from storage.versions import MANIFEST_PATH, file_key, read_manifest, version_key
 log = logging.getLogger(__name__)
 
 _HF_KEY = b"huggingface"
+ID, AUDIO = "id", "audio"
 _MAX_WORKERS = 8
 
 
@@ -48,6 +55,7 @@ class VerifyReport(BaseModel):
     shards_checked: int  # data shards + quarantine parts
     rows: int  # data rows counted in the shards' Parquet footers (the manifest's where unreadable)
     config_checked: bool = False  # the manifest lists a config.yaml (older versions do not)
+    audio_files_checked: int = 0  # distinct audio files the shards name (0 before audio stored once)
     problems: list[ShardProblem] = Field(default_factory=list)
 
     @property
@@ -56,6 +64,7 @@ class VerifyReport(BaseModel):
 
     def summary(self) -> str:
         head = (f"{self.dataset} {self.version}: {self.shards_checked} shards"
+                + (f", {self.audio_files_checked} audio files" if self.audio_files_checked else "")
                 + (", config" if self.config_checked else "") + f", {self.rows:,} rows — "
                 + ("OK" if self.ok else f"{len(self.problems)} problem(s)"))
         return "\n".join([head, *(f"  {p.path}: {p.problem}" for p in self.problems)])
@@ -75,6 +84,26 @@ def schema_difference(actual: pa.Schema, expected: pa.Schema) -> str | None:
     return None
 
 
+def _check_bytes(store: ObjectStore, key: str, info: ShardInfo, deep: bool, bad: Callable[[str], None]) -> bool:
+    """Existence, size and (deep) sha256 of one listed object; False if it is missing."""
+    try:
+        size = store.size(key)
+    except NotFound:
+        bad("missing")
+        return False
+    if size != info.bytes:
+        bad(f"size {size:,} bytes != manifest {info.bytes:,}")
+    elif deep:  # a size mismatch already proves the bytes differ; don't stream them again
+        try:
+            digest = store.sha256(key)
+        except NotFound:
+            bad("missing")
+            return False
+        if digest != info.sha256:
+            bad(f"sha256 mismatch (expected {info.sha256}, got {digest})")
+    return True
+
+
 def _check_object(store: ObjectStore, fs_base: tuple[pafs.FileSystem, str], key: str, info: ShardInfo,
                   expected_schema: pa.Schema | None, deep: bool) -> tuple[list[ShardProblem], int | None]:
     """Problems of one listed object (at store `key`) and the row count its footer reports (None if
@@ -84,22 +113,8 @@ def _check_object(store: ObjectStore, fs_base: tuple[pafs.FileSystem, str], key:
     def bad(text: str) -> None:
         problems.append(ShardProblem(path=info.path, problem=text))
 
-    try:
-        size = store.size(key)
-    except NotFound:
-        bad("missing")
+    if not _check_bytes(store, key, info, deep, bad):
         return problems, None
-    if size != info.bytes:
-        bad(f"size {size:,} bytes != manifest {info.bytes:,}")
-    elif deep:  # a size mismatch already proves the bytes differ; don't stream them again
-        try:
-            digest = store.sha256(key)
-        except NotFound:
-            bad("missing")
-            return problems, None
-        if digest != info.sha256:
-            bad(f"sha256 mismatch (expected {info.sha256}, got {digest})")
-
     fs, base = fs_base
     rows: int | None = None
     try:
@@ -116,6 +131,87 @@ def _check_object(store: ObjectStore, fs_base: tuple[pafs.FileSystem, str], key:
     if diff:
         bad(diff)
     return problems, rows
+
+
+def _audio_fix(key: str) -> str:
+    """What to do about a damaged audio file: its rows cannot get their audio until it is made again."""
+    index = re.sub(r"-[0-9a-f]{16}\.parquet$", ".json", key)
+    return (f"fix: restore it, or delete it and its clip index {index} and re-run the version's config.yaml "
+            "(`speechpairs run --config …`), which measures those clips again")
+
+
+def _check_audio(store: ObjectStore, fs_base: tuple[pafs.FileSystem, str], key: str, info: ShardInfo,
+                 users: list[str], deep: bool) -> tuple[list[ShardProblem], set[str] | None]:
+    """Problems of one audio file (at store `key`) that the row shards `users` name, and its ids
+    (deep only; None if not read): readers join each shard's audio bytes from it on `id`."""
+    problems: list[ShardProblem] = []
+    of = f"audio of {users[0]}" + (f" and {len(users) - 1} more shard(s)" if len(users) > 1 else "")
+
+    def bad(text: str) -> None:
+        problems.append(ShardProblem(path=info.path, problem=f"{text} ({of}); {_audio_fix(key)}"))
+
+    if not _check_bytes(store, key, info, deep, bad):
+        return problems, None
+    fs, base = fs_base
+    ids: set[str] | None = None
+    try:
+        with fs.open_input_file(f"{base}/{key}") as fh:
+            pf = pq.ParquetFile(fh)
+            rows = pf.metadata.num_rows
+            lacking = [c for c in (ID, AUDIO) if c not in pf.schema_arrow.names]
+            if deep and not lacking:
+                ids = {str(i) for i in pf.read(columns=[ID]).column(ID).to_pylist()}
+    except (OSError, pa.ArrowException) as exc:
+        bad(f"unreadable Parquet ({type(exc).__name__}: {str(exc)[:200]})")
+        return problems, None
+    if rows != info.rows:
+        bad(f"rows {rows:,} != manifest {info.rows:,}")
+    if lacking:
+        bad(f"no {' or '.join(repr(c) for c in lacking)} column (an audio file has `id` and `audio`)")
+    return problems, ids
+
+
+def _shard_ids(fs_base: tuple[pafs.FileSystem, str], key: str) -> list[str] | None:
+    """A row shard's ids, or None if it cannot be read (its own check reports why)."""
+    fs, base = fs_base
+    try:
+        with fs.open_input_file(f"{base}/{key}") as fh:
+            return [str(i) for i in pq.ParquetFile(fh).read(columns=[ID]).column(ID).to_pylist()]
+    except (OSError, pa.ArrowException, KeyError):
+        return None
+
+
+def _check_audio_files(store: ObjectStore, manifest: Manifest, fs_base: tuple[pafs.FileSystem, str],
+                       pool: ThreadPoolExecutor, deep: bool) -> tuple[list[ShardProblem], int]:
+    """Every distinct audio file the shards name (once, however many shards share it), and (deep)
+    every shard's ids in its audio file. Returns the problems and the number of audio files."""
+    files: dict[str, tuple[ShardInfo, list[ShardInfo]]] = {}
+    for shard in manifest.shards:
+        if shard.audio is not None:
+            files.setdefault(file_key(manifest, shard.audio), (shard.audio, []))[1].append(shard)
+    if not files:
+        return [], 0
+    keys = list(files)
+
+    def check(key: str) -> tuple[list[ShardProblem], set[str] | None]:
+        info, users = files[key]
+        return _check_audio(store, fs_base, key, info, [u.path for u in users], deep)
+
+    results = dict(zip(keys, pool.map(check, keys), strict=True))
+    problems = [p for key in keys for p in results[key][0]]
+    pairs = [(key, shard) for key in keys if results[key][1] is not None for shard in files[key][1]]
+    shard_ids = list(pool.map(lambda pair: _shard_ids(fs_base, file_key(manifest, pair[1])), pairs))
+    for (key, shard), ids in zip(pairs, shard_ids, strict=True):
+        held = results[key][1]
+        assert held is not None
+        absent = [i for i in ids or [] if i not in held]
+        if absent:  # named by the shard: a shard rewritten or swapped since is the usual cause
+            problems.append(ShardProblem(
+                path=shard.path,
+                problem=f"{len(absent):,} of its {len(ids or []):,} ids are not in its audio file {files[key][0].path} "
+                        f"(first {absent[0]!r}): readers cannot join their audio; fix: re-run the version's "
+                        "config.yaml (`speechpairs run --config …`)"))
+    return problems, len(files)
 
 
 def _check_config(store: ObjectStore, key: str, info: FileInfo, deep: bool) -> list[ShardProblem]:
@@ -166,6 +262,7 @@ def verify_manifest(store: ObjectStore, manifest: Manifest, *, deep: bool = True
     n_workers = max(1, min(workers or min(_MAX_WORKERS, (os.cpu_count() or 2) * 2), len(jobs) or 1))
     with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="verify") as pool:
         results = list(pool.map(check, jobs))  # manifest order, whatever order they finish in
+        audio_problems, audio_files = _check_audio_files(store, manifest, fs_base, pool, deep)
 
     rows = 0
     quarantined = 0
@@ -177,6 +274,7 @@ def verify_manifest(store: ObjectStore, manifest: Manifest, *, deep: bool = True
         else:
             quarantined += counted if counted is not None else info.rows
 
+    problems += audio_problems
     if manifest.config is not None:
         problems += _check_config(store, version_key(dataset, version, manifest.config.path), manifest.config, deep)
 
@@ -189,8 +287,10 @@ def verify_manifest(store: ObjectStore, manifest: Manifest, *, deep: bool = True
         problems.append(ShardProblem(path=MANIFEST_PATH, problem=f"stats.quarantined {manifest.stats.quarantined:,}"
                                                                  f" != sum of quarantine part rows {listed_q:,}"))
     report = VerifyReport(dataset=dataset, version=version, shards_checked=len(jobs), rows=rows,
-                          config_checked=manifest.config is not None, problems=problems)
-    log.info("verified %s %s: %d objects, %d rows, %d problems", dataset, version, len(jobs), rows, len(problems))
+                          config_checked=manifest.config is not None, audio_files_checked=audio_files,
+                          problems=problems)
+    log.info("verified %s %s: %d objects, %d audio files, %d rows, %d problems", dataset, version, len(jobs),
+             audio_files, rows, len(problems))
     return report
 
 
