@@ -1,5 +1,7 @@
 """Commit benchmark: wall time and bytes moved by `commit_version` at 1× and 8× data, on a real
-SeaweedFS S3 server on 127.0.0.1 (target: 8×/1× wall-time ratio ≤ 1.2×).
+SeaweedFS S3 server on 127.0.0.1 (target: 8×/1× wall-time ratio ≤ 1.2×); and a regeneration run that
+changes only the LLM settings against the 8× first run: bytes it writes (target < 5% of the first
+run's) and CPU seconds outside the LLM stage (target < 10%).
 
 For each size the pipeline runs once on a distinct-audio corpus (bench/pipeline.py
 `repeated_manifest`: each copy new audio, so the shards are the size real data would be), with a
@@ -7,6 +9,10 @@ fixed shard size (8× data = 8× shards). Its commit is timed alone, through a w
 what every store call moves: bytes put, bytes copied (server-side), bytes read, and requests; the
 same data keys are then committed `--rounds` more times (as other runs, 1× and 8× alternating) and
 each size's best time is kept.
+Regeneration: the 8× config with other LLM sampling settings (a new run, a new version) runs on the
+same root; bytes written = the sizes of the objects that appear or change under the root during the
+run (listed before and after), CPU = the process's CPU time over the run minus the CPU time spent
+inside the LLM stage (`generate_with_qc`, wrapped), for both runs alike.
 The same staged shards are then also committed the way the code before data keys did (staged
 under `_staging/<run>/shards/`: copied into the version prefix and each copy re-read), for the
 before/after comparison on the same data.
@@ -17,6 +23,7 @@ before/after comparison on the same data.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -33,6 +40,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 TARGET_RATIO = 1.2
+REGEN_BYTES = 0.05
+REGEN_CPU = 0.10
 
 
 class Meter:
@@ -88,7 +97,6 @@ def run_size(server: Any, work: Path, repeat: int, shard_size: int) -> dict[str,
     """Run the pipeline once on `repeat` distinct copies of the sample; time and meter its commit,
     then commit the same shards the old way (copy + re-read)."""
     from bench.pipeline import repeated_manifest
-    from flows.generate import run_plain
     from schemas.config import parse_config
     from storage.layout import staging_prefix
     from storage.versions import commit_version
@@ -117,7 +125,7 @@ def run_size(server: Any, work: Path, repeat: int, shard_size: int) -> dict[str,
 
     publish.commit_version = timed  # type: ignore[assignment]
     try:
-        manifest = run_plain(config)
+        manifest, _ = costed_run(config)
     finally:
         publish.commit_version = real  # type: ignore[assignment]
     store, kw, meter = seen["store"], seen["kw"], seen["meter"]
@@ -142,7 +150,62 @@ def run_size(server: Any, work: Path, repeat: int, shard_size: int) -> dict[str,
     return {"repeat": repeat, "rows": manifest.stats.rows, "shards": len(manifest.shards), "data_bytes": data_bytes,
             "seconds": seen["seconds"], "put": meter.put, "copy": meter.copy, "get": meter.get,
             "requests": meter.requests, "moved": meter.moved, "old_seconds": old_seconds,
-            "old_moved": old_meter.moved, "old_requests": old_meter.requests, "store": store, "kw": kw}
+            "old_moved": old_meter.moved, "old_requests": old_meter.requests, "store": store, "kw": kw,
+            "config": config}
+
+
+def _objects(store: Any) -> dict[str, tuple[int, float]]:
+    return {o.key: (o.size, o.mtime) for o in store.list_info("")}
+
+
+def costed_run(config: Any) -> tuple[Any, dict[str, float]]:
+    """run_plain with what it costs: bytes written under the root, CPU seconds in and outside the LLM stage."""
+    from flows.generate import run_plain
+    from tasks import pipeline
+    from tasks.run import run_context, run_store
+
+    store = run_store(config)
+    before = _objects(store)
+    llm_cpu = [0.0]
+    real = pipeline.generate_with_qc
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.process_time()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            llm_cpu[0] += time.process_time() - t0
+
+    pipeline.generate_with_qc = timed  # type: ignore[assignment]
+    cpu0 = time.process_time()
+    try:
+        manifest = run_plain(config)
+    finally:
+        pipeline.generate_with_qc = real  # type: ignore[assignment]
+    cpu = time.process_time() - cpu0
+    after = _objects(store)
+    written = sum(size for key, (size, tag) in after.items() if before.get(key) != (size, tag))
+    stages: dict[str, float] = {}
+    ctx = run_context(config)
+    for key in store.list(ctx.layout.markers):
+        for stage, seconds in json.loads(store.get_bytes(key))["stage_seconds"].items():
+            stages[stage] = stages.get(stage, 0.0) + seconds
+    return manifest, {"written": written, "cpu": cpu, "llm_cpu": llm_cpu[0], "other_cpu": cpu - llm_cpu[0],
+                      "stages": sum(v for k, v in stages.items() if k != "llm"), "by_stage": stages}
+
+
+def regenerate(r: dict[str, Any], shard_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A first run of the large corpus at `shard_size`, then the same with other LLM sampling
+    settings (a new run and version on the same root): what each costs."""
+    config = r["config"]
+    first_config = config.model_copy(update={"output": config.output.model_copy(update={
+        "dataset": "regen", "shard_size": shard_size})})
+    first_manifest, first = costed_run(first_config)
+    llm = config.llm.model_copy(update={"temperature": 0.3, "top_p": 0.8, "seed": config.llm.seed + 1})
+    manifest, cost = costed_run(first_config.model_copy(update={"llm": llm}))
+    assert manifest.stats.rows == first_manifest.stats.rows == r["rows"]
+    assert manifest.lineage.run_id != first_manifest.lineage.run_id
+    return first, cost
 
 
 def recommit(sizes: list[dict[str, Any]], rounds: int) -> None:
@@ -163,6 +226,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="copies of the sample at 1× (8× uses 8 times as many)")
     parser.add_argument("--shard-size", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=10, help="extra commits of the same shards (best time kept)")
+    parser.add_argument("--regen-shard-size", type=int, default=100,
+                        help="shard size of the regeneration comparison (a run's usual size, not the commit test's)")
     args = parser.parse_args()
 
     from bench.read import start_seaweedfs
@@ -177,6 +242,7 @@ def main() -> None:
             small = run_size(server, work, args.repeat, args.shard_size)
             large = run_size(server, work, 8 * args.repeat, args.shard_size)
             recommit([small, large], args.rounds)
+            first, regen = regenerate(large, args.regen_shard_size)
         finally:
             weed.stop()
     for r in (small, large):
@@ -190,6 +256,16 @@ def main() -> None:
           f"old protocol {old_ratio:.2f}×")
     print(f"bytes moved 8×/1×: {large['moved'] / small['moved']:.2f}× (metadata only: {large['moved']:,} B vs "
           f"{large['data_bytes']:,} B of shards); old protocol {large['old_moved'] / small['old_moved']:.2f}×")
+    written, stages = regen["written"] / first["written"], regen["stages"] / first["stages"]
+    for name, c in (("first run", first), ("regeneration", regen)):
+        print(f"{name} ×{large['repeat']} (shards of {args.regen_shard_size}): wrote {c['written']:,} B | stage "
+              f"seconds outside the LLM stage {c['stages']:.2f} s ("
+              + ", ".join(f"{k} {v:.2f}" for k, v in sorted(c["by_stage"].items()) if v >= 0.005)
+              + f") | process CPU {c['cpu']:.2f} s, of it {c['llm_cpu']:.2f} s in the LLM stage")
+    print(f"regeneration (other LLM settings) bytes written: {written:.1%} of the first run's (target < "
+          f"{REGEN_BYTES:.0%}: {'PASS' if written < REGEN_BYTES else 'FAIL'}); seconds in the non-LLM stages: "
+          f"{stages:.1%} (target < {REGEN_CPU:.0%}: {'PASS' if stages < REGEN_CPU else 'FAIL'}); whole-process CPU "
+          f"outside the LLM stage (planning, commit, imports done): {regen['other_cpu'] / first['other_cpu']:.1%}")
 
 
 if __name__ == "__main__":

@@ -187,29 +187,49 @@ class ClipRecorder:
 
 def replay(store: ObjectStore, index: ClipIndex, acc: ShardTally, batch_size: int) -> Iterator[list[Measured]]:
     """The cached shard's measured clips batch by batch, with its quarantine rows and counts replayed
-    into `acc` as the measuring run saw them (a cache hit: nothing decoded or measured)."""
+    into `acc` as the measuring run saw them (a cache hit: nothing decoded or measured). The audio
+    bytes stay unread unless a clip with several spans needs its samples to be described again."""
     fs, base = store.arrow_fs()
     done_q = 0
     t0 = time.perf_counter()
     with fs.open_input_file(f"{base}/{index.file.path}") as fh:
         pf = pq.ParquetFile(fh)
+        audio = _LazyAudio(pf)
+        columns = [n for n in CLIP_FILE_SCHEMA.names if n != "audio"]
         pending: list[dict[str, Any]] = []
-        for record_batch in pf.iter_batches(batch_size=batch_size):
+        row_no = 0
+        for record_batch in pf.iter_batches(batch_size=batch_size, columns=columns):
             for row in record_batch.to_pylist():
+                row["row"] = row_no
+                row_no += 1
                 if pending and row["batch"] != pending[-1]["batch"]:
                     done_q = _counts(acc, index, pending[-1], done_q)
                     acc.stage_seconds["clip_cache"] += time.perf_counter() - t0
-                    yield [_measured(r) for r in pending]
+                    yield [_measured(r, audio) for r in pending]
                     t0 = time.perf_counter()
                     pending = []
                 pending.append(row)
         if pending:
             done_q = _counts(acc, index, pending[-1], done_q)
             acc.stage_seconds["clip_cache"] += time.perf_counter() - t0
-            yield [_measured(r) for r in pending]
+            yield [_measured(r, audio) for r in pending]
     for q in index.quarantine[done_q:]:
         replay_quarantine(acc, q)
     acc.refs_done, acc.recordings_cut, acc.segments = index.refs_done, index.recordings_cut, index.segments
+
+
+class _LazyAudio:
+    """The file's audio bytes by row, read (once, whole column) only when a clip needs its samples."""
+
+    def __init__(self, pf: pq.ParquetFile) -> None:
+        self._pf = pf
+        self._column: pa.ChunkedArray | None = None
+
+    def __getitem__(self, row: int) -> bytes:
+        if self._column is None:
+            self._column = self._pf.read(columns=["audio"]).column("audio")
+        value: bytes = self._column[row]["bytes"].as_py()
+        return value
 
 
 def _counts(acc: ShardTally, index: ClipIndex, row: dict[str, Any], done_q: int) -> int:
@@ -219,11 +239,11 @@ def _counts(acc: ShardTally, index: ClipIndex, row: dict[str, Any], done_q: int)
     return max(done_q, row["quarantined"])
 
 
-def _measured(row: dict[str, Any]) -> Measured:
+def _measured(row: dict[str, Any], stored: _LazyAudio) -> Measured:
     clip = Clip.model_validate_json(row["clip"])
     m = json.loads(row["measured"])
     # Describing needs the samples only for a clip with several spans (per-span measures).
-    samples = _decode(row["audio"]["bytes"]) if len(clip.spans) > 1 and m["speech"] else np.zeros(0, np.float32)
+    samples = _decode(stored[row["row"]]) if len(clip.spans) > 1 and m["speech"] else np.zeros(0, np.float32)
     audio = DecodedAudio(samples=samples, sampling_rate=m["sampling_rate"],
                          source_sampling_rate=m["source_sampling_rate"], source_channels=m["source_channels"],
                          duration_s=m["duration_s"], sha256=row["audio_sha256"], clipping_ratio=m["clipping_ratio"])

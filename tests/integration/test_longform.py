@@ -32,6 +32,7 @@ from storage.versions import file_key, read_manifest
 from tests.support.longform import Recording, build_recording, write_srt
 from tests.support.paths import REPO
 from tests.support.speech import SENTENCES, SR, load_16k, trim_quiet
+from tests.support.stored import stored_rows
 
 SAMPLES = REPO / "examples" / "sample_corpus"
 ID = re.compile(r"^(?P<rec>.+)@(?P<start>\d+)-(?P<end>\d+)$")
@@ -111,12 +112,11 @@ def longform_config(corpus: dict[str, Any], out: Path, **extra: Any) -> RunConfi
 
 
 def committed(out: Path, dataset: str, version: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    manifest = read_manifest(open_store(str(out)), dataset, version)
-    rows: list[dict[str, Any]] = []
+    store = open_store(str(out))
+    manifest = read_manifest(store, dataset, version)
     for shard in manifest.shards:
-        table = pq.read_table(out / file_key(manifest, shard))
-        assert table.schema.equals(ROW_SCHEMA)
-        rows += table.to_pylist()
+        assert pq.read_schema(out / file_key(manifest, shard)).equals(ROW_SCHEMA)
+    rows = list(stored_rows(store, manifest).values())
     quarantined: list[dict[str, Any]] = []
     for part in manifest.quarantine:
         quarantined += pq.read_table(out / file_key(manifest, part)).to_pylist()

@@ -10,11 +10,9 @@ from __future__ import annotations
 import multiprocessing
 import uuid
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from schemas.config import S3Config
@@ -27,6 +25,7 @@ torch = pytest.importorskip("torch")
 from torch.utils.data import DataLoader
 
 from storage.torch_dataset import collate_speech_batch, decode_audio_bytes
+from tests.support.stored import stored_rows
 
 ROWS = 30
 
@@ -62,9 +61,8 @@ def v30(request: pytest.FixtureRequest) -> DatasetHandle:
 
 
 def stored(handle: DatasetHandle) -> dict[str, dict[str, Any]]:
-    """The version's rows by id, read straight from the shard files with pyarrow."""
-    files = [Path(uri) for uri in handle.shard_uris()]  # a local root: absolute paths
-    return {r["id"]: r for f in files for r in pq.read_table(f).to_pylist()}
+    """The version's rows by id, read straight from the shard (and audio) files with pyarrow."""
+    return stored_rows(handle.store, handle.manifest)
 
 
 @pytest.mark.parametrize("size", [4, 7, 64])

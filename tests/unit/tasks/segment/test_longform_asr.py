@@ -17,16 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
 from flows.generate import run_plain
 from schemas.config import RunConfig, parse_config
 from schemas.manifest import Manifest
-from storage.versions import file_key
+from storage.objectstore import open_store
 from tests.support.longform import build_recording, words_inside, write_srt
 from tests.support.speech import SENTENCES, SR, trim_quiet
+from tests.support.stored import stored_rows
 from tests.support.tiny_models import build_micro_whisper
 
 pytest.importorskip("whisper")
@@ -63,11 +63,7 @@ def _config(corpus: dict[str, Any], out: Path, asr: bool) -> RunConfig:
 
 
 def _rows(out: Path, manifest: Manifest) -> dict[str, dict[str, Any]]:
-    rows: dict[str, dict[str, Any]] = {}
-    for shard in manifest.shards:
-        for row in pq.read_table(out / file_key(manifest, shard)).to_pylist():
-            rows[row["id"]] = row
-    return rows
+    return stored_rows(open_store(str(out)), manifest)
 
 
 class TranscribeSpy:
