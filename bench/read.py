@@ -3,7 +3,8 @@
 Commits one version of the sample corpus × repeat to S3 (each copy distinct audio, see
 bench/pipeline.py `repeated_manifest`: identical copies would compress away), then measures, in one run:
 - streaming: `open_dataset(...).iter_batches()` over every row vs plain `pyarrow.parquet.read_table`
-  of the same shard files through the same pyarrow S3FileSystem (throughput ratio, target ≥ 0.9×);
+  of the same files (row shards and the audio files their audio lives in) through the same pyarrow
+  S3FileSystem (throughput ratio, target ≥ 0.9×);
 - the torch loader: `DataLoader` over `handle.torch_dataset()` with 0 and 2 workers, audio decoded
   and not, per-row mode (`batch_size=None`) and batch mode (`torch_dataset(batch_size=N)`), each as
   rows/s and as a ratio to read_table's row rate (target: batch mode, 2 workers, decoded ≥ 0.5×);
@@ -94,21 +95,38 @@ def torch_loader_rates(handle: DatasetHandle, rows: int, plain_rate: float, roun
 
 def torch_child(spec: dict[str, Any]) -> None:
     """The torch loader figures, with read_table's row rate over the same files measured here too."""
-    import pyarrow.parquet as pq
 
     from schemas.config import S3Config
     from storage.reader import open_dataset
 
     handle = open_dataset(spec["uri"], s3=S3Config(endpoint_url=spec["endpoint"], region=spec["region"],
                                                    addressing_style="path"))
-    fs, base = handle.store.arrow_fs()
-    paths = [f"{base}/{handle.shard_key(i)}" for i in range(len(handle.manifest.shards))]
+    fs, paths = version_files(handle)
     best = float("inf")
     for _ in range(spec["rounds"] + 1):  # the first round warms up
         t0 = time.perf_counter()
-        n = sum(pq.read_table(p, filesystem=fs).num_rows for p in paths)
+        n = read_all(fs, paths, len(handle.manifest.shards))
         best = min(best, time.perf_counter() - t0)
     torch_loader_rates(handle, n, n / best, spec["torch_rounds"], spec["batch"])
+
+
+def version_files(handle: DatasetHandle) -> tuple[Any, list[str]]:
+    """The store's pyarrow filesystem and every file of the version's rows: each row shard and each
+    audio file its rows' audio bytes live in (audio stored once), the bytes any reader has to fetch."""
+    from storage.versions import file_key
+
+    fs, base = handle.store.arrow_fs()
+    keys = [handle.shard_key(i) for i in range(len(handle.manifest.shards))]
+    keys += list(dict.fromkeys(file_key(handle.manifest, s.audio) for s in handle.manifest.shards if s.audio))
+    return fs, [f"{base}/{k}" for k in keys]
+
+
+def read_all(fs: Any, paths: list[str], shards: int) -> int:
+    """read_table of every file; the row count of the first `shards` (the row shards)."""
+    import pyarrow.parquet as pq
+
+    counts = [pq.read_table(p, filesystem=fs).num_rows for p in paths]
+    return sum(counts[:shards])
 
 
 def main() -> None:
@@ -124,7 +142,6 @@ def main() -> None:
         torch_child(json.loads(args.torch_child))
         return
 
-    import pyarrow.parquet as pq
 
     from bench.pipeline import bytes_per_audio_second, make_config, repeated_manifest
     from flows.generate import run_plain
@@ -152,17 +169,17 @@ def main() -> None:
             s3 = S3Config(endpoint_url=server.endpoint_url, region=server.region, addressing_style="path")
             handle = open_dataset(f"{root}/bench", s3=s3)
             rows = handle.num_rows
-            total_bytes = sum(s.bytes for s in manifest.shards)
+            audio_files = {s.audio.path: s.audio.bytes for s in manifest.shards if s.audio is not None}
+            total_bytes = sum(s.bytes for s in manifest.shards) + sum(audio_files.values())
             print(f"version: {handle.uri}  {rows} rows, {len(manifest.shards)} shards, "
                   f"{total_bytes / 1e6:.2f} MB, {manifest.stats.audio_hours * 3600:.0f} audio s, "
                   f"{bytes_per_audio_second(manifest) / 1e3:.1f} KB per audio second "
                   f"(corpus written and committed in {commit_s:.1f} s)")
 
-            fs, base = handle.store.arrow_fs()
-            paths = [f"{base}/{handle.shard_key(i)}" for i in range(len(manifest.shards))]
+            fs, paths = version_files(handle)
 
             def plain() -> int:
-                return sum(pq.read_table(p, filesystem=fs).num_rows for p in paths)
+                return read_all(fs, paths, len(manifest.shards))
 
             def streaming() -> int:
                 return sum(b.num_rows for b in handle.iter_batches())
