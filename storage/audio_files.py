@@ -71,14 +71,22 @@ class AudioLookup:
         """The audio values of `ids`, in their order (AudioLookupError names a missing id and the file)."""
         self._open()
         assert self._rows is not None
+        # Runs of ids in one row group are taken at once (a batch in shard order touches one or two).
         pieces: list[pa.Array] = []
+        run_group, run_rows = -1, list[int]()
         for clip_id in ids:
             row = self._rows.get(clip_id)
             if row is None:
                 raise AudioLookupError(f"audio file {self.uri} has no clip {clip_id!r}: the version lists an audio "
                                        "file that does not hold its rows (run `speechpairs datasets verify`)")
             g = bisect.bisect_right(self._starts, row) - 1
-            pieces.append(self._group(g).slice(row - self._starts[g], 1))
+            if g != run_group and run_rows:
+                pieces.append(self._group(run_group).take(pa.array(run_rows, pa.int64())))
+                run_rows = []
+            run_group = g
+            run_rows.append(row - self._starts[g])
+        if run_rows:
+            pieces.append(self._group(run_group).take(pa.array(run_rows, pa.int64())))
         if not pieces:
             return pa.array([], type=AUDIO_TYPE)
         return pa.concat_arrays(pieces).cast(AUDIO_TYPE)
