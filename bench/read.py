@@ -110,15 +110,19 @@ def torch_child(spec: dict[str, Any]) -> None:
     torch_loader_rates(handle, n, n / best, spec["torch_rounds"], spec["batch"])
 
 
-def version_files(handle: DatasetHandle) -> tuple[Any, list[str]]:
-    """The store's pyarrow filesystem and every file of the version's rows: each row shard and each
-    audio file its rows' audio bytes live in (audio stored once), the bytes any reader has to fetch."""
+def version_keys(handle: DatasetHandle) -> list[str]:
+    """Every file of the version's rows: each row shard, then each audio file its rows' audio bytes
+    live in (audio stored once): the bytes any reader has to fetch."""
     from storage.versions import file_key
 
-    fs, base = handle.store.arrow_fs()
     keys = [handle.shard_key(i) for i in range(len(handle.manifest.shards))]
-    keys += list(dict.fromkeys(file_key(handle.manifest, s.audio) for s in handle.manifest.shards if s.audio))
-    return fs, [f"{base}/{k}" for k in keys]
+    return keys + list(dict.fromkeys(file_key(handle.manifest, s.audio) for s in handle.manifest.shards if s.audio))
+
+
+def version_files(handle: DatasetHandle) -> tuple[Any, list[str]]:
+    """The store's pyarrow filesystem and the paths of `version_keys` on it."""
+    fs, base = handle.store.arrow_fs()
+    return fs, [f"{base}/{k}" for k in version_keys(handle)]
 
 
 def read_all(fs: Any, paths: list[str], shards: int) -> int:
@@ -177,6 +181,7 @@ def main() -> None:
                   f"(corpus written and committed in {commit_s:.1f} s)")
 
             fs, paths = version_files(handle)
+            keys = version_keys(handle)
 
             def plain() -> int:
                 return read_all(fs, paths, len(manifest.shards))
@@ -217,19 +222,18 @@ def main() -> None:
             for r in range(max(1, args.rounds // 2)):
                 dest = work / f"pull{r}"
                 t0 = time.perf_counter()
-                for i in range(len(manifest.shards)):
-                    handle.store.download_file(handle.shard_key(i), dest / manifest.shards[i].path)
+                for i, key in enumerate(keys):
+                    handle.store.download_file(key, dest / f"{i}.parquet")
                 pull_best = min(pull_best, time.perf_counter() - t0)
                 pulled = sum(f.stat().st_size for f in dest.rglob("*.parquet"))
                 assert pulled == total_bytes, (pulled, total_bytes)
             mbps = total_bytes / 1e6 / pull_best
-            print(f"pull (store.download_file, {len(manifest.shards)} shards, one at a time): "
+            print(f"pull (store.download_file, {len(keys)} files, one at a time): "
                   f"{pull_best * 1e3:8.1f} ms  {mbps:7.1f} MB/s")
             dest = work / "pull-threads"
             t0 = time.perf_counter()
             with ThreadPoolExecutor(max_workers=4) as pool:
-                list(pool.map(lambda i: handle.store.download_file(handle.shard_key(i), dest / f"{i}.parquet"),
-                              range(len(manifest.shards))))
+                list(pool.map(lambda i: handle.store.download_file(keys[i], dest / f"{i}.parquet"), range(len(keys))))
             par_s = time.perf_counter() - t0
             print(f"pull (store.download_file, 4 threads):               {par_s * 1e3:8.1f} ms  "
                   f"{total_bytes / 1e6 / par_s:7.1f} MB/s")
