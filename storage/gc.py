@@ -12,17 +12,27 @@ What goes (only when its newest object is older than the threshold):
   once the run's staging is gone or removed in this pass (a run still resumable or holding a live
   lease claims its data objects: its markers name them). Refs and tags only point at committed
   versions, so what they reach is what those manifests list.
+- `<dataset>/audio/<clip-key>-<sha16>.parquet` audio files (audio stored once, shared by runs and
+  versions) that no committed manifest of ANY dataset lists as a shard's `.audio`, that no
+  completion marker of a run whose staging survives this pass claims (`shard.audio.path`), each
+  older than the threshold; and while a run of the dataset holds a live lease, an audio file its
+  clip index still names stays too (that run may have found it through the index and not yet
+  written the marker that claims it). A clip index (`<clip-key>.json`, the regeneration cache) stays
+  as long as the audio file it names stays and goes with it; an old index naming a file that is gone
+  goes alone (a run finding it would measure afresh anyway).
 What never goes: anything under a version with a manifest (committed), anything under `refs/`, and
-any object a committed manifest lists.
+any object a committed manifest lists (row shard, quarantine part or audio file).
 
 Ages come from the store's own timestamps (file mtime, S3 LastModified), listed in one pass.
 Right before a prefix is deleted its newest timestamp is read again, so a run that resumed in
 the meantime is left alone; before data objects go, manifests committed since the scan are read
-and the run's lease and staging checked again.
+and the run's lease and staging checked again; before audio files go, the manifests and the
+surviving runs' markers are read again and the leases checked again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -31,17 +41,28 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from storage.layout import data_prefix, data_run, staging_prefix, staging_run
+from storage.layout import (
+    LEASE,
+    STAGING_DIR,
+    audio_prefix,
+    data_prefix,
+    data_run,
+    staging_prefix,
+    staging_run,
+)
 from storage.lease import read_lease
 from storage.objectstore import NotFound, ObjectInfo, ObjectStore
+from storage.shards import read_marker
 from storage.versions import CLAIM_PATH, LAYOUT_DATA_KEYS, MANIFEST_PATH, VERSION_RE, check_dataset
 from storage.versions import read_manifest as _read_manifest
 
 log = logging.getLogger(__name__)
 
 _MANIFEST_KEY_RE = re.compile(rf"^([^/]+)/(v\d{{4,}})/{re.escape(MANIFEST_PATH)}$")
-Kind = Literal["staging", "version", "data"]  # what a key of the dataset belongs to
-EntryKind = Literal["staging", "uncommitted", "data"]  # what a report entry removes or keeps
+_AUDIO_NAME_RE = re.compile(r"^([0-9a-f]{16,64})(?:-[0-9a-f]{16}\.parquet|\.json)$")  # audio file, clip index
+_MARKER_RE = re.compile(r"/markers/shard-\d+\.json$")
+Kind = Literal["staging", "version", "data", "audio"]  # what a key of the dataset belongs to
+EntryKind = Literal["staging", "uncommitted", "data", "audio"]  # what a report entry removes or keeps
 
 
 class GcPrefix(BaseModel):
@@ -61,6 +82,7 @@ class GcReport(BaseModel):
     kept_young: list[GcPrefix] = Field(default_factory=list)  # garbage candidates not old enough / claimed
     committed_versions: list[str] = Field(default_factory=list)  # seen and left alone
     referenced_objects: int = 0  # data objects of this dataset a committed manifest lists (kept)
+    referenced_audio: int = 0  # audio files of this dataset a manifest lists or a surviving run claims (kept)
 
     @property
     def objects_removed(self) -> int:
@@ -79,6 +101,10 @@ def _group(dataset: str, key: str) -> tuple[str, Kind] | None:
     run = data_run(dataset, key)
     if run is not None:
         return data_prefix(dataset, run), "data"
+    audio = audio_prefix(dataset)
+    if key.startswith(audio):
+        m = _AUDIO_NAME_RE.match(key[len(audio):])
+        return (audio + m.group(1), "audio") if m else None  # one clip key: its audio file(s) and index
     parts = key[len(dataset) + 1:].split("/")
     if len(parts) >= 2 and VERSION_RE.match(parts[0]):
         return f"{dataset}/{parts[0]}/", "version"
@@ -86,12 +112,13 @@ def _group(dataset: str, key: str) -> tuple[str, Kind] | None:
 
 
 class _References:
-    """Every data key the committed manifests under the root list (each manifest read once)."""
+    """Every data key and audio file the committed manifests under the root list (each manifest read once)."""
 
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
         self.seen: set[str] = set()
         self.keys: set[str] = set()
+        self.audio: set[str] = set()
 
     def refresh(self) -> set[str]:
         """Read the manifests committed since the last call; the referenced keys so far."""
@@ -106,6 +133,8 @@ class _References:
                 continue
             if manifest.layout == LAYOUT_DATA_KEYS:
                 self.keys.update(s.path for s in [*manifest.shards, *manifest.quarantine])
+            # Audio files are root-relative keys whatever the layout (file_key of a layout-2 path).
+            self.audio.update(s.audio.path for s in manifest.shards if s.audio is not None)
         return self.keys
 
 
@@ -133,7 +162,7 @@ def collect_garbage(store: ObjectStore, dataset: str, older_than_s: float, *, dr
 
     surviving_staging: set[str] = set()  # staging prefixes still there after this pass
     for prefix, (kind, objs) in sorted(groups.items()):
-        if kind == "data":
+        if kind in ("data", "audio"):  # collected after the staging pass, which decides what runs survive
             continue
         names = {o.key[len(prefix):] for o in objs}
         if kind == "version" and MANIFEST_PATH in names:
@@ -155,11 +184,15 @@ def collect_garbage(store: ObjectStore, dataset: str, older_than_s: float, *, dr
                  entry.objects, entry.bytes, entry.newest.isoformat(), " [dry run]" if dry_run else "")
 
     data_groups = sorted((p, objs) for p, (kind, objs) in groups.items() if kind == "data")
-    if data_groups:
+    audio_groups = sorted((p, objs) for p, (kind, objs) in groups.items() if kind == "audio")
+    if data_groups or audio_groups:
         refs = _References(store)
         referenced = refs.refresh()
         for prefix, objs in data_groups:
             _collect_data(store, report, refs, referenced, prefix, objs, surviving_staging, clock)
+        if audio_groups:
+            surviving = {p: [o.key for o in groups[p][1]] for p in surviving_staging}
+            _collect_audio(store, report, refs, audio_groups, surviving, clock)
     return report
 
 
@@ -194,6 +227,90 @@ def _collect_data(store: ObjectStore, report: GcReport, refs: _References, refer
     young = [o for o in live if o not in old]
     if young:
         report.kept_young.append(_entry(prefix, "data", young, max(o.mtime for o in young), clock))
+
+
+def _marker_claims(store: ObjectStore, keys: list[str]) -> set[str]:
+    """The audio files the completion markers among `keys` name (`shard.audio.path`)."""
+    claimed: set[str] = set()
+    for key in keys:
+        if not _MARKER_RE.search(key):
+            continue
+        payload = read_marker(store, key)
+        shard = payload.get("shard") if payload else None
+        audio = shard.get("audio") if isinstance(shard, dict) else None
+        if isinstance(audio, dict) and isinstance(audio.get("path"), str):
+            claimed.add(audio["path"])
+    return claimed
+
+
+def _index_target(store: ObjectStore, key: str) -> str | None:
+    """The audio file a clip index names, or None (gone, unreadable: it leads a run nowhere)."""
+    try:
+        path = json.loads(store.get_bytes(key))["file"]["path"]
+    except (NotFound, ValueError, KeyError, TypeError):
+        return None
+    return path if isinstance(path, str) else None
+
+
+def _audio_claims(store: ObjectStore, staging: dict[str, list[str]], clock: float) -> tuple[set[str], bool]:
+    """What the runs staged under `staging` (prefix → its keys) claim: the audio files their markers
+    name, and whether any of them holds a live lease (it may be using a clip index right now)."""
+    claimed = _marker_claims(store, [k for keys in staging.values() for k in keys])
+    leased = any(_live_lease(store, prefix, clock) for prefix, keys in staging.items() if prefix + LEASE in keys)
+    return claimed, leased
+
+
+def _collect_audio(store: ObjectStore, report: GcReport, refs: _References, groups: list[tuple[str, list[ObjectInfo]]],
+                   surviving: dict[str, list[str]], clock: float) -> None:
+    """Audio files nothing references and their clip indexes: old ones go (see the module doc)."""
+    old = report.older_than_s
+
+    def plan(claimed: set[str], leased: bool) -> dict[str, tuple[list[ObjectInfo], list[ObjectInfo]]]:
+        """prefix → (objects to remove, objects kept though nothing references them)."""
+        out: dict[str, tuple[list[ObjectInfo], list[ObjectInfo]]] = {}
+        for prefix, objs in groups:
+            files = [o for o in objs if o.key.endswith(".parquet")]
+            index = next((o for o in objs if o.key.endswith(".json")), None)
+            young_index = index is not None and clock - index.mtime <= old
+            keep = {o.key for o in files if clock - o.mtime <= old or o.key in claimed}
+            # The index is read only when what it names decides something (a young one always stays).
+            asks = index is not None and (not young_index or len(keep) < len(files))
+            target = _index_target(store, index.key) if asks and index is not None else None
+            keep |= {o.key for o in files if o.key == target and (young_index or leased)}
+            doomed = [o for o in files if o.key not in keep]
+            if index is not None and target not in keep and not young_index:
+                doomed.insert(0, index)  # first: no run finds a file through an index while it goes
+            referenced = {o.key for o in files if o.key in claimed}
+            unclaimed = [o for o in objs if o not in doomed and o.key not in referenced
+                         and not (o is index and target in referenced)]
+            out[prefix] = (doomed, unclaimed)
+        return out
+
+    claimed, leased = _audio_claims(store, surviving, clock)
+    claimed |= refs.audio
+    planned = plan(claimed, leased)
+    report.referenced_audio = sum(1 for _, objs in groups for o in objs if o.key in claimed)
+    if not report.dry_run and any(doomed for doomed, _ in planned.values()):
+        # Re-check right before deleting: a commit, a marker or a lease since the scan keeps them.
+        refs.refresh()
+        staged: dict[str, list[str]] = {}
+        for key in store.list(f"{report.dataset}/{STAGING_DIR}/"):
+            prefix = staging_run(report.dataset, key)
+            if prefix is not None:
+                staged.setdefault(prefix, []).append(key)
+        again, leased_now = _audio_claims(store, staged, clock)
+        planned = plan(claimed | again | refs.audio, leased or leased_now)
+        for doomed, _ in planned.values():
+            for obj in doomed:
+                store.delete(obj.key)
+    for prefix, (doomed, unclaimed) in planned.items():
+        if doomed:
+            entry = _entry(prefix, "audio", doomed, max(o.mtime for o in doomed), clock)
+            report.removed.append(entry)
+            log.info("gc audio %s (%d objects, %d bytes)%s", store.uri(prefix), entry.objects, entry.bytes,
+                     " [dry run]" if report.dry_run else "")
+        if unclaimed:
+            report.kept_young.append(_entry(prefix, "audio", unclaimed, max(o.mtime for o in unclaimed), clock))
 
 
 def _live_lease(store: ObjectStore, prefix: str, clock: float) -> bool:

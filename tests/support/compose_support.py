@@ -1,5 +1,9 @@
 """Small committed versions with chosen ids and corpora, built without the pipeline, for compose
-and gc tests (each row a real FLAC clip, so verify, open_dataset and export treat them as real)."""
+and gc tests (each row a real FLAC clip, so verify, open_dataset and export treat them as real).
+
+`commit_tables` writes rows with their own audio bytes (versions from before audio stored once);
+`commit_split` writes them the way the pipeline does since: each shard's audio in a content-keyed
+audio file with its clip index (tasks/clip_cache.py), the rows with null audio bytes naming it."""
 
 from __future__ import annotations
 
@@ -13,13 +17,14 @@ import numpy as np
 import pyarrow as pa
 import soundfile as sf
 
-from schemas.arrow import ROW_SCHEMA, hf_features, rows_to_table, schema_to_b64
-from schemas.manifest import Manifest, Stats
+from schemas.arrow import AUDIO_TYPE, ROW_SCHEMA, hf_features, rows_to_table, schema_to_b64
+from schemas.manifest import Manifest, ShardInfo, Stats
 from schemas.records import AudioRef, Features, Generation, Message, Provenance, Row
-from storage.layout import RunLayout, staging_prefix
+from storage.layout import RunLayout, audio_file_key, clip_index_key, staging_prefix
 from storage.objectstore import LocalStore, ObjectStore
-from storage.shards import write_parquet_shard
+from storage.shards import write_marker, write_parquet_shard
 from storage.versions import commit_version
+from tasks.clip_cache import CLIP_FILE_SCHEMA, ClipIndex
 
 SR = 16_000
 
@@ -77,3 +82,68 @@ def commit_tables(store: ObjectStore, dataset: str, run_id: str, tables: Sequenc
         path = store.base / dataset / manifest.lineage.version / "manifest.json"
         path.write_text(path.read_text().replace('  "layout": 1,\n', ""))
     return manifest
+
+
+def write_audio_file(store: ObjectStore, dataset: str, clip_key: str, tables: Sequence[pa.Table]) -> ShardInfo:
+    """The audio file of `tables`' clips (their `id`, `audio`, `audio_sha256`; the cache columns
+    null) and then its clip index, as a measuring shard task leaves them."""
+    clips = pa.concat_tables(tables)
+    n = clips.num_rows
+    columns = {name: clips.column(name) if name in ("id", "audio", "audio_sha256") else pa.nulls(n, field.type)
+               for name, field in zip(CLIP_FILE_SCHEMA.names, CLIP_FILE_SCHEMA, strict=True)}
+    info = write_parquet_shard(store, lambda sha: audio_file_key(dataset, clip_key, sha),
+                               pa.table(columns, schema=CLIP_FILE_SCHEMA))
+    index = ClipIndex(key=clip_key, file=info, quarantine=[], refs_done=n, recordings_cut=0, segments=0)
+    store.put_bytes(clip_index_key(dataset, clip_key), index.model_dump_json().encode())
+    return info
+
+
+def without_audio_bytes(table: pa.Table) -> pa.Table:
+    """The rows as a row shard holds them since audio is stored once: `audio.path` kept, bytes null."""
+    i = table.schema.get_field_index("audio")
+    audio = table.column(i).combine_chunks()
+    nulled = pa.StructArray.from_arrays([pa.nulls(len(audio), pa.binary()), audio.field("path")],
+                                        fields=list(AUDIO_TYPE))
+    return table.set_column(i, table.schema.field(i), nulled)
+
+
+def clip_key_of(dataset: str, run_id: str, index: int) -> str:
+    return hashlib.sha256(f"{dataset}/{run_id}/{index}".encode()).hexdigest()[:32]
+
+
+def write_split_shard(store: ObjectStore, dataset: str, run_id: str, index: int, table: pa.Table, *,
+                      extra: pa.Table | None = None, audio: ShardInfo | None = None,
+                      marker: bool = True) -> ShardInfo:
+    """Shard `index` of run `run_id` as the pipeline writes it: its audio file (a new one holding
+    `table`'s clips and `extra`'s, a superset like clips quarantined at the LLM stage; or `audio`,
+    one an earlier run wrote, reused as a clip-cache hit), the rows at their data key without
+    audio bytes naming it, and (with `marker`) the completion marker that claims both."""
+    if audio is None:
+        audio = write_audio_file(store, dataset, clip_key_of(dataset, run_id, index),
+                                 [table, *([extra] if extra is not None else [])])
+    layout = RunLayout(staging_prefix(dataset, run_id))
+    shard = write_parquet_shard(store, lambda sha: layout.data_shard(index, sha), without_audio_bytes(table))
+    shard = shard.model_copy(update={"audio": audio})
+    if marker:
+        write_marker(store, layout.marker(index), {"index": index, "shard": shard.model_dump()})
+    return shard
+
+
+def commit_shards(store: ObjectStore, dataset: str, run_id: str, shards: Sequence[ShardInfo],
+                  tables: Sequence[pa.Table]) -> Manifest:
+    """Commit already written shards (`tables`: their rows, for the stats) as the next version."""
+    return commit_version(store, dataset=dataset, staged_shards=list(shards), staged_quarantine=[],
+                          lineage={"run_id": run_id, "code_version": "0", "config_hash": "c",
+                                   "bins_version": "b", "prompt_pool_hash": "p"},
+                          stats=table_stats(tables), arrow_schema_b64=schema_to_b64(ROW_SCHEMA),
+                          hf_features=hf_features(), config={"output": {"dataset": dataset}})
+
+
+def commit_split(store: ObjectStore, dataset: str, run_id: str, tables: Sequence[pa.Table], *,
+                 extras: Sequence[pa.Table | None] | None = None) -> Manifest:
+    """Commit one shard per table, written as the pipeline does with audio stored once (see
+    write_split_shard; `extras[i]`: clips only shard i's audio file holds)."""
+    extra = list(extras) if extras is not None else [None] * len(tables)
+    shards = [write_split_shard(store, dataset, run_id, i, t, extra=e)
+              for i, (t, e) in enumerate(zip(tables, extra, strict=True))]
+    return commit_shards(store, dataset, run_id, shards, tables)
