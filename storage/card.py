@@ -74,6 +74,17 @@ def features_yaml(hf_features: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"name": name, **_yaml_feature(value)} for name, value in hf_features.items()]
 
 
+def audio_files(manifest: Manifest) -> list[ShardInfo]:
+    """The distinct audio files a version's shards name (audio stored once; none before it), in
+    shard order: several shards, of this version or others, may share one."""
+    return list({s.audio.path: s.audio for s in manifest.shards if s.audio is not None}.values())
+
+
+def stored_bytes(manifest: Manifest) -> int:
+    """What a version's rows take in the store: its shards plus each audio file they name, once."""
+    return sum(s.bytes for s in manifest.shards) + sum(a.bytes for a in audio_files(manifest))
+
+
 def data_files(manifest: Manifest) -> str | list[str]:
     """The card's train files, relative to the version dir (see the module doc)."""
     if manifest.layout == 1:
@@ -126,6 +137,7 @@ def _masked(mapping: dict[str, Any]) -> dict[str, Any]:
 def render_card(manifest: Manifest) -> str:
     """README.md for one version: HF YAML header, then counts, distributions, lineage, shards."""
     lin, st = manifest.lineage, manifest.stats
+    audio = audio_files(manifest)
     header = yaml.safe_dump(card_metadata(manifest), sort_keys=False, allow_unicode=True, width=1000)
     out = ["---", header.rstrip("\n"), "---", "", f"# {lin.dataset} {lin.version}", ""]
     out += [
@@ -142,7 +154,8 @@ def render_card(manifest: Manifest) -> str:
         f"| clips in | {st.clips_in:,} |",
         f"| quarantined | {st.quarantined:,} |",
         f"| shards | {len(manifest.shards)} |",
-        f"| bytes | {sum(s.bytes for s in manifest.shards):,} |",
+        *([f"| audio files | {len(audio)} |"] if audio else []),
+        f"| bytes | {stored_bytes(manifest):,} |",
         "",
         "## Quarantine by reason",
         "",
@@ -197,6 +210,10 @@ def render_card(manifest: Manifest) -> str:
         "",
         *_shard_table(manifest.shards),
     ]
+    if audio:
+        note = ("Audio files (each clip's audio stored once, joined to the rows by `id`; shared with the runs and "
+                "versions that measured the same clips):")
+        out += ["", note, "", *_shard_table(audio)]
     if manifest.quarantine:
         out += ["", "Quarantine parts (rows that did not make it, with their reason):", "",
                 *_shard_table(manifest.quarantine)]

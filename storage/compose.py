@@ -6,7 +6,9 @@ with `output.base` (tasks/publish.py) puts its new shards on top of a base versi
 `merge_stats`). Every referenced file keeps its root-relative key
 (`file_key`: a layout-1 source's `<A>/v0003/data/…` lies under a committed version prefix, which gc
 never removes; a layout-2 source's data key is listed by the new manifest, so gc keeps it too).
-ShardInfo rows/bytes/sha256 are copied from the source manifests.
+ShardInfo rows/bytes/sha256 are copied from the source manifests, and so is `ShardInfo.audio`
+(audio stored once): a referenced or filtered shard names the same audio file as its source (a
+filtered shard's ids are a subset of its source's, so the file holds them all), never a copy.
 
 Bytes read: the `id` and `dataset` columns of every referenced shard (ids must be unique across
 the new version; a duplicate names both sources). Bytes written: only shards mixing an excluded
@@ -130,8 +132,10 @@ def select_shards(store: ObjectStore, parts: list[Part], *, exclude: set[str], t
                 cols = _read(store, key, ["dataset"] if quarantine else ["id", "dataset"])
                 drop = pc.is_in(cols.column("dataset"), value_set=pa.array(sorted(exclude), pa.string()))
                 n_drop = int(pc.sum(drop).as_py() or 0) if exclude else 0
+                audio = None if info.audio is None else \
+                    info.audio.model_copy(update={"path": file_key(part.manifest, info.audio)})
                 if n_drop == 0:
-                    kept, listed = cols, ShardInfo.model_validate({**info.model_dump(), "path": key})
+                    kept, listed = cols, info.model_copy(update={"path": key, "audio": audio})
                 else:
                     whole = _read(store, key, None)
                     _count_excluded(sel.excluded, whole.filter(drop), quarantine)
@@ -140,7 +144,9 @@ def select_shards(store: ObjectStore, parts: list[Part], *, exclude: set[str], t
                     kept = whole.filter(pc.invert(drop))
                     kind = "quarantine" if quarantine else "train"
                     index = len(sel.quarantine if quarantine else sel.shards)
+                    # A filtered copy keeps its audio file: the rows are a subset of the ids it holds.
                     listed = write_parquet_shard(store, _rewritten_key(target, token, kind, index), kept)
+                    listed = listed.model_copy(update={"audio": audio})
                     sel.rewritten += 1
                     origin = f"{part.label} {key} (filtered to {listed.path})"
                 if quarantine:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from schemas.manifest import Lineage, Manifest
+from storage.card import audio_files, stored_bytes
 from storage.versions import file_key
 
 UNSET = "(unset)"
@@ -85,7 +86,8 @@ def _settings_section(manifest_a: Manifest, manifest_b: Manifest, config_a: Mapp
 
 def shared_shards(manifest_a: Manifest, manifest_b: Manifest) -> str:
     """Which shards the versions share (the same store key: a composed or based version references
-    its sources' files), by count and bytes, and which are only in one of them."""
+    its sources' files), by count and bytes, and which are only in one of them; the same for their
+    audio files, when either names any."""
     keys_a = {file_key(manifest_a, s): s.bytes for s in manifest_a.shards}
     keys_b = {file_key(manifest_b, s): s.bytes for s in manifest_b.shards}
     both = keys_a.keys() & keys_b.keys()
@@ -95,8 +97,17 @@ def shared_shards(manifest_a: Manifest, manifest_b: Manifest) -> str:
         return f"{len(keys)} ({sum(sizes[k] for k in keys):,} bytes)"
 
     la, lb = manifest_a.lineage, manifest_b.lineage
-    return (f"shared shards: {part(both, keys_a)}; only in {la.dataset}@{la.version}: {part(only_a, keys_a)}; "
+    text = (f"shared shards: {part(both, keys_a)}; only in {la.dataset}@{la.version}: {part(only_a, keys_a)}; "
             f"only in {lb.dataset}@{lb.version}: {part(only_b, keys_b)}")
+    # Audio stored once: a re-run that changed only the LLM shares every audio file, no shard.
+    audio_a = {file_key(manifest_a, a): a.bytes for a in audio_files(manifest_a)}
+    audio_b = {file_key(manifest_b, a): a.bytes for a in audio_files(manifest_b)}
+    if audio_a or audio_b:
+        both = audio_a.keys() & audio_b.keys()
+        only_a, only_b = audio_a.keys() - both, audio_b.keys() - both
+        text += (f"\nshared audio files: {part(both, audio_a)}; only in {la.dataset}@{la.version}: "
+                 f"{part(only_a, audio_a)}; only in {lb.dataset}@{lb.version}: {part(only_b, audio_b)}")
+    return text
 
 
 def diff_versions(manifest_a: Manifest, manifest_b: Manifest, config_a: Mapping[str, Any] | None = None,
@@ -113,7 +124,7 @@ def diff_versions(manifest_a: Manifest, manifest_b: Manifest, config_a: Mapping[
         f"clips in:     {_num(sa.clips_in, sb.clips_in)}",
         f"quarantined:  {_num(sa.quarantined, sb.quarantined)}",
         f"shards:       {_num(len(manifest_a.shards), len(manifest_b.shards))}",
-        f"bytes:        {_num(sum(s.bytes for s in manifest_a.shards), sum(s.bytes for s in manifest_b.shards))}",
+        f"bytes:        {_num(stored_bytes(manifest_a), stored_bytes(manifest_b))}",
     ]
     if same_root:
         lines.append(shared_shards(manifest_a, manifest_b))
