@@ -6,7 +6,8 @@ manifest of layout 1 (and a pulled copy), the data keys relative to the version 
 (`../../<dataset>/data/<run-id>/….parquet`, which `datasets` resolves for a local root) for layout 2;
 `dataset_info.features`
 is the manifest's HF features in the card's list format. The body is for humans: counts,
-quarantine reasons, attribute distributions, lineage and the shard table. Only manifest fields
+quarantine reasons, attribute distributions, lineage and the shard table (and, since audio is
+stored once, the audio files the shards name; a version's bytes count each once). Only manifest fields
 are rendered (no store URIs or endpoints), and sampling keys that look like secrets are masked.
 """
 

@@ -241,8 +241,9 @@ def verify_manifest(store: ObjectStore, manifest: Manifest, *, deep: bool = True
                     workers: int | None = None) -> VerifyReport:
     """Verify the objects of an already-read manifest (see module doc).
 
-    `deep=False` skips the sha256 (which reads every byte) and checks existence, size, footer row
-    counts and schemas only (one HEAD and one footer read per object).
+    `deep=False` skips the sha256 (which reads every byte) and the audio files' id check (which reads
+    the `id` columns) and checks existence, size, footer row counts and schemas only (one HEAD and
+    one footer read per object).
     """
     dataset, version = manifest.lineage.dataset, manifest.lineage.version
     problems: list[ShardProblem] = []
