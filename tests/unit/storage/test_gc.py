@@ -23,6 +23,7 @@ from tests.support.compose_support import (
     write_audio_file,
     write_split_shard,
 )
+from tests.support.datasets_support import make_version
 
 DS = "demo"
 DAY = 86_400.0
@@ -176,3 +177,21 @@ def test_an_old_unindexed_retry_goes_and_the_referenced_file_and_its_index_stay(
     assert (entry.objects, entry.bytes) == (1, retry.bytes)
     assert _audio_keys(store) == {kept.path, clip_index_key(DS, key)}
     assert verify_version(store, DS, "v0001").ok
+
+
+def test_real_runs_sharing_audio_files_keep_them_through_gc(tmp_path: Path) -> None:
+    """The pipeline's own markers and manifests: a re-run that changes only the LLM reuses the first
+    run's audio files; both runs' markers claim them, both versions list them, gc keeps them."""
+    root = tmp_path / "root"
+    v1 = make_version(str(root), DS, workdir=tmp_path, shard_size=4)
+    v2 = make_version(str(root), DS, workdir=tmp_path, shard_size=4, overrides=["llm.temperature=0.3"])
+    audio = [s.audio.path for s in v1.shards if s.audio is not None]
+    assert len(audio) == len(v1.shards) and audio == [s.audio.path for s in v2.shards if s.audio is not None]
+    store = LocalStore(root)
+
+    dry = collect_garbage(store, DS, DAY, dry_run=True)
+    assert dry.removed == [] and dry.referenced_audio == len(audio)  # claimed by markers and manifests
+    report = collect_garbage(store, DS, 0.0, now=time.time() + 365 * DAY)
+    assert sorted(p.kind for p in report.removed) == ["staging", "staging"]
+    assert {k for k in _audio_keys(store) if k.endswith(".parquet")} == set(audio)
+    assert verify_version(store, DS, v1.lineage.version).ok and verify_version(store, DS, v2.lineage.version).ok
