@@ -12,20 +12,26 @@ card rendered from it. A file already present with the manifest's size and sha25
 `<file>.part` (hashed on the way) and is renamed into place only if it verifies. A mismatch means
 the store's copy is corrupt: the pull stops with an error naming the shard. `manifest.json` is
 written last, so a DEST with a manifest is a complete pull.
+
+Audio stored once (a shard whose ShardInfo names an audio file, its own `audio.bytes` null): DEST
+gets the shard joined with its audio (storage/materialize.py), so every reader of DEST sees the
+bytes. Both inputs are downloaded whole and verified against the manifest first (a mismatch stops
+the pull naming the file); the local manifest lists the joined file with its own rows, bytes and
+sha256 and no audio file. `DEST/data/.materialized/<file>.json` records which inputs a joined file
+came from, so a rerun keeps one that still matches (resumable as plain shards are).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Any
 
 from pydantic import BaseModel, Field
 
 from schemas.manifest import Manifest, ShardInfo
 from storage.card import render_card
+from storage.materialize import Materializer, fetch_verified, input_bytes, needs_materializing
 from storage.objectstore import NotFound, ObjectStore
 from storage.shards import sha256_file
 from storage.versions import (
@@ -54,7 +60,7 @@ class PullReport(BaseModel):
     downloaded: list[str] = Field(default_factory=list)  # paths relative to dest
     skipped: list[str] = Field(default_factory=list)  # already present and verified
     bytes_downloaded: int = 0
-    bytes_total: int = 0  # shard + quarantine bytes of the version
+    bytes_total: int = 0  # shard + quarantine bytes of the version, and its audio files' (each once)
     card_generated: bool = False  # the version predates cards: README.md rendered from the manifest
 
 
@@ -65,36 +71,6 @@ def _local_ok(path: Path, info: ShardInfo) -> bool:
     except FileNotFoundError:
         return False
     return sha256_file(path) == info.sha256
-
-
-def _fetch(store: ObjectStore, key: str, target: Path, info: ShardInfo, bar: Any) -> None:
-    part = target.with_name(target.name + ".part")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    size = 0
-    try:
-        with open(part, "wb") as fh:
-            for chunk in store.iter_bytes(key):
-                fh.write(chunk)
-                digest.update(chunk)
-                size += len(chunk)
-                if bar is not None:
-                    bar.update(len(chunk))
-            fh.flush()
-            os.fsync(fh.fileno())
-    except NotFound:
-        part.unlink(missing_ok=True)
-        raise PullError(f"shard {info.path} is listed in the manifest but missing from the store "
-                        f"({store.uri(key)})") from None
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
-    if size != info.bytes or digest.hexdigest() != info.sha256:
-        part.unlink(missing_ok=True)
-        raise PullError(f"shard {info.path} does not match the manifest (bytes {size:,} vs {info.bytes:,}, "
-                        f"sha256 {digest.hexdigest()[:16]}… vs {info.sha256[:16]}…): the stored copy at "
-                        f"{store.uri(key)} is corrupt")
-    os.replace(part, target)
 
 
 def _write_small(path: Path, data: bytes) -> bool:
@@ -124,8 +100,23 @@ def local_manifest(manifest: Manifest) -> Manifest:
     })
 
 
+def _write_card(store: ObjectStore, manifest: Manifest, local: Manifest, dest: Path, report: PullReport) -> None:
+    """DEST/README.md: the stored card, or one rendered from `local` when the copy's paths or
+    checksums differ from the store's (layout 2, joined shards) or the version predates cards."""
+    if local is not manifest:
+        card = render_card(local).encode()
+    else:
+        try:
+            card = store.get_bytes(card_key(manifest.lineage.dataset, manifest.lineage.version))
+        except NotFound:
+            card = render_card(manifest).encode()
+            report.card_generated = True
+    (report.downloaded if _write_small(dest / CARD_PATH, card) else report.skipped).append(CARD_PATH)
+
+
 def pull_version(store: ObjectStore, dataset: str, version: str, dest: Path, progress: bool = False) -> PullReport:
-    """Download a committed version (manifest, card, shards, quarantine parts) into `dest`."""
+    """Download a committed version (manifest, card, shards, quarantine parts) into `dest`; shards
+    whose audio is in audio files are written joined (storage/materialize.py)."""
     dest = Path(dest)
     try:
         manifest_bytes = store.get_bytes(manifest_key(dataset, version))
@@ -133,20 +124,15 @@ def pull_version(store: ObjectStore, dataset: str, version: str, dest: Path, pro
         raise VersionNotFound(f"dataset {dataset!r} has no committed version {version!r}") from None
     manifest = Manifest.model_validate_json(manifest_bytes)
     local = local_manifest(manifest)
+    n_shards = len(manifest.shards)
     files = list(zip([*manifest.shards, *manifest.quarantine], [*local.shards, *local.quarantine], strict=True))
-    report = PullReport(dataset=dataset, version=version, dest=str(dest), bytes_total=sum(f.bytes for f, _ in files))
+    total = input_bytes(manifest) + sum(q.bytes for q in manifest.quarantine)
+    report = PullReport(dataset=dataset, version=version, dest=str(dest), bytes_total=total)
     dest.mkdir(parents=True, exist_ok=True)
 
-    if local is not manifest:  # layout 2: the stored card points outside the version; render the local one
-        card = render_card(local).encode()
-        manifest_bytes = local.model_dump_json(indent=2).encode()
-    else:
-        try:
-            card = store.get_bytes(card_key(dataset, version))
-        except NotFound:
-            card = render_card(manifest).encode()
-            report.card_generated = True
-    (report.downloaded if _write_small(dest / CARD_PATH, card) else report.skipped).append(CARD_PATH)
+    joined_shards = needs_materializing(manifest)
+    if not joined_shards:  # the card as before, first; a joined copy's card needs its checksums (last)
+        _write_card(store, manifest, local, dest, report)
 
     bar = None
     if progress:
@@ -154,21 +140,33 @@ def pull_version(store: ObjectStore, dataset: str, version: str, dest: Path, pro
 
         bar = tqdm(total=report.bytes_total, unit="B", unit_scale=True, unit_divisor=1024,
                    desc=f"{dataset}@{version}", dynamic_ncols=True)
+    shards = list(local.shards)
     try:
-        for info, here in files:
-            target = dest.joinpath(*here.path.split("/"))
-            if _local_ok(target, info):
-                report.skipped.append(here.path)
-                if bar is not None:
-                    bar.update(info.bytes)
-                continue
-            _fetch(store, file_key(manifest, info), target, info, bar)
-            report.downloaded.append(here.path)
-            report.bytes_downloaded += info.bytes
+        with Materializer(store, manifest, dest, bar=bar, error=PullError) as joined:
+            for n, (info, here) in enumerate(files):
+                target = dest.joinpath(*here.path.split("/"))
+                if n < n_shards and info.audio is not None:  # audio stored once: the local copy holds it
+                    got = joined.get(info, target)
+                    shards[n] = got.info.model_copy(update={"path": here.path})
+                    (report.downloaded if got.written else report.skipped).append(here.path)
+                    continue
+                if _local_ok(target, info):
+                    report.skipped.append(here.path)
+                    if bar is not None:
+                        bar.update(info.bytes)
+                    continue
+                fetch_verified(store, file_key(manifest, info), target, info, bar=bar, error=PullError)
+                report.downloaded.append(here.path)
+                report.bytes_downloaded += info.bytes
+            report.bytes_downloaded += joined.bytes_downloaded
     finally:
         if bar is not None:
             bar.close()
 
+    if joined_shards:  # joined shards: their own size and checksum, no audio file
+        local = local.model_copy(update={"shards": shards})
+        _write_card(store, manifest, local, dest, report)
+    manifest_bytes = manifest_bytes if local is manifest else local.model_dump_json(indent=2).encode()
     # Last: a local manifest means every file above is present and verified.
     (report.downloaded if _write_small(dest / MANIFEST_PATH, manifest_bytes) else report.skipped).append(
         MANIFEST_PATH)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -213,14 +214,24 @@ class DatasetHandle:
         """Absolute paths (local root) or s3:// URIs of the data shards, in manifest order."""
         return [self.store.uri(self.shard_key(i)) for i in range(len(self.manifest.shards))]
 
-    def hf_data_files(self) -> list[str]:
+    def hf_data_files(self, materialize_to: str | Path | None = None) -> list[str]:
         """`data_files` for `datasets.load_dataset("parquet", data_files=..., split="train")`.
 
         Local roots give absolute paths. S3 roots give s3:// URIs, which `datasets` opens through
         fsspec: that needs `s3fs` installed and, for a non-AWS endpoint,
         `storage_options=handle.hf_storage_options()` (the same endpoint the reader uses).
+
+        Audio stored once: when shards keep their audio in audio files, `datasets` would read null
+        bytes, so the shards are materialised, joined, into `materialize_to` (default
+        storage.materialize.default_dir: `$SPEECHPAIRS_HOME/materialized/<dataset>/<version>`, else
+        ~/.cache/speechpairs/…) and their local paths returned; a rerun reuses them.
         """
-        return self.shard_uris()
+        from storage.materialize import default_dir, materialize_version, needs_materializing
+
+        if not needs_materializing(self.manifest):
+            return self.shard_uris()
+        dest = Path(materialize_to) if materialize_to is not None else default_dir(self.dataset, self.version)
+        return [str(m.path.resolve()) for m in materialize_version(self.store, self.manifest, dest)]
 
     def hf_storage_options(self) -> dict[str, Any]:
         """fsspec/s3fs `storage_options` with the store's resolved endpoint, region and addressing;

@@ -1,7 +1,7 @@
-"""`speechpairs datasets …`: list, show, verify, pull, tag, diff, export, compose and gc committed versions.
+"""`speechpairs datasets …`: list, show, verify, pull, materialize, tag, diff, export, compose and gc committed versions.
 
 Exit 2 for a bad URI, tag name or duration and for a version/ref that does not exist; 1 for a version
-that fails verification, a pull or export that hits a corrupt shard or row (named), a compose whose
+that fails verification, a pull, materialize or export that hits a corrupt shard or row (named), a compose whose
 sources conflict (duplicate ids, row schemas), or a store that cannot be reached.
 """
 
@@ -180,6 +180,29 @@ def cmd_datasets_pull(args: argparse.Namespace) -> int:
 
 
 @_datasets_command
+def cmd_datasets_materialize(args: argparse.Namespace) -> int:
+    """Self-contained Parquet files of a version (audio joined in) for `datasets`, DuckDB or any reader."""
+    from pathlib import Path
+
+    from storage.materialize import MaterializeError, materialize_version
+    from storage.versions import read_manifest
+
+    store, dataset, ref = _open(args, args.uri)
+    version = _resolve(store, dataset, ref)
+    manifest = read_manifest(store, dataset, version)
+    try:
+        files = materialize_version(store, manifest, Path(args.to), progress=_want_progress(args))
+    except MaterializeError as exc:
+        print(f"speechpairs: materialize failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    for f in files:
+        print(f"{'written' if f.written else 'reused '}  {f.path}  rows={f.info.rows:,}  bytes={f.info.bytes:,}")
+    print(f"materialized {dataset} {version} in {args.to}: {sum(f.written for f in files)} written, "
+          f"{sum(not f.written for f in files)} already there and verified")
+    return EXIT_OK
+
+
+@_datasets_command
 def cmd_datasets_tag(args: argparse.Namespace) -> int:
     from storage.versions import ref_key, set_ref
 
@@ -334,7 +357,8 @@ _URI_HELP = "ROOT/DATASET[@vN|@tag], e.g. ./data/sample@v0002 or s3://bucket/pre
 
 
 def add_datasets_parser(sub: argparse._SubParsersAction) -> None:
-    ds = sub.add_parser("datasets", help="inspect, verify, pull, tag, diff, export, compose and clean datasets")
+    ds = sub.add_parser("datasets", help="inspect, verify, pull, materialize, tag, diff, export, compose and clean "
+                                            "datasets")
     ds_sub = ds.add_subparsers(dest="datasets_command", required=True)
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
@@ -353,6 +377,12 @@ def add_datasets_parser(sub: argparse._SubParsersAction) -> None:
     p = add("pull", cmd_datasets_pull, "download a version (resumable, checksum-verified)")
     p.add_argument("uri", help=_URI_HELP)
     p.add_argument("dest", help="local directory")
+    add_progress_options(p)
+    p = add("materialize", cmd_datasets_materialize,
+            "write a version's shards as self-contained Parquet files (audio joined in) for datasets/DuckDB")
+    p.add_argument("uri", help=_URI_HELP)
+    p.add_argument("--to", required=True, metavar="DIR",
+                   help="local directory: DIR/<shard sha256>.parquet (a rerun reuses files that still match)")
     add_progress_options(p)
     p = add("tag", cmd_datasets_tag, "point a named tag (e.g. stable) at a version")
     p.add_argument("uri", help=_URI_HELP)

@@ -14,12 +14,14 @@ the start on every run (it is small next to the audio) into `<name>.part` and re
 complete, so a DEST whose JSONL exists holds every audio file it names.
 
 Shards stream one batch at a time through pyarrow over the store's filesystem: memory holds one
-batch of audio, never the version. A row that cannot be exported stops the export with an
+batch of audio, never the version. A shard whose audio is stored once, in an audio file
+(storage/audio_files.py), gets each batch's bytes joined from it by id, so the clips are the same. A row that cannot be exported stops the export with an
 `ExportError` naming the clip id and the shard.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -34,14 +36,15 @@ import pyarrow.parquet as pq
 import soundfile as sf
 from pydantic import BaseModel
 
-from schemas.manifest import Manifest
+from schemas.manifest import Manifest, ShardInfo
+from storage.audio_files import AUDIO, ID, AudioLookup, AudioLookupError, fill_audio
 from storage.objectstore import ObjectStore
 from storage.versions import file_key, read_manifest
 
 log = logging.getLogger(__name__)
 
 AUDIO_DIR = "audio"
-BASE_COLUMNS = ("id", "audio")
+BASE_COLUMNS = (ID, AUDIO)  # `id` also joins the audio bytes of a shard that keeps them in an audio file
 BATCH_ROWS = 64
 _SAFE = "-_.~+=,@"
 _KNOWN_EXT = {"flac", "wav", "ogg", "mp3", "opus", "m4a", "webm"}
@@ -164,21 +167,30 @@ def _iter_rows(store: ObjectStore, dataset: str, version: str, manifest: Manifes
     """(shard path, its rows) for each shard in manifest order; checks each shard's row count."""
     fs, base = store.arrow_fs()
 
-    def rows_of(path: str, key: str, expected: int) -> Iterator[dict[str, Any]]:
+    def rows_of(shard: ShardInfo) -> Iterator[dict[str, Any]]:
         seen = 0
+        lookup = None
+        if shard.audio is not None and AUDIO in columns:  # audio stored once: join its bytes by id
+            key = file_key(manifest, shard.audio)
+            lookup = AudioLookup(fs, f"{base}/{key}", store.uri(key))
         try:
-            with fs.open_input_file(f"{base}/{key}") as fh:
+            with fs.open_input_file(f"{base}/{file_key(manifest, shard)}") as fh, \
+                    lookup or contextlib.nullcontext():
                 for batch in pq.ParquetFile(fh).iter_batches(batch_size=BATCH_ROWS, columns=columns):
+                    if lookup is not None:
+                        batch = fill_audio(batch, lookup)
                     for row in batch.to_pylist():
                         seen += 1
                         yield row
+        except AudioLookupError as exc:
+            raise ExportError(f"shard {shard.path}: {exc}") from None
         except (OSError, ValueError) as exc:  # pyarrow: ArrowInvalid is a ValueError, IO errors OSError
-            raise ExportError(f"shard {path} could not be read: {exc}") from None
-        if seen != expected:
-            raise ExportError(f"shard {path} has {seen} rows, the manifest says {expected}")
+            raise ExportError(f"shard {shard.path} could not be read: {exc}") from None
+        if seen != shard.rows:
+            raise ExportError(f"shard {shard.path} has {seen} rows, the manifest says {shard.rows}")
 
     for shard in manifest.shards:
-        yield shard.path, rows_of(shard.path, file_key(manifest, shard), shard.rows)
+        yield shard.path, rows_of(shard)
 
 
 def export_version(store: ObjectStore, dataset: str, version: str, dest: Path, fmt: ExportFormat, *,
@@ -228,8 +240,8 @@ def _export_row(row: dict[str, Any], dest: Path, fmt: ExportFormat, report: Expo
     audio = row.get("audio") or {}
     data = audio.get("bytes")
     if not data:
-        raise RowError("the row has no stored audio bytes (the version stores each clip's audio in its "
-                       "`audio.bytes`; re-run the pipeline for this dataset to get a version that does)")
+        raise RowError("the row has no stored audio bytes (neither its `audio.bytes` nor the shard's audio "
+                       "file holds them; re-run the pipeline for this dataset to get a version that does)")
     frames, rate = _probe(data)
     rel = relative_audio_path(row["id"], audio_extension(data, audio.get("path")))
     record = fmt.record(row, AudioFile(path=rel, num_bytes=len(data), frames=frames, sampling_rate=rate))

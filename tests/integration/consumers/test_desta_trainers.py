@@ -19,7 +19,9 @@ import pytest
 import soundfile as sf
 
 from flows.cli import main
+from storage.objectstore import LocalStore
 from tests.support.datasets_support import LocalVersion
+from tests.support.stored import stored_rows
 
 datasets = pytest.importorskip("datasets")
 transformers = pytest.importorskip("transformers")
@@ -62,8 +64,8 @@ def export(local_version: LocalVersion, fmt: str, dest: Path, *extra: str) -> li
 
 
 def rows_by_id(local_version: LocalVersion) -> dict[str, dict[str, Any]]:
-    cols = ["id", "dataset", "audio", "transcript", "seed_description", "prompt", "response", "duration_s"]
-    return {r["id"]: r for r in local_version.table(cols).to_pylist()}
+    """The stored rows, audio bytes from the shards' audio files by id (audio stored once)."""
+    return stored_rows(LocalStore(local_version.root), local_version.handle().manifest)
 
 
 def assert_same_samples(path: Path, stored: bytes) -> None:

@@ -1,5 +1,6 @@
 """`datasets.load_dataset(<version folder>)` reads the dataset card's YAML without a warning and
-decodes rows equal to the stored ones."""
+gives rows equal to the stored ones; audio (stored once, in audio files) decodes equal from a pulled
+copy and from `hf_data_files()`."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from storage.objectstore import LocalStore
 from storage.pull import pull_version
 from tests.support.datasets_support import LocalVersion
 from tests.support.longform import SegmentedVersion, assert_recording_slice, segment_span
+from tests.support.stored import stored_rows
 
 datasets = pytest.importorskip("datasets")
 
@@ -49,27 +51,42 @@ def about_card(messages: list[str]) -> list[str]:
     return [m for m in messages if any(k in m for k in ("split", "num_bytes", "dataset_info", "card", "YAML"))]
 
 
+def _decoded(audio: object) -> tuple[np.ndarray, int]:
+    """(samples, rate) of a decoded `Audio` value: a dict under datasets < 4, a torchcodec decoder after."""
+    if isinstance(audio, dict):
+        return np.asarray(audio["array"], dtype=np.float32), int(audio["sampling_rate"])
+    samples = audio.get_all_samples()  # type: ignore[attr-defined]
+    return samples.data.numpy()[0], int(samples.sample_rate)
+
+
 def test_version_folder_loads_without_card_warnings(local_version: LocalVersion, tmp_path: Path) -> None:
+    """The version folder's card lists the row shards as stored: every column, audio as its clip name
+    (its bytes are stored once, in audio files); a pulled copy holds them and decodes equal."""
     ds, messages = load_capturing(local_version.version_dir, tmp_path / "hf")
     assert about_card(messages) == [], messages
+    store = LocalStore(local_version.root)
     manifest = local_version.handle().manifest
+    assert all(s.audio is not None for s in manifest.shards)
     card = yaml.safe_load((local_version.version_dir / "README.md").read_text()[4:].partition("\n---\n")[0])
     assert card["dataset_info"]["splits"] == [
         {"name": "train", "num_bytes": sum(s.bytes for s in manifest.shards), "num_examples": 10}]
     assert ds.info.splits["train"].num_examples == 10 and ds.num_rows == 10
 
-    stored = {r["id"]: r for r in local_version.table(["id", "response", "audio", "labels"]).to_pylist()}
+    stored = stored_rows(store, manifest)  # audio bytes read from the audio files by id
     assert ds["id"] == list(stored)  # every row once, in shard order
     assert ds["response"] == [r["response"] for r in stored.values()]
+    names = ds.cast_column("audio", datasets.Audio(decode=False))["audio"]
+    assert [(a["bytes"], a["path"]) for a in names] == [(None, r["audio"]["path"]) for r in stored.values()]
+
+    pulled = tmp_path / "pulled"
+    pull_version(store, local_version.dataset, local_version.version, pulled)
+    ds, messages = load_capturing(pulled, tmp_path / "hf2")
+    assert about_card(messages) == [], messages
+    assert ds["id"] == list(stored)
     for i in (0, 5, 9):
         row = ds[i]
         assert row["labels"] == json.loads(stored[row["id"]]["labels"])
-        audio = row["audio"]
-        if isinstance(audio, dict):  # datasets < 4
-            got, rate = np.asarray(audio["array"], dtype=np.float32), audio["sampling_rate"]
-        else:  # torchcodec AudioDecoder
-            samples = audio.get_all_samples()
-            got, rate = samples.data.numpy()[0], samples.sample_rate
+        got, rate = _decoded(row["audio"])
         want, want_rate = sf.read(io.BytesIO(stored[row["id"]]["audio"]["bytes"]), dtype="float32")
         assert rate == want_rate == 16_000 and np.array_equal(got, want)
 
@@ -89,19 +106,12 @@ def test_the_warning_is_seen_when_splits_lack_num_bytes(local_version: LocalVers
     assert any("num_bytes" in m for m in about_card(messages)), messages
 
 
-def _decoded(audio: object) -> tuple[np.ndarray, int]:
-    """(samples, rate) of a decoded `Audio` value: a dict under datasets < 4, a torchcodec decoder after."""
-    if isinstance(audio, dict):
-        return np.asarray(audio["array"], dtype=np.float32), int(audio["sampling_rate"])
-    samples = audio.get_all_samples()  # type: ignore[attr-defined]
-    return samples.data.numpy()[0], int(samples.sample_rate)
-
-
 def test_segment_rows_through_load_dataset_parquet(segmented_version: SegmentedVersion, tmp_path: Path) -> None:
-    """`load_dataset("parquet", data_files=<shards>)`: a segment row's audio_offset_s is the start in
-    its id, its audio the recording's samples from there; the whole clip's offset is None."""
+    """`load_dataset("parquet", data_files=hf_data_files())` (the shards materialised with their audio):
+    a segment row's audio_offset_s is the start in its id, its audio the recording's samples from
+    there; the whole clip's offset is None."""
     local, rec = segmented_version.local, segmented_version.recording
-    files = local.handle().shard_uris()
+    files = local.handle().hf_data_files(materialize_to=tmp_path / "m")
     ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
     segments = 0
     for row in ds:

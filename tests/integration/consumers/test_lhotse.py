@@ -26,12 +26,14 @@ from lhotse import CutSet, Recording, RecordingSet, SupervisionSegment, Supervis
 from flows.generate import run_plain
 from schemas.config import SourceConfig, parse_config
 from schemas.records import Clip, ReasonCode
+from storage.objectstore import LocalStore
 from storage.versions import file_key
 from tasks.describe import load_bins
 from tasks.features.pitch import estimate_pitch
 from tasks.ingest import iter_refs, load_clip
 from tasks.ingest.lhotse import prepare_lhotse
 from tests.support.paths import REPO
+from tests.support.stored import stored_rows
 
 AUDIO = REPO / "examples" / "sample_corpus" / "audio"
 SR = 16_000
@@ -135,7 +137,7 @@ def _run(corpus: Corpus, root: Path, **source: Any) -> tuple[dict[str, dict[str,
                                         "allowed_roots": [str(corpus.audio)], **source}],
                            "output": {"root": str(root), "dataset": "talk", "shard_size": 50}}, environ={})
     manifest = run_plain(config)
-    rows = [r for s in manifest.shards for r in pq.read_table(root / file_key(manifest, s)).to_pylist()]
+    rows = list(stored_rows(LocalStore(root), manifest).values())  # audio bytes from the audio files
     quarantine = [r for s in manifest.quarantine for r in pq.read_table(root / file_key(manifest, s)).to_pylist()]
     return {r["id"].split("/", 1)[1]: r for r in rows}, quarantine
 

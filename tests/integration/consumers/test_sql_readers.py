@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -54,20 +55,24 @@ def test_pyarrow_dataset_filters_and_projects(local_version: LocalVersion) -> No
     assert male == sum(1 for r in handle.to_arrow(["features"]).to_pylist() if r["features"]["gender"] == "male")
 
 
-def test_duckdb_segment_offsets_audio_and_words(segmented_version: SegmentedVersion) -> None:
+def test_duckdb_segment_offsets_audio_and_words(segmented_version: SegmentedVersion, tmp_path: Path) -> None:
     """read_parquet over a version with segments: each segment's audio_offset_s is the start in its
-    id (checked in SQL and per row), its audio bytes decode to the recording's samples from there,
-    its transcript is the words of the ffmpeg-written VTT's cues inside its span; the whole clip's
-    offset is NULL."""
-    rec, files = segmented_version.recording, segmented_version.local.handle().shard_uris()
+    id (checked in SQL and per row), its audio bytes (from the materialised files: the shards keep
+    only the clip name) decode to the recording's samples from there, its transcript is the words of
+    the ffmpeg-written VTT's cues inside its span; the whole clip's offset is NULL."""
+    handle = segmented_version.local.handle()
+    rec, files = segmented_version.recording, handle.shard_uris()
     con = duckdb.connect()
     counts = con.execute(r"""SELECT count(*) FILTER (audio_offset_s IS NULL),
                                     count(*) FILTER (abs(audio_offset_s - TRY_CAST(regexp_extract(id, '@(\d+)-', 1)
                                                      AS DOUBLE) / 1000) < 1e-5), count(*)
                              FROM read_parquet(?)""", [files]).fetchone()
     assert counts is not None and counts[0] == 1 and counts[1] == counts[2] - 1 >= 3
+    assert con.execute("SELECT count(audio.bytes) FROM read_parquet(?)", [files]).fetchone() == (0,)
+    joined = handle.hf_data_files(materialize_to=tmp_path / "m")
     rows = con.execute("SELECT id, audio_offset_s, duration_s, audio.bytes, transcript FROM read_parquet(?) "
-                       "ORDER BY id", [files]).fetchall()
+                       "ORDER BY id", [joined]).fetchall()
+    assert len(rows) == counts[2]
     with_words = 0
     for row_id, offset, duration, data, transcript in rows:
         span = segment_span(row_id)

@@ -13,9 +13,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from storage.objectstore import LocalStore
 from tests.support.batches import assert_batch_equal
 from tests.support.datasets_support import LocalVersion
 from tests.support.longform import SegmentedVersion, assert_recording_slice, segment_span
+from tests.support.stored import stored_rows as rows_from_files
 
 torch = pytest.importorskip("torch")
 from torch.utils.data import DataLoader
@@ -43,7 +45,8 @@ def expected_batches(local_version: LocalVersion, ds: SpeechPairsIterableDataset
 
 
 def stored_rows(local_version: LocalVersion) -> dict[str, dict[str, Any]]:
-    return {r["id"]: r for r in local_version.table().to_pylist()}
+    """The stored rows, audio bytes from the shards' audio files by id (audio stored once)."""
+    return rows_from_files(LocalStore(local_version.root), local_version.handle().manifest)
 
 
 def assert_numbers(values: Any, expected: list[Any]) -> None:

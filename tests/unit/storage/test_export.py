@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
@@ -25,6 +26,7 @@ from storage.objectstore import LocalStore
 from storage.versions import file_key, read_manifest
 from tests.support.datasets_support import make_version
 from tests.support.paths import REPO
+from tests.support.stored import stored_rows
 
 DS = "demo"
 
@@ -44,10 +46,11 @@ def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
 
 
 def version_rows(root: Path) -> dict[str, dict[str, Any]]:
+    """The version's rows read with plain pyarrow, audio bytes from the audio files by id (the oracle)."""
     manifest = read_manifest(LocalStore(root), DS, "v0001")
-    shards = manifest.shards
-    cols = ["id", "dataset", "audio", "transcript", "prompt", "response", "seed_description", "duration_s"]
-    return {r["id"]: r for s in shards for r in pq.read_table(root / file_key(manifest, s), columns=cols).to_pylist()}
+    # What the pipeline writes now: audio stored once, outside the row shards (their bytes are null).
+    assert manifest.shards and all(s.audio is not None for s in manifest.shards)
+    return stored_rows(LocalStore(root), manifest)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -167,7 +170,26 @@ def test_a_row_that_cannot_be_exported_is_named(root: Path, tmp_path: Path, caps
     with pytest.raises(ExportError, match=f"row '{bad}' in shard {shard}"):
         export_desta2(LocalStore(copy), DS, "v0001", dest)
 
-    missing = _rewrite_row_audio(copy / shard, 0, None)
+    # The shard's audio file lacks a clip the shard lists (its bytes are null in the shard).
+    missing = str(pq.read_table(copy / shard, columns=["id"]).column("id")[0].as_py())
+    assert manifest.shards[1].audio is not None
+    audio_file = copy / file_key(manifest, manifest.shards[1].audio)
+    table = pq.read_table(audio_file)
+    pq.write_table(table.filter(pc.not_equal(table.column("id"), missing)), audio_file)
     rc, _, err = cli(capsys, "desta", f"{copy}/{DS}@v0001", str(dest), "--no-progress")
-    assert rc == 1 and f"row {missing!r} in shard {shard}" in err and "no stored audio bytes" in err
+    assert rc == 1 and f"shard {shard}" in err and f"has no clip {missing!r}" in err
     assert not (dest / f"{DS}.jsonl").exists()
+
+    # A row with neither bytes of its own nor in the audio file: named by clip id and shard.
+    first = manifest.shards[0]
+    assert first.audio is not None
+    gone = _rewrite_row_audio(copy / file_key(manifest, first), 0, {"bytes": None, "path": "x.flac"})
+    audio_file = copy / file_key(manifest, first.audio)
+    table = pq.read_table(audio_file)
+    values = [None if i == gone else a for i, a in zip(table.column("id").to_pylist(),
+                                                         table.column("audio").to_pylist(), strict=True)]
+    j = table.schema.get_field_index("audio")
+    pq.write_table(table.set_column(j, table.schema.field(j), pa.array(values, type=table.schema.field(j).type)),
+                   audio_file)
+    rc, _, err = cli(capsys, "desta", f"{copy}/{DS}@v0001", str(dest), "--no-progress")
+    assert rc == 1 and f"row {gone!r} in shard {first.path}" in err and "no stored audio bytes" in err

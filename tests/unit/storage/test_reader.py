@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
+from flows.cli import main
 from schemas.config import S3Config
 from storage.objectstore import ObjectStore
 from storage.reader import DatasetHandle, open_dataset
@@ -29,6 +30,7 @@ from storage.verify import verify_manifest, verify_version
 from storage.versions import VersionNotFound, set_ref
 from tests.support.datasets_support import REPO, make_version
 from tests.support.seaweedfs import SeaweedS3
+from tests.support.stored import stored_rows
 
 DATASET = "demo"
 SR = 16_000
@@ -190,7 +192,7 @@ def test_verify_names_corrupt_missing_and_foreign_shards(root: Root, tmp_path: P
 # --------------------------------------------------------------------------------------------
 
 
-def test_iter_batches_columns_and_to_arrow(v30: DatasetHandle) -> None:
+def test_iter_batches_columns_and_to_arrow(v30: DatasetHandle, tmp_path: Path) -> None:
     batches = list(v30.iter_batches(columns=["id", "response"], batch_size=3))
     assert all(b.schema.names == ["id", "response"] for b in batches)
     assert all(0 < b.num_rows <= 3 for b in batches)
@@ -205,7 +207,9 @@ def test_iter_batches_columns_and_to_arrow(v30: DatasetHandle) -> None:
     assert sum(b.num_rows for b in v30.iter_batches()) == 30
 
     uris = v30.shard_uris()
-    assert len(uris) == 8 and uris == v30.hf_data_files()
+    assert len(uris) == 8
+    # Audio stored once: `datasets` gets local files with the audio joined in (the shards lack the bytes).
+    assert v30.hf_data_files(materialize_to=tmp_path) == [str(tmp_path / f"{s.sha256}.parquet") for s in v30.shards]
     if v30.store.root.startswith("s3://"):
         assert all(u.startswith(f"{v30.store.root}/{DATASET}/data/") for u in uris)
         assert v30.hf_storage_options()["client_kwargs"]["endpoint_url"].startswith("http://127.0.0.1:")
@@ -240,25 +244,40 @@ def test_storage_does_not_import_torch() -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _decoded(audio: Any) -> tuple[np.ndarray, int]:
+    """(mono samples, rate) of a decoded HF `Audio` value (a dict before datasets 4, then a torchcodec decoder)."""
+    if isinstance(audio, dict):
+        return np.asarray(audio["array"], dtype=np.float32), int(audio["sampling_rate"])
+    samples = audio.get_all_samples()
+    return samples.data.numpy()[0], int(samples.sample_rate)
+
+
 def test_hf_load_dataset_decodes_audio(local_v30: DatasetHandle, tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Audio stored once: hf_data_files() materialises the shards joined (under SPEECHPAIRS_HOME by
+    default) and `datasets` decodes exactly the samples of the audio files' bytes."""
     datasets = pytest.importorskip("datasets")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    ds = datasets.load_dataset("parquet", data_files=local_v30.hf_data_files(), split="train",
-                               cache_dir=str(tmp_path / "hf"))
+    home = tmp_path / "home"
+    monkeypatch.setenv("SPEECHPAIRS_HOME", str(home))
+    manifest = local_v30.manifest
+    assert all(s.audio is not None for s in manifest.shards)  # what the pipeline writes now
+    files = local_v30.hf_data_files()
+    assert files == [str(home / "materialized" / DATASET / local_v30.version / f"{s.sha256}.parquet")
+                     for s in manifest.shards]
+    ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
     assert len(ds) == 30
     assert type(ds.features["audio"]).__name__ == "Audio"
-    row = ds[0]
-    assert isinstance(row["labels"], dict) and row["labels"]
-    audio = row["audio"]
-    if isinstance(audio, dict):  # datasets < 4 decodes to a dict
-        array, rate = np.asarray(audio["array"]), audio["sampling_rate"]
-    else:  # datasets ≥ 4: a torchcodec AudioDecoder
-        samples = audio.get_all_samples()
-        array, rate = samples.data.numpy(), samples.sample_rate
-    assert rate == SR
-    assert abs(array.shape[-1] - row["duration_s"] * SR) <= SR // 100
+    oracle = stored_rows(local_v30.store, manifest)
+    assert ds["id"] == list(oracle)  # manifest order, every row once
+    for row in ds:
+        assert isinstance(row["labels"], dict) and row["labels"]
+        got, rate = _decoded(row["audio"])
+        want, want_rate = sf.read(io.BytesIO(oracle[row["id"]]["audio"]["bytes"]), dtype="float32")
+        assert rate == want_rate == SR and np.array_equal(got, want), row["id"]
+    raw = ds.cast_column("audio", datasets.Audio(decode=False))
+    assert [r["audio"]["bytes"] for r in raw] == [r["audio"]["bytes"] for r in oracle.values()]
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,8 +406,9 @@ def test_torch_over_s3_two_ranks_two_workers(seaweedfs: SeaweedS3, s3_v30: Datas
     assert abs(len(row["audio_array"]) - row["duration_s"] * SR) <= SR // 100
 
 
-def test_duckdb_readme_example(local_v30: DatasetHandle) -> None:
-    """The README's DuckDB query runs over the manifest's files (JSON columns, HF audio struct)."""
+def test_duckdb_readme_example(local_v30: DatasetHandle, tmp_path: Path) -> None:
+    """The README's DuckDB queries: text columns over the manifest's shard files as they are; audio
+    bytes (stored once, in audio files) over the materialised files."""
     duckdb = pytest.importorskip("duckdb")
     files = local_v30.shard_uris()
     con = duckdb.connect()
@@ -398,5 +418,10 @@ def test_duckdb_readme_example(local_v30: DatasetHandle) -> None:
     assert {g: n for g, n, _ in rows} == {"Male": 27, "Female": 3}
     noise = con.sql(f"""SELECT attributes->>'$."Noise level"' FROM read_parquet({files!r})""").fetchall()
     assert len(noise) == 30 and all(n[0] for n in noise)
-    size = con.sql(f"SELECT sum(octet_length(audio.bytes)) FROM read_parquet({files!r})").fetchall()
-    assert size[0][0] > 0
+    # The row shards keep only the clip's name: their bytes live in the audio files.
+    assert con.sql(f"SELECT count(audio.bytes), count(audio.path) FROM read_parquet({files!r})").fetchall() == [
+        (0, 30)]
+    assert main(["datasets", "materialize", local_v30.uri, "--to", str(tmp_path / "m"), "--no-progress"]) == 0
+    joined = dict(con.sql(f"SELECT id, audio.bytes FROM read_parquet('{tmp_path}/m/*.parquet')").fetchall())
+    oracle = stored_rows(local_v30.store, local_v30.manifest)
+    assert joined == {k: r["audio"]["bytes"] for k, r in oracle.items()}
