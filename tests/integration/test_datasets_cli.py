@@ -221,14 +221,15 @@ def test_pull_is_verified_and_resumable(versions: Path, tmp_path: Path, capsys: 
     assert rc == 0 and "7 downloaded" in out and "0 already present" in out
     assert "100%" in err  # the byte progress bar
     stored = read_manifest(LocalStore(versions), DS, "v0002")
-    # The shards are referenced at their data keys (layout 2): the pull is a self-contained layout-1 copy.
-    manifest = local_manifest(stored)
+    # The shards are referenced at their data keys (layout 2): the pull is a self-contained layout-1 copy,
+    # its shards joined with their audio files (audio stored once): their own checksums.
+    manifest = Manifest.model_validate_json((dest / "manifest.json").read_bytes())
     assert stored.layout == 2 and manifest.layout == 1
     assert [s.path for s in manifest.shards] == [f"data/train-{i:05d}-of-00005.parquet" for i in range(5)]
+    assert [s.path for s in manifest.shards] == [s.path for s in local_manifest(stored).shards]
     for shard in manifest.shards:
-        assert _sha(dest / shard.path) == shard.sha256
-    assert Manifest.model_validate_json((dest / "manifest.json").read_bytes()) == manifest
-    assert [s.sha256 for s in manifest.shards] == [s.sha256 for s in stored.shards]
+        assert _sha(dest / shard.path) == shard.sha256 and shard.audio is None
+    assert [s.rows for s in manifest.shards] == [s.rows for s in stored.shards]
     assert (dest / "README.md").read_text() == render_card(manifest)
     assert not list(dest.rglob("*.part"))
 
@@ -241,7 +242,8 @@ def test_pull_is_verified_and_resumable(versions: Path, tmp_path: Path, capsys: 
     victim.write_bytes(flip_byte(victim.read_bytes()))  # same size, other bytes
     (dest / manifest.shards[3].path).with_suffix(".parquet.part").write_bytes(b"half")  # a leftover
     third = pull_version(store, DS, "v0002", dest)
-    assert third.downloaded == [manifest.shards[1].path] and third.bytes_downloaded == manifest.shards[1].bytes
+    assert third.downloaded == [manifest.shards[1].path]
+    assert third.bytes_downloaded == stored.shards[1].bytes + stored.shards[1].audio.bytes  # type: ignore[union-attr]
     assert _sha(victim) == manifest.shards[1].sha256
 
     # The pulled directory is a dataset: `datasets` reads the card's configs.
@@ -368,7 +370,7 @@ def test_s3_list_verify_pull_corrupt_and_gc(seaweedfs: SeaweedS3, tmp_path: Path
     rc, out, _ = cli(capsys, "pull", f"{s3_root}/{DS}@v0001", str(dest), "--no-progress", *opts)
     assert rc == 0
     manifest = read_manifest(store, DS, "v0001")
-    for shard in local_manifest(manifest).shards:
+    for shard in Manifest.model_validate_json((dest / "manifest.json").read_bytes()).shards:
         assert _sha(dest / shard.path) == shard.sha256
     assert card_header((dest / "README.md").read_text())["configs"][0]["data_files"][0]["path"] == "data/*.parquet"
     again = pull_version(store, DS, "v0001", dest)
