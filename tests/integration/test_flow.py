@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from flows.generate import run_generate
 from schemas.arrow import ROW_SCHEMA
 from schemas.config import RunConfig, load_config
 from storage.objectstore import open_store
+from storage.reader import open_dataset
 from storage.versions import file_key, read_manifest, resolve_version
 from tasks.ingest import iter_refs
 from tasks.llm import make_backend
@@ -152,17 +152,16 @@ def test_flow_commits_to_s3_and_hf_decodes_the_shards(seaweedfs: SeaweedS3, tmp_
                  "--s3-region", seaweedfs.region]) == 0
     shown = capsys.readouterr().out
     assert "version v0001" in shown and "rows 10" in shown and seaweedfs.secret_key not in shown
-    local = tmp_path / "pulled"
-    for shard in manifest.shards:
-        target = local / "data" / Path(shard.path).name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        store.download_file(file_key(manifest, shard), target)
-        assert hashlib.sha256(target.read_bytes()).hexdigest() == shard.sha256
+    for shard in manifest.shards:  # the stored row shards are what the manifest says
+        assert store.sha256(file_key(manifest, shard)) == shard.sha256
+    # Audio stored once: hf_data_files materialises the shards with their audio for `datasets`.
+    handle = open_dataset(f"{root}/sample", "v0001", s3=config.s3)
+    files = handle.hf_data_files(materialize_to=tmp_path / "materialized")
+    assert len(files) == len(manifest.shards) and all(Path(f).is_file() for f in files)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import datasets
 
-    ds = datasets.load_dataset("parquet", data_files=sorted(str(p) for p in (local / "data").glob("*.parquet")),
-                               split="train", cache_dir=str(tmp_path / "hf"))
+    ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=str(tmp_path / "hf"))
     assert ds.num_rows == 10 and isinstance(ds.features["audio"], datasets.Audio)
     row = next(r for r in ds if r["id"] == "sample/librivox_ss01_0870")
     decoded = row["audio"].get_all_samples()

@@ -65,11 +65,13 @@ def test_outage_mid_shard_upload(weed_server: WeedServer, tmp_path: Path, monkey
     config = _config(weed_server, tmp_path, "mid-upload")
     uploads: list[str] = []
     original = objectstore.S3Store.put_file
-    monkeypatch.setattr(objectstore.S3Store, "put_file", _kill_on_call(weed_server, original, 2, uploads))
+    # Per shard: its audio file (audio stored once, <dataset>/audio/<clip-key>-<sha>.parquet), then its rows.
+    monkeypatch.setattr(objectstore.S3Store, "put_file", _kill_on_call(weed_server, original, 4, uploads))
     with pytest.raises(Exception):  # noqa: B017 - whatever the client raises for a dead endpoint
         run_plain(config)
     # Shard tasks upload to data keys (<dataset>/data/<run-id>/train-00001-<sha256[:16]>.parquet).
-    assert len(uploads) == 2 and Path(uploads[1]).name.startswith("train-00001-") and "/data/" in uploads[1]
+    assert len(uploads) == 4 and Path(uploads[3]).name.startswith("train-00001-") and "/data/" in uploads[3]
+    assert ["/audio/" in u for u in uploads] == [True, False, True, False]
     _restart(weed_server)
     store = open_store(config.output.root, config.s3)
     with pytest.raises(NotFound):
@@ -79,8 +81,11 @@ def test_outage_mid_shard_upload(weed_server: WeedServer, tmp_path: Path, monkey
     uploads.clear()
     monkeypatch.setattr(objectstore.S3Store, "put_file", _kill_on_call(weed_server, original, 0, uploads))
     manifest = run_plain(config)
-    # Shard 0 finished before the outage (its marker exists): only shards 1 and 2 are redone.
-    assert sorted(Path(u).name.rsplit("-", 1)[0] for u in uploads) == ["train-00001", "train-00002"]
+    # Shard 0 finished before the outage (its marker exists): only shards 1 and 2 are redone, and
+    # shard 1's clips, measured and stored before the outage, come from its clip cache.
+    rows = [u for u in uploads if "/audio/" not in u]
+    assert sorted(Path(u).name.rsplit("-", 1)[0] for u in rows) == ["train-00001", "train-00002"]
+    assert len(uploads) - len(rows) == 1  # shard 2's audio file only
     assert manifest.lineage.version == resolve_version(store, "outage", "latest")
     _assert_complete(store, "outage", manifest.lineage.version, 10)
 

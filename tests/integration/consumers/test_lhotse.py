@@ -132,10 +132,12 @@ def clips(corpus: Corpus) -> dict[str, Clip]:
     return {c.id.split("/", 1)[1]: c for c in prepare_lhotse(corpus.folder, "talk", [str(corpus.audio)])}
 
 
-def _run(corpus: Corpus, root: Path, **source: Any) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+def _run(corpus: Corpus, root: Path, llm: dict[str, Any] | None = None,
+         **source: Any) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
     config = parse_config({"sources": [{"kind": "lhotse", "path": str(corpus.folder), "dataset": "talk",
                                         "allowed_roots": [str(corpus.audio)], **source}],
-                           "output": {"root": str(root), "dataset": "talk", "shard_size": 50}}, environ={})
+                           "output": {"root": str(root), "dataset": "talk", "shard_size": 50},
+                           **({"llm": llm} if llm else {})}, environ={})
     manifest = run_plain(config)
     rows = list(stored_rows(LocalStore(root), manifest).values())  # audio bytes from the audio files
     quarantine = [r for s in manifest.quarantine for r in pq.read_table(root / file_key(manifest, s)).to_pylist()]
@@ -306,3 +308,25 @@ def test_quarantined_run_and_overridden_seed(corpus: Corpus, tmp_path: Path) -> 
     seed = by_id["trim-talk-f"]["seed_description"]
     assert seed.endswith(", Mood: positive)") and "Act" not in seed
     assert len(by_id) + len(quarantine) == len(corpus.cuts)
+
+
+def test_a_regeneration_describes_multi_speaker_cuts_from_the_stored_audio(
+        corpus: Corpus, rows: dict[str, dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that changes only the LLM decodes no source (audio stored once) yet describes each
+    supervision's span again, measured on the stored audio: the same seeds, spans and words."""
+    import tasks.measure
+
+    first, _ = _run(corpus, tmp_path)
+    decoded: list[str] = []
+    real = tasks.measure.load_audio
+    monkeypatch.setattr(tasks.measure, "load_audio", lambda clip, cfg: decoded.append(clip.id) or real(clip, cfg))
+    second, quarantine = _run(corpus, tmp_path, llm={"seed": 9, "temperature": 0.3})
+    assert decoded == [] and quarantine == []
+    assert set(second) == set(first) == set(rows)
+    multi = [k for k, r in first.items() if len(r["segments"] or []) >= 2 and r["segments"][0]["speaker"]]
+    assert {"talk-whole", "duo-whole"} <= set(multi)
+    for cut in multi:
+        assert second[cut]["seed_description"] == first[cut]["seed_description"], cut
+        assert second[cut]["segments"] == first[cut]["segments"], cut
+        assert second[cut]["attributes"] == first[cut]["attributes"], cut
+        assert second[cut]["audio"] == first[cut]["audio"], cut
