@@ -3,9 +3,11 @@
 Commit protocol (ARCHITECTURE.md, "Storage layout and commit protocol"), O(metadata):
 1. claim `<dataset>/vNNNN/_claim` create-only; on conflict try N+1 (so concurrent commits never
    share a prefix; the claim stays forever, or a later writer could reuse the prefix);
-2. check that every shard and quarantine part the shard tasks wrote is there with its size, and
-   every audio file the shards name (one listing per run's data prefix and per dataset's audio
-   prefix: metadata, never bytes). The shard tasks uploaded them once, to
+2. check that every shard and quarantine part the shard tasks wrote is there with its size (one
+   listing per run's data prefix: metadata, never bytes). Audio files the shards name were checked
+   by the shard task (written, or found with their size through the clip cache) and gc keeps them
+   while the run holds its lease; listing the dataset's whole audio prefix here would grow with
+   every run ever made. The shard tasks uploaded them once, to
    immutable data keys `<dataset>/data/<run-id>/…-<sha256[:16]>.parquet` (storage/layout.py), with
    their sha256 taken while writing (and checked by S3 on upload); nothing is copied or re-read;
 3. write the run's resolved config `config.yaml` (secrets redacted) and the dataset card
@@ -293,9 +295,8 @@ def _copy_verified(store: ObjectStore, src: ShardInfo, dst_key: str, rel_path: s
 
 
 def _check_present(store: ObjectStore, files: list[ShardInfo]) -> None:
-    """Every data object (and audio file) is there with its manifest size: one listing per prefix
-    (metadata only), so a manifest never points at a missing object. Its bytes were checksummed
-    when written."""
+    """Every data object is there with its manifest size: one listing per data prefix (metadata
+    only), so a manifest never points at a missing object. Its bytes were checksummed when written."""
     by_prefix: dict[str, list[ShardInfo]] = {}
     for info in files:
         by_prefix.setdefault(info.path.rsplit("/", 1)[0] + "/", []).append(info)
@@ -359,10 +360,7 @@ def commit_version(store: ObjectStore, *, dataset: str, staged_shards: list[Shar
 
     if layout == LAYOUT_DATA_KEYS or all(is_data_key(s.path) for s in [*staged_shards, *staged_quarantine]):
         layout = LAYOUT_DATA_KEYS
-        # Audio files too (audio stored once; each checked once however many shards share it): a
-        # clip cache reused from an older run may have been collected since the shard task found it.
-        audio = {s.audio.path: s.audio for s in staged_shards if s.audio is not None}
-        _check_present(store, [*staged_shards, *staged_quarantine, *audio.values()])
+        _check_present(store, [*staged_shards, *staged_quarantine])
         shards = [s.model_copy() for s in staged_shards]
         quarantine = [s.model_copy() for s in staged_quarantine]
     else:  # a run staged before data keys (resumed by this code): copy and re-verify, as then
