@@ -166,6 +166,8 @@ class SpeechPairsIterableDataset(IterableDataset[dict[str, Any]]):
         worker_id, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         # A worker gets its own filesystem connection (a forked copy must not share the parent's).
         handle = self.handle if info is None else self.handle.detached()
+        if info is not None and num_workers > 1:
+            _one_core_each()
         pieces = self.pieces(worker_id, num_workers)
         if self.batch_size is not None:
             yield from self._iter_batches(handle, pieces, self.batch_size)
@@ -220,6 +222,12 @@ class SpeechPairsIterableDataset(IterableDataset[dict[str, Any]]):
     def __repr__(self) -> str:
         return (f"SpeechPairsIterableDataset({self.handle.uri!r}, rank={self.rank}/{self.world_size}, "
                 f"epoch={self.epoch}, split={self.split!r}, batch_size={self.batch_size})")
+
+
+def _one_core_each() -> None:
+    """Several DataLoader workers: each decodes with one pyarrow thread, so they share the cores
+    instead of each starting a thread per core (as torch sets one intra-op thread per worker)."""
+    pa.set_cpu_count(1)
 
 
 __all__ = ["SpeechPairsIterableDataset", "assign_pieces", "collate_speech_batch", "decode_audio_bytes", "pad_audio",
