@@ -319,6 +319,7 @@ class DatasetHandle:
 
     def _iter_groups(self, pf: pq.ParquetFile, columns: list[str] | None, batch_size: int, start: int,
                      stop: int | None) -> Iterator[pa.RecordBatch]:
+        """Rows [start, stop) of an open shard, reading only the row groups that overlap."""
         meta = pf.metadata
         stop = meta.num_rows if stop is None else min(stop, meta.num_rows)
         if start >= stop:
