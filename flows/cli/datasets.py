@@ -337,7 +337,9 @@ def cmd_datasets_gc(args: argparse.Namespace) -> int:
     print(f"{dataset}: {verb} {len(report.removed)} prefixes ({report.objects_removed} objects, "
           f"{report.bytes_removed:,} bytes); {len(report.kept_young)} younger than {args.older_than} kept; "
           f"{len(report.committed_versions)} committed versions untouched, "
-          f"{report.referenced_objects} data objects a committed manifest lists kept")
+          f"{report.referenced_objects} data objects a committed manifest lists kept"
+          + (f", {report.referenced_audio} audio files a version or live run references kept"
+             if report.referenced_audio else ""))
     return EXIT_OK
 
 

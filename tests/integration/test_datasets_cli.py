@@ -332,6 +332,8 @@ def test_gc_removes_old_garbage_never_a_committed_version(root: Path, capsys: py
 
     rc, out, _ = cli(capsys, "gc", f"{root}/{DS}", "--older-than", "24h")
     assert rc == 0 and "removed 3 prefixes" in out and "2 committed versions untouched" in out
+    audio = len({s.audio.path for v in ("v0001", "v0002") for s in read_manifest(store, DS, v).shards if s.audio})
+    assert audio and f"{audio} audio files a version or live run references kept" in out
     after = sorted(store.list(f"{DS}/"))
     assert sorted(p.name for p in (root / DS / "_staging").iterdir()) == ["run-fresh"]
     assert [k for k in after if k.startswith(f"{DS}/v0003/")] == [f"{DS}/v0003/_claim"]  # tombstone stays
