@@ -121,8 +121,12 @@ class _References:
         self.audio: set[str] = set()
 
     def refresh(self) -> set[str]:
-        """Read the manifests committed since the last call; the referenced keys so far."""
-        for key in self.store.list(""):
+        """Read the manifests committed since the last call; the referenced keys so far.
+
+        Lists only each dataset's version prefixes (`<dataset>/v…`), never its data, audio or
+        staging objects: a scan costs the root's versions, not its shards."""
+        keys = (k for name in self.store.list_dirs("") for k in self.store.list(f"{name}/v"))
+        for key in keys:
             m = _MANIFEST_KEY_RE.match(key)
             if m is None or key in self.seen:
                 continue

@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -106,6 +106,11 @@ class ObjectStore(ABC):
     def list(self, prefix: str) -> Iterator[str]:
         """Keys starting with `prefix`, sorted."""
         return (info.key for info in self.list_info(prefix))
+
+    def list_dirs(self, prefix: str) -> Sequence[str]:
+        """The names of the "folders" right under `prefix` (ending in `/`): the first path segment
+        after it of every key below it, sorted; stores override it to avoid listing every key."""
+        return sorted({k[len(prefix):].split("/", 1)[0] for k in self.list(prefix) if "/" in k[len(prefix):]})
 
     @abstractmethod
     def delete(self, key: str) -> None:
@@ -337,6 +342,15 @@ class LocalStore(ObjectStore):
                     found.append(ObjectInfo(key=key, size=st.st_size, mtime=st.st_mtime))
         return iter(sorted(found, key=lambda info: info.key))
 
+    def list_dirs(self, prefix: str) -> Sequence[str]:
+        folder = self.base.joinpath(*prefix.rstrip("/").split("/")) if prefix.strip("/") else self.base
+        if not prefix.endswith("/") and prefix:  # a partial name: the base class's scan
+            return super().list_dirs(prefix)
+        try:
+            return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(_INTERNAL))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
     def download_file(self, key: str, local_path: str | Path) -> None:
         src = self._path(key)
         if not src.is_file():
@@ -503,6 +517,14 @@ class S3Store(ObjectStore):
             found.extend(ObjectInfo(key=obj["Key"][strip:], size=int(obj["Size"]),
                                     mtime=obj["LastModified"].timestamp()) for obj in page.get("Contents", []))
         return iter(sorted(found, key=lambda info: info.key))
+
+    def list_dirs(self, prefix: str) -> Sequence[str]:
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        names: list[str] = []
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=full, Delimiter="/"):
+            names.extend(p["Prefix"][len(full):].rstrip("/") for p in page.get("CommonPrefixes", []))
+        return sorted(names)
 
     def delete(self, key: str) -> None:
         try:

@@ -8,6 +8,7 @@ import os
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from storage.gc import collect_garbage
 from storage.layout import RunLayout, audio_prefix, clip_index_key, staging_prefix
@@ -195,3 +196,26 @@ def test_real_runs_sharing_audio_files_keep_them_through_gc(tmp_path: Path) -> N
     assert sorted(p.kind for p in report.removed) == ["staging", "staging"]
     assert {k for k in _audio_keys(store) if k.endswith(".parquet")} == set(audio)
     assert verify_version(store, DS, v1.lineage.version).ok and verify_version(store, DS, v2.lineage.version).ok
+
+
+def test_a_scan_lists_other_datasets_only_by_their_version_prefixes(tmp_path: Path) -> None:
+    """Finding what the committed manifests reference costs the root's versions, not its shards:
+    gc of A never lists the root whole, nor another dataset's data, audio or staging."""
+    store = LocalStore(tmp_path)
+    commit_split(store, "A", "run-a", [rows_table([("a/0", "a")])])
+    other = commit_split(store, "B", "run-b", [rows_table([("b/0", "b"), ("b/1", "b")])])
+    write_split_shard(store, "A", "run-old", 0, rows_table([("a/9", "a")]))  # A's garbage: makes gc look
+    _age(tmp_path)
+    listed: list[str] = []
+    real = store.list_info
+
+    def spy(prefix: str) -> Any:
+        listed.append(prefix)
+        return real(prefix)
+
+    store.list_info = spy  # type: ignore[method-assign]
+    report = collect_garbage(store, "A", DAY)
+    assert any(p.kind == "audio" for p in report.removed)  # run-old's audio file: nothing lists it
+    assert "" not in listed and [p for p in listed if p.startswith("B/")] and \
+        all(p == "B/v" for p in listed if p.startswith("B/"))
+    assert all(store.exists(s.audio.path) for s in other.shards if s.audio)  # B's audio untouched

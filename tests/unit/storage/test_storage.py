@@ -188,6 +188,16 @@ def test_put_get_list_delete(store: ObjectStore, tmp_path: Path) -> None:
     assert list(store.list("a/")) == ["a/b/one.bin", "a/b/two.bin"]
 
 
+def test_list_dirs_names_the_folders_right_under_a_prefix(store: ObjectStore) -> None:
+    for key in ("a/v0001/manifest.json", "a/data/run/x.parquet", "b/refs/latest.json", "top.json", "ab/c"):
+        store.put_bytes(key, b"{}")
+    assert list(store.list_dirs("")) == ["a", "ab", "b"]
+    assert list(store.list_dirs("a/")) == ["data", "v0001"]
+    assert list(store.list_dirs("a/data/")) == ["run"] and list(store.list_dirs("a/data/run/")) == []
+    assert list(store.list_dirs("nothing/")) == []
+    assert list(store.list_dirs("a/v")) == ["0001"]  # a partial name: what follows it, up to the next `/`
+
+
 def test_create_only_conflict(store: ObjectStore) -> None:
     store.put_bytes("claims/v0001", b"first", if_none_match=True)
     with pytest.raises(PreconditionFailed):
