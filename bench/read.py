@@ -13,7 +13,7 @@ Timings alternate the two streaming readers and keep each one's best of `--round
 loader figure is the best of `--torch-rounds` whole epochs, worker start-up included, measured in a
 fresh process (with read_table's rate measured again there) that imports only the reader and torch.
 
-    .venv/bin/python bench/read.py [--repeat 30] [--shard-size 50] [--rounds 5] [--torch-rounds 2]
+    .venv/bin/python bench/read.py [--repeat 30] [--shard-size 50] [--rounds 5] [--torch-rounds 2] [--audio-format wav]
 """
 
 from __future__ import annotations
@@ -58,10 +58,14 @@ def torch_loader_rates(handle: DatasetHandle, rows: int, plain_rate: float, roun
     each as a ratio to read_table's row rate over the same files."""
     from torch.utils.data import DataLoader
 
+    from storage.torch_dataset import pass_batch
+
     def epoch(workers: int, **kw: object) -> tuple[float, float]:
         """(rows/s of the whole epoch, rows/s once every worker has delivered its first item)."""
         ds = handle.torch_dataset(seed=0, **kw)
-        loader = DataLoader(ds, batch_size=None, num_workers=workers, timeout=600 if workers else 0)
+        # Batch mode as the README has it: the ready batch passes through (collate_fn=pass_batch).
+        extra = {"collate_fn": pass_batch} if "batch_size" in kw else {}
+        loader = DataLoader(ds, batch_size=None, num_workers=workers, timeout=600 if workers else 0, **extra)
         t0 = time.perf_counter()
         n, first_rows, first_t = 0, 0, t0
         for count, item in enumerate(loader, 1):
@@ -140,6 +144,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--torch-rounds", type=int, default=2)
     parser.add_argument("--torch-batch", type=int, default=16, help="rows per batch in batch mode")
+    parser.add_argument("--audio-format", default="flac", choices=["flac", "wav"],
+                        help="output.audio_format of the version (wav: decoding costs next to nothing)")
     parser.add_argument("--torch-child", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.torch_child:
@@ -167,7 +173,8 @@ def main() -> None:
             corpus = repeated_manifest(work, args.repeat)
             base_config = make_config(corpus, root, "bench", args.shard_size).model_dump(mode="json")
             manifest = run_plain(parse_config(base_config, [f"s3.endpoint_url={server.endpoint_url}",
-                                                            f"s3.region={server.region}", "s3.addressing_style=path"],
+                                                            f"s3.region={server.region}", "s3.addressing_style=path",
+                                                            f"output.audio_format={args.audio_format}"],
                                               environ={}))
             commit_s = time.perf_counter() - t0
             s3 = S3Config(endpoint_url=server.endpoint_url, region=server.region, addressing_style="path")

@@ -9,7 +9,7 @@ loader one ready batch per step):
 
     ds = open_dataset("s3://bucket/prefix/demo@stable").torch_dataset(
         world_size=ws, rank=rank, seed=0, batch_size=16, columns=["id", "transcript"])
-    loader = DataLoader(ds, batch_size=None, num_workers=2)   # the dataset batches, not the loader
+    loader = DataLoader(ds, batch_size=None, num_workers=2, collate_fn=pass_batch)  # the dataset batches
     for epoch in range(epochs):
         ds.set_epoch(epoch)            # before creating the epoch's iterator (not with persistent_workers)
         for batch in loader: ...       # batch["audio_array"]: [16, longest] float32, batch["audio_lengths"]
@@ -60,6 +60,7 @@ from storage.torch_batches import (
     decode_audio_bytes,
     decode_or_raise,
     pad_audio,
+    pass_batch,
     prefetched,
     row_converters,
 )
@@ -231,4 +232,4 @@ def _one_core_each() -> None:
 
 
 __all__ = ["SpeechPairsIterableDataset", "assign_pieces", "collate_speech_batch", "decode_audio_bytes", "pad_audio",
-           "row_converters", "shard_order"]
+           "pass_batch", "row_converters", "shard_order"]

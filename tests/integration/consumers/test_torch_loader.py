@@ -22,7 +22,7 @@ from tests.support.stored import stored_rows as rows_from_files
 torch = pytest.importorskip("torch")
 from torch.utils.data import DataLoader
 
-from storage.torch_dataset import SpeechPairsIterableDataset, collate_speech_batch
+from storage.torch_dataset import SpeechPairsIterableDataset, collate_speech_batch, pass_batch
 
 BATCH = 4
 FLOAT_FEATURES = ["pitch_mean_hz", "snr_db", "c50_db", "speaking_rate_wps", "gender_score", "emotion_score"]
@@ -127,6 +127,11 @@ def test_batch_mode_gives_the_collated_batches(local_version: LocalVersion, work
     batch_ds = local_version.handle().torch_dataset(seed=5, batch_size=BATCH)
     batches = list(DataLoader(batch_ds, batch_size=None, num_workers=workers, timeout=timeout))
     assert [b["id"] for b in batches] == expected_batches(local_version, batch_ds, workers)
+    # The README's loader (collate_fn=pass_batch: no default_convert walk) hands over the same batches.
+    passed = list(DataLoader(batch_ds, batch_size=None, num_workers=workers, timeout=timeout, collate_fn=pass_batch))
+    assert len(passed) == len(batches)
+    for k, (got, want) in enumerate(zip(passed, batches, strict=True)):
+        assert_batch_equal(got, want, f"passed batch {k}")
     assert len(batches) == len(collated)
     for k, (got, want) in enumerate(zip(batches, collated, strict=True)):
         assert_batch_equal(got, want, f"batch {k}")
