@@ -85,8 +85,9 @@ def repeated_manifest(dest: Path, repeat: int, *, distinct: bool = True) -> Path
 
 def bytes_per_audio_second(manifest: Manifest) -> float:
     """What a committed version's shards and the audio files they name cost per second of audio (bytes)."""
-    audio = {s.audio.path: s.audio.bytes for s in manifest.shards if s.audio is not None}
-    return (sum(s.bytes for s in manifest.shards) + sum(audio.values())) / (manifest.stats.audio_hours * 3600)
+    from storage.card import stored_bytes
+
+    return stored_bytes(manifest) / (manifest.stats.audio_hours * 3600)
 
 
 def corpus_cost(dest: Path, repeat: int, shard_size: int) -> dict[str, float]:

@@ -156,6 +156,7 @@ def main() -> None:
     from bench.pipeline import bytes_per_audio_second, make_config, repeated_manifest
     from flows.generate import run_plain
     from schemas.config import S3Config, parse_config
+    from storage.card import stored_bytes
     from storage.reader import open_dataset
 
     with tempfile.TemporaryDirectory(prefix="speechpairs-bench-read-") as tmp:
@@ -180,8 +181,7 @@ def main() -> None:
             s3 = S3Config(endpoint_url=server.endpoint_url, region=server.region, addressing_style="path")
             handle = open_dataset(f"{root}/bench", s3=s3)
             rows = handle.num_rows
-            audio_files = {s.audio.path: s.audio.bytes for s in manifest.shards if s.audio is not None}
-            total_bytes = sum(s.bytes for s in manifest.shards) + sum(audio_files.values())
+            total_bytes = stored_bytes(manifest)  # the shards and each audio file they name, once
             print(f"version: {handle.uri}  {rows} rows, {len(manifest.shards)} shards, "
                   f"{total_bytes / 1e6:.2f} MB, {manifest.stats.audio_hours * 3600:.0f} audio s, "
                   f"{bytes_per_audio_second(manifest) / 1e3:.1f} KB per audio second "

@@ -44,6 +44,7 @@ from pydantic import BaseModel, Field
 from storage.layout import (
     LEASE,
     STAGING_DIR,
+    audio_clip_key,
     audio_prefix,
     data_prefix,
     data_run,
@@ -59,7 +60,6 @@ from storage.versions import read_manifest as _read_manifest
 log = logging.getLogger(__name__)
 
 _MANIFEST_KEY_RE = re.compile(rf"^([^/]+)/(v\d{{4,}})/{re.escape(MANIFEST_PATH)}$")
-_AUDIO_NAME_RE = re.compile(r"^([0-9a-f]{16,64})(?:-[0-9a-f]{16}\.parquet|\.json)$")  # audio file, clip index
 _MARKER_RE = re.compile(r"/markers/shard-\d+\.json$")
 Kind = Literal["staging", "version", "data", "audio"]  # what a key of the dataset belongs to
 EntryKind = Literal["staging", "uncommitted", "data", "audio"]  # what a report entry removes or keeps
@@ -101,10 +101,9 @@ def _group(dataset: str, key: str) -> tuple[str, Kind] | None:
     run = data_run(dataset, key)
     if run is not None:
         return data_prefix(dataset, run), "data"
-    audio = audio_prefix(dataset)
-    if key.startswith(audio):
-        m = _AUDIO_NAME_RE.match(key[len(audio):])
-        return (audio + m.group(1), "audio") if m else None  # one clip key: its audio file(s) and index
+    if key.startswith(audio_prefix(dataset)):  # one clip key: its audio file(s) and index
+        clip_key = audio_clip_key(dataset, key)
+        return (audio_prefix(dataset) + clip_key, "audio") if clip_key else None
     parts = key[len(dataset) + 1:].split("/")
     if len(parts) >= 2 and VERSION_RE.match(parts[0]):
         return f"{dataset}/{parts[0]}/", "version"

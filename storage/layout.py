@@ -45,6 +45,8 @@ COMMITTED = "committed.json"
 CACHE_DIR = "llm-cache"
 AUDIO_DIR = "audio"
 _CLIP_KEY_RE = re.compile(r"^[0-9a-f]{16,64}$")
+# `<clip-key>-<sha256[:16]>.parquet` (an audio file) or `<clip-key>.json` (its index), under audio_prefix.
+_AUDIO_NAME_RE = re.compile(r"^([0-9a-f]{16,64})(?:-[0-9a-f]{16}\.parquet|\.json)$")
 
 
 def check_dataset(dataset: str) -> str:
@@ -95,6 +97,13 @@ def audio_file_key(dataset: str, clip_key: str, sha256: str) -> str:
 def clip_index_key(dataset: str, clip_key: str) -> str:
     """The clip cache index of `clip_key` (names the audio file; written after it)."""
     return f"{audio_prefix(dataset)}{_clip_key(clip_key)}.json"
+
+
+def audio_clip_key(dataset: str, key: str) -> str | None:
+    """The clip key of an audio file or clip index of `dataset` (`key` root-relative), or None."""
+    prefix = audio_prefix(dataset)
+    m = _AUDIO_NAME_RE.match(key[len(prefix):]) if key.startswith(prefix) else None
+    return m.group(1) if m else None
 
 
 def staging_prefix(dataset: str, run_id: str) -> str:

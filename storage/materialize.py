@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from schemas.arrow import schema_from_b64
 from schemas.manifest import Manifest, ShardInfo
 from storage.audio_files import AudioLookup, AudioLookupError, fill_audio
+from storage.card import stored_bytes
 from storage.objectstore import NotFound, ObjectStore
 from storage.shards import ROW_GROUP_ROWS, sha256_file
 from storage.versions import file_key
@@ -65,7 +66,8 @@ def default_dir(dataset: str, version: str) -> Path:
     return base / "materialized" / dataset / version
 
 
-def _local_ok(path: Path, size: int, sha256: str) -> bool:
+def local_ok(path: Path, size: int, sha256: str) -> bool:
+    """A local file already holds these bytes (size first: a mismatch costs no hashing)."""
     try:
         if path.stat().st_size != size:
             return False
@@ -134,7 +136,7 @@ def _reusable(target: Path, shard: ShardInfo) -> ShardInfo | None:
                         sha256=str(record["sha256"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return out if _local_ok(target, out.bytes, out.sha256) else None
+    return out if local_ok(target, out.bytes, out.sha256) else None
 
 
 def _write_record(target: Path, shard: ShardInfo, out: ShardInfo) -> None:
@@ -213,7 +215,7 @@ class Materializer:
     def reusable(self, shard: ShardInfo, target: Path) -> ShardInfo | None:
         """What is already at `target` for `shard`, when it still matches (None: write it)."""
         if shard.audio is None:
-            return shard if _local_ok(target, shard.bytes, shard.sha256) else None
+            return shard if local_ok(target, shard.bytes, shard.sha256) else None
         return _reusable(target, shard)
 
     def write(self, shard: ShardInfo, target: Path) -> ShardInfo:
@@ -277,12 +279,6 @@ def needs_materializing(manifest: Manifest) -> bool:
     return any(s.audio is not None for s in manifest.shards)
 
 
-def input_bytes(manifest: Manifest) -> int:
-    """Bytes a materialisation of every shard downloads: the shards and each audio file once."""
-    audio = {file_key(manifest, s.audio): s.audio.bytes for s in manifest.shards if s.audio is not None}
-    return sum(s.bytes for s in manifest.shards) + sum(audio.values())
-
-
 def materialize_version(store: ObjectStore, manifest: Manifest, dest: Path, *, progress: bool = False,
                         ) -> list[Materialized]:
     """Every shard of `manifest` self-contained under `dest` as `<shard sha256>.parquet`, in manifest
@@ -293,7 +289,7 @@ def materialize_version(store: ObjectStore, manifest: Manifest, dest: Path, *, p
     if progress:
         from tqdm import tqdm
 
-        total = input_bytes(manifest)
+        total = stored_bytes(manifest)  # the shards and each audio file once
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True,
                    desc=f"{manifest.lineage.dataset}@{manifest.lineage.version}")
     out: list[Materialized] = []

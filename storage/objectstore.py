@@ -343,9 +343,9 @@ class LocalStore(ObjectStore):
         return iter(sorted(found, key=lambda info: info.key))
 
     def list_dirs(self, prefix: str) -> Sequence[str]:
-        folder = self.base.joinpath(*prefix.rstrip("/").split("/")) if prefix.strip("/") else self.base
-        if not prefix.endswith("/") and prefix:  # a partial name: the base class's scan
+        if prefix and not prefix.endswith("/"):  # a partial name: the base class's scan
             return super().list_dirs(prefix)
+        folder = self.base.joinpath(*prefix.rstrip("/").split("/")) if prefix else self.base
         try:
             return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(_INTERNAL))
         except (FileNotFoundError, NotADirectoryError):

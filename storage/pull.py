@@ -29,11 +29,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from schemas.manifest import Manifest, ShardInfo
-from storage.card import render_card
-from storage.materialize import Materializer, fetch_verified, input_bytes, needs_materializing
+from schemas.manifest import Manifest
+from storage.card import render_card, stored_bytes
+from storage.materialize import Materializer, fetch_verified, local_ok, needs_materializing
 from storage.objectstore import NotFound, ObjectStore
-from storage.shards import sha256_file
 from storage.versions import (
     CARD_PATH,
     LAYOUT_IN_VERSION,
@@ -62,15 +61,6 @@ class PullReport(BaseModel):
     bytes_downloaded: int = 0
     bytes_total: int = 0  # shard + quarantine bytes of the version, and its audio files' (each once)
     card_generated: bool = False  # the version predates cards: README.md rendered from the manifest
-
-
-def _local_ok(path: Path, info: ShardInfo) -> bool:
-    try:
-        if path.stat().st_size != info.bytes:
-            return False
-    except FileNotFoundError:
-        return False
-    return sha256_file(path) == info.sha256
 
 
 def _write_small(path: Path, data: bytes) -> bool:
@@ -126,7 +116,7 @@ def pull_version(store: ObjectStore, dataset: str, version: str, dest: Path, pro
     local = local_manifest(manifest)
     n_shards = len(manifest.shards)
     files = list(zip([*manifest.shards, *manifest.quarantine], [*local.shards, *local.quarantine], strict=True))
-    total = input_bytes(manifest) + sum(q.bytes for q in manifest.quarantine)
+    total = stored_bytes(manifest) + sum(q.bytes for q in manifest.quarantine)
     report = PullReport(dataset=dataset, version=version, dest=str(dest), bytes_total=total)
     dest.mkdir(parents=True, exist_ok=True)
 
@@ -150,7 +140,7 @@ def pull_version(store: ObjectStore, dataset: str, version: str, dest: Path, pro
                     shards[n] = got.info.model_copy(update={"path": here.path})
                     (report.downloaded if got.written else report.skipped).append(here.path)
                     continue
-                if _local_ok(target, info):
+                if local_ok(target, info.bytes, info.sha256):
                     report.skipped.append(here.path)
                     if bar is not None:
                         bar.update(info.bytes)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -32,13 +31,14 @@ from pydantic import BaseModel, Field
 
 from schemas.arrow import QUARANTINE_SCHEMA, schema_from_b64
 from schemas.manifest import FileInfo, Manifest, ShardInfo
+from storage.audio_files import AUDIO, ID
+from storage.layout import audio_clip_key, clip_index_key
 from storage.objectstore import NotFound, ObjectStore
 from storage.versions import MANIFEST_PATH, file_key, read_manifest, version_key
 
 log = logging.getLogger(__name__)
 
 _HF_KEY = b"huggingface"
-ID, AUDIO = "id", "audio"
 _MAX_WORKERS = 8
 
 
@@ -135,7 +135,9 @@ def _check_object(store: ObjectStore, fs_base: tuple[pafs.FileSystem, str], key:
 
 def _audio_fix(key: str) -> str:
     """What to do about a damaged audio file: its rows cannot get their audio until it is made again."""
-    index = re.sub(r"-[0-9a-f]{16}\.parquet$", ".json", key)
+    dataset = key.split("/", 1)[0]
+    clip_key = audio_clip_key(dataset, key)
+    index = clip_index_key(dataset, clip_key) if clip_key else "(beside it, <clip-key>.json)"
     return (f"fix: restore it, or delete it and its clip index {index} and re-run the version's config.yaml "
             "(`speechpairs run --config …`), which measures those clips again")
 

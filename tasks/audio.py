@@ -416,6 +416,11 @@ def _decode_file(tools: tuple[str, str], path: Path, where: str, config: AudioCo
     return samples, sr
 
 
+def audio_name(clip_id: str, fmt: str) -> str:
+    """The stored clip's file name (`audio.path`): its id without the corpus, with the format's suffix."""
+    return f"{clip_id.split('/', 1)[-1]}.{fmt}"
+
+
 def encode_audio(samples: np.ndarray, sampling_rate: int, fmt: str = "flac") -> bytes:
     """The stored audio: 16-bit FLAC (lossless, ~half of WAV) or WAV, decodable by HF `Audio`."""
     buf = io.BytesIO()

@@ -39,7 +39,7 @@ from schemas.records import Clip, Features, QuarantineRow, Segment
 from storage.layout import audio_file_key, clip_index_key
 from storage.objectstore import NotFound, ObjectStore
 from storage.shards import ParquetShardWriter
-from tasks.audio import DecodedAudio, encode_audio
+from tasks.audio import DecodedAudio, audio_name, encode_audio
 from tasks.commit_gate import transient_count
 from tasks.measure import Measured
 from tasks.plan import ShardPlan
@@ -153,7 +153,7 @@ class ClipRecorder:
         t0 = time.perf_counter()
         acc, n = self.acc, len(batch)
         audio = [{"bytes": encode_audio(m.audio.samples, m.audio.sampling_rate, self.fmt),
-                  "path": f"{m.clip.id.split('/', 1)[-1]}.{self.fmt}"} for m in batch]
+                  "path": audio_name(m.clip.id, self.fmt)} for m in batch]
         columns: dict[str, Any] = {
             "id": [m.clip.id for m in batch], "audio": audio, "audio_sha256": [m.audio.sha256 for m in batch],
             "clip": [m.clip.model_dump_json(exclude={"audio_bytes"}) for m in batch],

@@ -185,9 +185,12 @@ def process_shard(plan: ShardPlan, config: RunConfig, store: ObjectStore, ctx: R
     # shard the same way; otherwise they are measured here and recorded for the next run.
     key = clip_key(config, ctx, plan)
     cached = load_index(store, layout.dataset, key)
-    recorder = None if cached is not None else ClipRecorder(store, layout.dataset, key, config, acc)
-    measured_batches = replay(store, cached, acc, batch_size) if cached is not None else \
-        recorder.record(_measure(plan, config, acc, models, batch_size))  # type: ignore[union-attr]
+    recorder: ClipRecorder | None = None
+    if cached is not None:
+        measured_batches = replay(store, cached, acc, batch_size)
+    else:
+        recorder = ClipRecorder(store, layout.dataset, key, config, acc)
+        measured_batches = recorder.record(_measure(plan, config, acc, models, batch_size))
     # Uploaded once, to its immutable data key (content hash in the name); the commit only references it.
     try:
         with ParquetShardWriter(store, lambda sha: layout.data_shard(index, sha), ROW_SCHEMA,
@@ -211,7 +214,11 @@ def process_shard(plan: ShardPlan, config: RunConfig, store: ObjectStore, ctx: R
                 sent = _report_since(progress, acc, sent)
             # Recordings dropped whole after the last full batch (no speech, unreadable) are reported here.
             _report_since(progress, acc, sent)
-            audio = cached.file if cached is not None else recorder.finish()  # type: ignore[union-attr]
+            if recorder is not None:  # measured here: upload the audio file, then the cache index
+                audio = recorder.finish()
+            else:
+                assert cached is not None
+                audio = cached.file
             t0 = time.perf_counter()
             shard = writer.close()
             acc.stage_seconds["write"] += time.perf_counter() - t0

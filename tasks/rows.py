@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from schemas.config import RunConfig
 from schemas.records import AudioRef, Features, Provenance, QuarantineError, ReasonCode, Row, Segment, Stage
+from tasks.audio import audio_name
 from tasks.describe import (
     Bins,
     describe_attributes,
@@ -110,13 +111,12 @@ def build_row(p: Prepared, result: LLMResult | QuarantineError, config: RunConfi
         quarantine(acc, p.measured.clip, result.stage, result.reason, result.message)
         return None
     t0 = time.perf_counter()
-    fmt = config.output.audio_format
     m = p.measured
-    local = m.clip.id.split("/", 1)[-1]
     row = Row(
         id=m.clip.id,
         dataset=m.clip.dataset,
-        audio=AudioRef(bytes=None, path=f"{local}.{fmt}"),  # the bytes live in the shard's audio file
+        # The bytes live in the shard's audio file (tasks/clip_cache.py), under the same name.
+        audio=AudioRef(bytes=None, path=audio_name(m.clip.id, config.output.audio_format)),
         audio_uri=m.clip.audio_uri,
         audio_sha256=m.audio.sha256,
         sampling_rate=m.audio.sampling_rate,
