@@ -103,6 +103,16 @@ class AudioLookup:
         self.close()
 
 
+def _prefer(own: pa.Array, joined: pa.Array) -> pa.Array:
+    """`own` where it is set, else `joined`; without copying either in the usual all-or-none cases
+    (a row shard's bytes are all null, its paths all set)."""
+    if own.null_count == 0:
+        return own
+    if own.null_count == len(own):
+        return joined
+    return pc.if_else(pc.is_null(own), joined, own)
+
+
 def fill_audio(batch: pa.RecordBatch | pa.Table, lookup: AudioLookup) -> Any:
     """`batch` with its `audio` column's bytes from `lookup`, joined on `id` (both columns must be there).
 
@@ -115,8 +125,7 @@ def fill_audio(batch: pa.RecordBatch | pa.Table, lookup: AudioLookup) -> Any:
         own = own.combine_chunks()
     joined = lookup.take(batch.column(names.index(ID)).to_pylist())
     own_bytes, own_path = own.field("bytes"), own.field("path")
-    data = pc.if_else(pc.is_null(own_bytes), joined.field("bytes"), own_bytes)
-    path = pc.if_else(pc.is_null(own_path), joined.field("path"), own_path)
+    data, path = _prefer(own_bytes, joined.field("bytes")), _prefer(own_path, joined.field("path"))
     audio = pa.StructArray.from_arrays([data, path], fields=list(AUDIO_TYPE))
     field = batch.schema.field(i)
     return batch.set_column(i, field, audio) if isinstance(batch, pa.Table) else \

@@ -62,6 +62,7 @@ from storage.torch_batches import (
     pad_audio,
     pass_batch,
     prefetched,
+    preload_worker_imports,
     row_converters,
 )
 
@@ -141,6 +142,7 @@ class SpeechPairsIterableDataset(IterableDataset[dict[str, Any]]):
         self.read_batch_size = max(1, read_batch_size)
         self.batchable = batchable
         self.batch_size = batch_size
+        preload_worker_imports(decode_audio)
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle the shard order for `epoch` (call on every rank, before iterating)."""
