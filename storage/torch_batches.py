@@ -29,6 +29,9 @@ from schemas.arrow import SAMPLING_RATE
 
 try:  # dr_flac: the faster FLAC decoder where its wheel exists (see fast_flac_frames)
     import miniaudio as _miniaudio
+
+    if not hasattr(_miniaudio.lib, "ma_dr_flac_read_pcm_frames_f32"):  # pragma: no cover - another build
+        _miniaudio = None
 except ImportError:  # pragma: no cover - Linux arm64
     _miniaudio = None
 
@@ -102,7 +105,7 @@ def fast_flac_frames(data: bytes, sampling_rate: int) -> int | None:
     """The frame count of a 16-bit mono FLAC stream at `sampling_rate` (what speechpairs stores),
     read from its STREAMINFO header, when dr_flac (miniaudio) is there to decode it; else None.
 
-    dr_flac decodes such a clip ~35% faster than libsndfile, with the same samples (lossless,
+    dr_flac decodes such a clip ~40% faster than libsndfile, with the same samples (lossless,
     both scale by 1/32768); anything else (other widths, channels or rates, no length in the
     header, no miniaudio: it has no Linux arm64 wheel) is decoded by libsndfile.
     """
@@ -115,12 +118,17 @@ def fast_flac_frames(data: bytes, sampling_rate: int) -> int | None:
 
 
 def _flac16_into(data: bytes, row: np.ndarray) -> int:
-    """Decode a `fast_flac_frames` clip into `row` (float32); the frames written."""
+    """Decode a `fast_flac_frames` clip straight into `row` (float32, contiguous); the frames written."""
     assert _miniaudio is not None
-    samples = np.frombuffer(_miniaudio.flac_read_s16(data).samples, dtype=np.int16)
-    n = min(len(samples), len(row))
-    np.multiply(samples[:n], np.float32(1 / 32768), out=row[:n])
-    return n
+    ffi, lib = _miniaudio.ffi, _miniaudio.lib
+    flac = lib.ma_dr_flac_open_memory(data, len(data), ffi.NULL)
+    if not flac:
+        raise _miniaudio.DecodeError("not a decodable FLAC stream")
+    try:
+        out = ffi.cast("float *", ffi.from_buffer(row, require_writable=True))
+        return int(lib.ma_dr_flac_read_pcm_frames_f32(flac, len(row), out))
+    finally:
+        lib.ma_dr_flac_close(flac)
 
 
 def decode_audio_bytes(data: bytes, sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
@@ -163,19 +171,28 @@ def _collate_values(values: list[Any]) -> Any:
     return list(values)
 
 
-def _batch_buffer(rows: int, length: int) -> tuple[torch.Tensor, np.ndarray]:
-    """An uninitialised float32 [rows, length] tensor and its numpy view.
-
-    In a DataLoader worker it is allocated in shared memory (as torch's own collate does), so
-    handing it to the main process does not copy it once more.
-    """
+def _new_storage(nbytes: int) -> torch.UntypedStorage:
+    """`nbytes` uninitialised. In a DataLoader worker in shared memory (as torch's own collate
+    allocates), so handing it to the main process copies nothing: one file descriptor passes."""
     from torch.utils.data import get_worker_info
 
-    if get_worker_info() is not None and rows * length:
-        storage = torch.UntypedStorage._new_shared(rows * length * 4)
-        tensor = torch.empty(0, dtype=torch.float32).set_(storage).view(rows, length)
-    else:
-        tensor = torch.empty((rows, length), dtype=torch.float32)
+    if get_worker_info() is not None and nbytes:
+        return torch.UntypedStorage._new_shared(nbytes)
+    return torch.UntypedStorage(nbytes)
+
+
+def _view(storage: torch.UntypedStorage, byte_offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A `dtype` tensor of `shape` over `storage` from `byte_offset` (a multiple of the item size)."""
+    empty = torch.empty(0, dtype=dtype)
+    strides = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        strides[i] = strides[i + 1] * shape[i + 1]
+    return empty.set_(storage, byte_offset // empty.element_size(), shape, strides)
+
+
+def _batch_buffer(rows: int, length: int) -> tuple[torch.Tensor, np.ndarray]:
+    """An uninitialised float32 [rows, length] tensor (see `_new_storage`) and its numpy view."""
+    tensor = _view(_new_storage(rows * length * 4), 0, torch.float32, (rows, length))
     return tensor, tensor.numpy()
 
 
@@ -210,6 +227,43 @@ def _clip_reader(data: bytes, sampling_rate: int) -> tuple[int, Fill] | np.ndarr
     return decode_audio_bytes(data, sampling_rate)
 
 
+Clip = tuple[int, Fill] | np.ndarray  # see _clip_reader
+
+
+def open_clips(data: Sequence[bytes | None], ids: Sequence[Any], sampling_rate: int, where: str) -> list[Clip]:
+    """Each clip's `_clip_reader` (errors name the row): their lengths are known before decoding."""
+    clips: list[Clip] = []
+    for d, row_id in zip(data, ids, strict=True):
+        if not d:
+            raise ValueError(f"{where}: row {row_id!r} has no stored audio bytes")
+        try:
+            clips.append(_clip_reader(d, sampling_rate))
+        except Exception as exc:  # LibsndfileError (a RuntimeError), a bad header
+            raise RuntimeError(f"{where}: cannot decode audio of row {row_id!r}: {exc}") from exc
+    return clips
+
+
+def clip_frames(clip: Clip) -> int:
+    return len(clip) if isinstance(clip, np.ndarray) else clip[0]
+
+
+def fill_clips(clips: Sequence[Clip], out: np.ndarray, ids: Sequence[Any], where: str) -> list[int]:
+    """Decode clip i into row i of `out` (float32 [N, ≥ longest]), zeros past its end; the lengths."""
+    lengths = []
+    for i, (clip, row_id) in enumerate(zip(clips, ids, strict=True)):
+        if isinstance(clip, np.ndarray):
+            n = len(clip)
+            out[i, :n] = clip
+        else:
+            try:
+                n = clip[1](out[i, : clip[0]])
+            except Exception as exc:  # LibsndfileError, miniaudio.DecodeError
+                raise RuntimeError(f"{where}: cannot decode audio of row {row_id!r}: {exc}") from exc
+        out[i, n:] = 0.0
+        lengths.append(n)
+    return lengths
+
+
 def decode_padded(data: Sequence[bytes | None], ids: Sequence[Any], sampling_rate: int,
                   where: str) -> tuple[torch.Tensor, torch.Tensor]:
     """`pad_audio` of the decoded clips, each decoded straight into its row of the padded tensor.
@@ -217,29 +271,9 @@ def decode_padded(data: Sequence[bytes | None], ids: Sequence[Any], sampling_rat
     A mono clip stored at `sampling_rate` (what speechpairs writes) is decoded into place: no
     per-clip array, no copy; any other is decoded, then copied in. Errors name the row.
     """
-    def failed(row_id: Any, exc: Exception) -> RuntimeError:
-        return RuntimeError(f"{where}: cannot decode audio of row {row_id!r}: {exc}")
-
-    readers: list[tuple[int, Fill] | np.ndarray] = []
-    for d, row_id in zip(data, ids, strict=True):
-        if not d:
-            raise ValueError(f"{where}: row {row_id!r} has no stored audio bytes")
-        try:
-            readers.append(_clip_reader(d, sampling_rate))
-        except Exception as exc:  # LibsndfileError (a RuntimeError), a bad header
-            raise failed(row_id, exc) from exc
-    lengths = [len(r) if isinstance(r, np.ndarray) else r[0] for r in readers]
-    padded, out = _batch_buffer(len(readers), max(lengths, default=0))
-    for i, (reader, row_id) in enumerate(zip(readers, ids, strict=True)):
-        if isinstance(reader, np.ndarray):
-            out[i, : len(reader)] = reader
-        else:
-            try:
-                lengths[i] = reader[1](out[i, : reader[0]])
-            except Exception as exc:  # LibsndfileError, miniaudio.DecodeError
-                raise failed(row_id, exc) from exc
-        out[i, lengths[i]:] = 0.0
-    return padded, torch.tensor(lengths, dtype=torch.int64)
+    clips = open_clips(data, ids, sampling_rate, where)
+    padded, out = _batch_buffer(len(clips), max(map(clip_frames, clips), default=0))
+    return padded, torch.tensor(fill_clips(clips, out, ids, where), dtype=torch.int64)
 
 
 def pass_batch(batch: dict[str, Any]) -> dict[str, Any]:
@@ -297,25 +331,39 @@ def arrow_to_batch(table: pa.Table, *, keep: Sequence[str], decode_audio: bool, 
                    where: str) -> dict[str, Any]:
     """A table of N rows → one batch dict: the `keep` columns by `column_to_batch`, and with
     `decode_audio` the clips decoded here into "audio_array" (float32 [N, longest], zeros beyond
-    each clip), "audio_lengths" (int64 [N]) and "sampling_rate" (int64 [N])."""
+    each clip), "audio_lengths" (int64 [N]) and "sampling_rate" (int64 [N]).
+
+    Every tensor of the batch is a view into one storage (`pack_tensors`): the audio first, decoded
+    in place, then the number columns."""
+    n = table.num_rows
     out: dict[str, Any] = {name: column_to_batch(table.column(name).combine_chunks()) for name in keep}
-    if decode_audio:
-        audio = table.column("audio").combine_chunks()
-        data = audio.flatten()[audio.type.get_field_index("bytes")].to_pylist()
-        valid = audio.is_valid().to_pylist()
-        ids = table.column("id").to_pylist() if "id" in table.column_names else [None] * table.num_rows
-        out["audio_array"], out["audio_lengths"] = decode_padded(
-            [d if ok else None for d, ok in zip(data, valid, strict=True)], ids, sampling_rate, where)
-        out["sampling_rate"] = torch.full((table.num_rows,), sampling_rate, dtype=torch.int64)
-    return pack_tensors(out)
+    if not decode_audio:
+        pack_tensors(out)
+        return out
+    audio = table.column("audio").combine_chunks()
+    data = audio.flatten()[audio.type.get_field_index("bytes")].to_pylist()
+    valid = audio.is_valid().to_pylist()
+    ids = table.column("id").to_pylist() if "id" in table.column_names else [None] * n
+    clips = open_clips([d if ok else None for d, ok in zip(data, valid, strict=True)], ids, sampling_rate, where)
+    width = max(map(clip_frames, clips), default=0)
+    out["audio_array"] = None  # placed first in the storage, below
+    out["audio_lengths"] = torch.zeros(n, dtype=torch.int64)  # set once decoded
+    out["sampling_rate"] = torch.full((n,), sampling_rate, dtype=torch.int64)
+    storage = pack_tensors(out, head_bytes=n * width * 4)
+    out["audio_array"] = _view(storage, 0, torch.float32, (n, width))
+    lengths = fill_clips(clips, out["audio_array"].numpy(), ids, where)
+    out["audio_lengths"].copy_(torch.tensor(lengths, dtype=torch.int64))
+    return out
 
 
-def pack_tensors(batch: dict[str, Any]) -> dict[str, Any]:
-    """Make the batch's 1-D tensors views into one buffer per dtype (in place; returns `batch`).
+def pack_tensors(batch: dict[str, Any], head_bytes: int = 0) -> torch.UntypedStorage:
+    """Make every 1-D tensor of `batch` (nested dicts too) a view into one new storage, after its
+    first `head_bytes` (left for the caller); returns the storage.
 
-    A DataLoader worker hands each tensor storage over in its own shared-memory segment (about a
-    millisecond each): a batch of every column holds ~35 number columns, so this is what passing a
-    batch costs, unless the columns share a storage.
+    A DataLoader worker hands each tensor storage over as its own shared-memory segment (a file
+    descriptor passed through a socket each, about a millisecond of both processes): a batch of
+    every column holds ~35 number columns, so this is what passing a batch costs, unless the
+    columns share one storage.
     """
     found: list[tuple[dict[str, Any], str, torch.Tensor]] = []
 
@@ -327,18 +375,17 @@ def pack_tensors(batch: dict[str, Any]) -> dict[str, Any]:
                 found.append((d, key, value))
 
     walk(batch)
-    by_dtype: dict[torch.dtype, list[tuple[dict[str, Any], str, torch.Tensor]]] = {}
-    for item in found:
-        by_dtype.setdefault(item[2].dtype, []).append(item)
-    for items in by_dtype.values():
-        if len(items) < 2:
-            continue
-        buffer = torch.cat([t for _, _, t in items])
-        offset = 0
-        for d, key, t in items:
-            d[key] = buffer[offset:offset + len(t)]
-            offset += len(t)
-    return batch
+    offsets, end = [], head_bytes
+    for _, _, t in found:
+        end = -(-end // 8) * 8  # every view starts 8-byte aligned
+        offsets.append(end)
+        end += t.numel() * t.element_size()
+    storage = _new_storage(end)
+    for (d, key, t), offset in zip(found, offsets, strict=True):
+        view = _view(storage, offset, t.dtype, (t.numel(),))
+        view.copy_(t)
+        d[key] = view
+    return storage
 
 
 def preload_worker_imports(decode_audio: bool) -> None:
@@ -407,4 +454,4 @@ def prefetched(make: Callable[[], Iterator[T]], depth: int = 2) -> Generator[T, 
 
 
 __all__ = ["arrow_to_batch", "collate_speech_batch", "column_to_batch", "decode_audio_bytes", "decode_or_raise",
-           "decode_padded", "pack_tensors", "pad_audio", "prefetched", "preload_worker_imports", "row_converters"]
+           "decode_padded", "fill_clips", "open_clips", "pack_tensors", "pad_audio", "prefetched", "preload_worker_imports", "row_converters"]

@@ -91,16 +91,23 @@ def test_batch_audio_is_padded_and_sample_exact(local_v30: DatasetHandle) -> Non
     assert len(lengths_seen) > 1
 
 
-def test_batch_number_columns_share_one_buffer_per_dtype(local_v30: DatasetHandle) -> None:
-    """Handed between processes as one shared-memory segment per dtype, not one per column."""
+def tensors_of(batch: dict[str, Any]) -> list[Any]:
+    out = []
+    for value in batch.values():
+        out += tensors_of(value) if isinstance(value, dict) else [value] if isinstance(value, torch.Tensor) else []
+    return out
+
+
+def test_batch_tensors_share_one_storage(local_v30: DatasetHandle) -> None:
+    """Handed between processes as one shared-memory segment per batch, not one per column or dtype."""
     batch = next(iter(local_v30.torch_dataset(batch_size=6, seed=2)))
-    floats = [batch["duration_s"], batch["audio_offset_s"], *batch["features"].values()]
-    floats = [t for t in floats if isinstance(t, torch.Tensor) and t.dtype == torch.float64]
-    assert len(floats) > 3
-    assert len({t.untyped_storage().data_ptr() for t in floats}) == 1
-    assert batch["audio_lengths"].untyped_storage().data_ptr() == batch["sampling_rate"].untyped_storage().data_ptr()
+    tensors = tensors_of(batch)
+    assert {torch.float32, torch.float64, torch.int64} <= {t.dtype for t in tensors} and len(tensors) > 10
+    assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1
     rows = list(local_v30.torch_dataset(seed=2))[:6]
     assert_batch_equal(batch, collate_speech_batch(rows))  # views with the same values as separate tensors
+    undecoded = tensors_of(next(iter(local_v30.torch_dataset(batch_size=6, seed=2, decode_audio=False))))
+    assert len({t.untyped_storage().data_ptr() for t in undecoded}) == 1
 
 
 def test_batch_holds_only_the_columns_asked_for(local_v30: DatasetHandle) -> None:
@@ -161,6 +168,8 @@ def test_decoded_batches_under_two_workers_match_stored_audio(v30: DatasetHandle
         per_rank += list(DataLoader(ds, batch_size=None, num_workers=2, timeout=120))
     assert sorted(i for b in per_rank for i in b["id"]) == sorted(want)
     for batch in per_rank:
+        # The batch crossed the process boundary as one shared-memory segment: every tensor a view of it.
+        assert len({t.untyped_storage().data_ptr() for t in tensors_of(batch)}) == 1
         for k, row_id in enumerate(batch["id"]):
             clip = decode_audio_bytes(want[row_id]["audio"]["bytes"])
             n = int(batch["audio_lengths"][k])
