@@ -167,7 +167,9 @@ def test_decoded_batches_under_two_workers_match_stored_audio(v30: DatasetHandle
         ds = v30.torch_dataset(world_size=2, rank=rank, batch_size=4, columns=["id"])
         per_rank += list(DataLoader(ds, batch_size=None, num_workers=2, timeout=120))
     assert sorted(i for b in per_rank for i in b["id"]) == sorted(want)
+    padded = 0  # rows shorter than their batch: the worker leaves their padding to the new memory's zeros
     for batch in per_rank:
+        padded += int((batch["audio_lengths"] < batch["audio_array"].shape[1]).sum())
         # The batch crossed the process boundary as one shared-memory segment: every tensor a view of it.
         assert len({t.untyped_storage().data_ptr() for t in tensors_of(batch)}) == 1
         for k, row_id in enumerate(batch["id"]):
@@ -175,6 +177,7 @@ def test_decoded_batches_under_two_workers_match_stored_audio(v30: DatasetHandle
             n = int(batch["audio_lengths"][k])
             assert n == len(clip) and np.array_equal(batch["audio_array"][k, :n].numpy(), clip)
             assert not batch["audio_array"][k, n:].any()
+    assert padded > 0
 
 
 def test_prefetched_reads_ahead_raises_in_caller_and_stops_when_closed() -> None:
