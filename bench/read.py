@@ -8,12 +8,14 @@ bench/pipeline.py `repeated_manifest`: identical copies would compress away), th
 - the torch loader: `DataLoader` over `handle.torch_dataset()` with 0 and 2 workers, audio decoded
   and not, per-row mode (`batch_size=None`) and batch mode (`torch_dataset(batch_size=N)`), each as
   rows/s and as a ratio to read_table's row rate (target: batch mode, 2 workers, decoded ≥ 0.5×);
+  the loader as the README has it: persistent workers, `set_epoch` before each epoch;
 - pull: `store.download_file` of every shard to a local temp dir (MB/s).
 Timings alternate the two streaming readers and keep each one's best of `--rounds`; each torch
-loader figure is the best of `--torch-rounds` whole epochs, worker start-up included, measured in a
-fresh process (with read_table's rate measured again there) that imports only the reader and torch.
+loader figure is the best of `--torch-rounds` whole epochs of one loader (the first one's, worker
+start-up included, is printed too), measured in a fresh process (with read_table's rate measured
+again there) that imports only the reader and torch.
 
-    .venv/bin/python bench/read.py [--repeat 30] [--shard-size 50] [--rounds 5] [--torch-rounds 2] [--audio-format wav]
+    .venv/bin/python bench/read.py [--repeat 30] [--shard-size 50] [--rounds 5] [--torch-rounds 3] [--audio-format wav]
 """
 
 from __future__ import annotations
@@ -60,37 +62,47 @@ def torch_loader_rates(handle: DatasetHandle, rows: int, plain_rate: float, roun
 
     from storage.torch_dataset import pass_batch
 
-    def epoch(workers: int, **kw: object) -> tuple[float, float]:
-        """(rows/s of the whole epoch, rows/s once every worker has delivered its first item)."""
+    def epochs(workers: int, **kw: object) -> list[tuple[float, float]]:
+        """Per epoch (`rounds` of them, one loader, persistent workers as the README has it):
+        (rows/s of the whole epoch, rows/s once every worker has delivered its first item)."""
         ds = handle.torch_dataset(seed=0, **kw)
         # Batch mode as the README has it: the ready batch passes through (collate_fn=pass_batch).
-        extra = {"collate_fn": pass_batch} if "batch_size" in kw else {}
-        loader = DataLoader(ds, batch_size=None, num_workers=workers, timeout=600 if workers else 0, **extra)
-        t0 = time.perf_counter()
-        n, first_rows, first_t = 0, 0, t0
-        for count, item in enumerate(loader, 1):
-            n += len(item["id"]) if "batch_size" in kw else 1
-            if count == max(1, workers):  # worker start-up (fork, first read) is behind us
-                first_rows, first_t = n, time.perf_counter()
-        end = time.perf_counter()
-        assert n == rows, (n, rows, kw)
-        return n / (end - t0), (n - first_rows) / max(end - first_t, 1e-9)
+        extra: dict[str, Any] = {"collate_fn": pass_batch} if "batch_size" in kw else {}
+        if workers:
+            extra |= {"persistent_workers": True, "timeout": 600}
+        loader = DataLoader(ds, batch_size=None, num_workers=workers, **extra)
+        out = []
+        for r in range(max(1, rounds)):
+            ds.set_epoch(r)
+            t0 = time.perf_counter()
+            n, first_rows, first_t = 0, 0, t0
+            for count, item in enumerate(loader, 1):
+                n += len(item["id"]) if "batch_size" in kw else 1
+                if count == max(1, workers):  # worker start-up (fork, first read) is behind us
+                    first_rows, first_t = n, time.perf_counter()
+            end = time.perf_counter()
+            assert n == rows, (n, rows, kw)
+            out.append((n / (end - t0), (n - first_rows) / max(end - first_t, 1e-9)))
+        return out
 
     results: dict[tuple[str, bool, int], float] = {}
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"torch loader, DataLoader(batch_size=None) over the same files ({rows} rows; "
           f"read_table: {plain_rate:.0f} rows/s; {os.cpu_count()} cores, load average {load:.1f}; "
-          f"workers only add speed where cores are free; 'steady': after each worker's first item):")
+          f"workers only add speed where cores are free; the best of {max(1, rounds)} epochs of one loader "
+          f"with persistent workers; 'first epoch': worker start-up included; 'steady': after each "
+          f"worker's first item):")
     for mode, extra in (("per-row", {}), (f"batch mode ({batch})", {"batch_size": batch}),
                         (f"batch mode ({batch}), columns=[id, transcript]",
                          {"batch_size": batch, "columns": ["id", "transcript"]})):
         for decode in (False, True):
             for workers in (0, 2):
-                runs = [epoch(workers, decode_audio=decode, **extra) for _ in range(max(1, rounds))]
-                rate, steady = max(r[0] for r in runs), max(r[1] for r in runs)
+                runs = epochs(workers, decode_audio=decode, **extra)
+                rate, steady, first = max(r[0] for r in runs), max(r[1] for r in runs), runs[0][0]
                 results[(mode, decode, workers)] = rate
                 print(f"  {mode:42s} {'decoded' if decode else 'bytes  '}  {workers} workers: "
                       f"{rate:6.0f} rows/s {rate / plain_rate:5.2f}× read_table   "
+                      f"first epoch {first:6.0f} rows/s {first / plain_rate:5.2f}×   "
                       f"steady {steady:6.0f} rows/s {steady / plain_rate:5.2f}×")
     target = results[(f"batch mode ({batch})", True, 2)] / plain_rate
     print(f"torch batch mode, 2 workers, audio decoded, all columns / read_table: {target:.2f}×   "
@@ -142,7 +154,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=30, help="sample corpus repetitions (10 clips each)")
     parser.add_argument("--shard-size", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--torch-rounds", type=int, default=2)
+    parser.add_argument("--torch-rounds", type=int, default=3)
     parser.add_argument("--torch-batch", type=int, default=16, help="rows per batch in batch mode")
     parser.add_argument("--audio-format", default="flac", choices=["flac", "wav"],
                         help="output.audio_format of the version (wav: decoding costs next to nothing)")

@@ -9,9 +9,10 @@ loader one ready batch per step):
 
     ds = open_dataset("s3://bucket/prefix/demo@stable").torch_dataset(
         world_size=ws, rank=rank, seed=0, batch_size=16, columns=["id", "transcript"])
-    loader = DataLoader(ds, batch_size=None, num_workers=2, collate_fn=pass_batch)  # the dataset batches
+    loader = DataLoader(ds, batch_size=None, num_workers=2, collate_fn=pass_batch,  # the dataset batches
+                        persistent_workers=True)  # workers forked once, not every epoch
     for epoch in range(epochs):
-        ds.set_epoch(epoch)            # before creating the epoch's iterator (not with persistent_workers)
+        ds.set_epoch(epoch)            # before creating the epoch's iterator (persistent workers see it)
         for batch in loader: ...       # batch["audio_array"]: [16, longest] float32, batch["audio_lengths"]
 
 Only the `columns` asked for are read (plus "audio" when decoding; it is then not in the batch
@@ -44,11 +45,13 @@ way, in both modes, the union over all consumers is exactly the version's rows, 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from schemas.arrow import SAMPLING_RATE
@@ -136,7 +139,12 @@ class SpeechPairsIterableDataset(IterableDataset[dict[str, Any]]):
         self.handle = source if isinstance(source, DatasetHandle) else open_dataset(source, version, s3=s3)
         self.columns = self.handle.check_columns(columns)
         self.world_size, self.rank = world_size, rank
-        self.shuffle_shards, self.seed, self.epoch = shuffle_shards, seed, 0
+        self.shuffle_shards, self.seed = shuffle_shards, seed
+        # The epoch lives in shared memory: persistent DataLoader workers (forked once, each holding a
+        # copy of this object) read the value set_epoch wrote in the main process. A pickled copy
+        # (spawned workers) shares it too; a plain copy (copy.deepcopy) gets its own.
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._worker_handle: tuple[int, DatasetHandle] | None = None
         self.decode_audio, self.sampling_rate = decode_audio, sampling_rate
         self.split: Split = split
         self.read_batch_size = max(1, read_batch_size)
@@ -144,9 +152,14 @@ class SpeechPairsIterableDataset(IterableDataset[dict[str, Any]]):
         self.batch_size = batch_size
         preload_worker_imports(decode_audio)
 
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
+
     def set_epoch(self, epoch: int) -> None:
-        """Reshuffle the shard order for `epoch` (call on every rank, before iterating)."""
-        self.epoch = epoch
+        """Reshuffle the shard order for `epoch` (call on every rank, before creating the epoch's
+        iterator; persistent workers see it too)."""
+        self._epoch[0] = epoch
 
     def shard_order(self, epoch: int | None = None) -> list[int]:
         """Indices into the manifest's shards, in the order this epoch reads them."""
@@ -159,6 +172,14 @@ class SpeechPairsIterableDataset(IterableDataset[dict[str, Any]]):
         return assign_pieces(rows, self.shard_order(epoch), self.world_size * num_workers,
                              self.rank * num_workers + worker_id, self.split)
 
+    def _handle_in_worker(self) -> DatasetHandle:
+        """This worker process's own handle (a forked copy must not share the parent's filesystem
+        connection), made once: a persistent worker keeps it, and its open connections, across epochs."""
+        pid = os.getpid()
+        if self._worker_handle is None or self._worker_handle[0] != pid:
+            self._worker_handle = (pid, self.handle.detached())
+        return self._worker_handle[1]
+
     def _read_columns(self) -> list[str] | None:
         if self.columns is None or not self.decode_audio or "audio" in self.columns:
             return self.columns
@@ -167,8 +188,7 @@ class SpeechPairsIterableDataset(IterableDataset[dict[str, Any]]):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker_id, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        # A worker gets its own filesystem connection (a forked copy must not share the parent's).
-        handle = self.handle if info is None else self.handle.detached()
+        handle = self.handle if info is None else self._handle_in_worker()
         if info is not None and num_workers > 1:
             _one_core_each()
         pieces = self.pieces(worker_id, num_workers)

@@ -159,6 +159,41 @@ def test_batches_cover_version_once_over_ranks_and_workers(v30: DatasetHandle, s
     assert orders[0] != orders[1]  # set_epoch reshuffles the shard order
 
 
+def test_persistent_workers_follow_set_epoch(local_v30: DatasetHandle) -> None:
+    """Workers forked once (persistent_workers) read each epoch's shard order from set_epoch in the
+    main process: every epoch equals what freshly forked workers give for that epoch."""
+    import copy
+    import pickle
+
+    from storage.torch_dataset import pass_batch
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("needs the fork start method")
+    fork = multiprocessing.get_context("fork")
+    kw: dict[str, Any] = {"seed": 5, "batch_size": 4, "columns": ["id"], "decode_audio": False}
+    ds = local_v30.torch_dataset(**kw)
+    persistent = DataLoader(ds, batch_size=None, num_workers=2, timeout=120, collate_fn=pass_batch,
+                            persistent_workers=True, multiprocessing_context=fork)
+    orders = []
+    for epoch in (0, 1, 2):
+        ds.set_epoch(epoch)
+        got = [b["id"] for b in persistent]
+        fresh = local_v30.torch_dataset(**kw)
+        fresh.set_epoch(epoch)
+        want = [b["id"] for b in DataLoader(fresh, batch_size=None, num_workers=2, timeout=120,
+                                            collate_fn=pass_batch, multiprocessing_context=fork)]
+        assert got == want, epoch
+        assert Counter(i for b in got for i in b) == Counter(local_v30.to_arrow(["id"]).column("id").to_pylist())
+        orders.append(got)
+    assert orders[0] != orders[1] != orders[2]
+    # A copy keeps the epoch, then goes its own way; a pickled one keeps it too.
+    twin = copy.deepcopy(ds)
+    assert twin.epoch == 2
+    twin.set_epoch(7)
+    assert ds.epoch == 2
+    assert pickle.loads(pickle.dumps(ds)).epoch == 2
+
+
 def test_decoded_batches_under_two_workers_match_stored_audio(v30: DatasetHandle) -> None:
     """Audio decoded in the worker processes, over each backend: lengths and samples as stored."""
     want = {r["id"]: r for r in v30.to_arrow(["id", "audio"]).to_pylist()}
