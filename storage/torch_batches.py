@@ -146,14 +146,22 @@ def decode_audio_bytes(data: bytes, sampling_rate: int = SAMPLING_RATE) -> np.nd
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
+def _no_bytes(where: str, row_id: Any) -> ValueError:
+    return ValueError(f"{where}: row {row_id!r} has no stored audio bytes")
+
+
+def _undecodable(where: str, row_id: Any, exc: Exception) -> RuntimeError:
+    return RuntimeError(f"{where}: cannot decode audio of row {row_id!r}: {exc}")
+
+
 def decode_or_raise(data: bytes | None, sampling_rate: int, where: str, row_id: Any) -> np.ndarray:
     """`decode_audio_bytes`, with errors that name the dataset and the row."""
     if not data:
-        raise ValueError(f"{where}: row {row_id!r} has no stored audio bytes")
+        raise _no_bytes(where, row_id)
     try:
         return decode_audio_bytes(data, sampling_rate)
     except Exception as exc:  # LibsndfileError (a RuntimeError), miniaudio.DecodeError
-        raise RuntimeError(f"{where}: cannot decode audio of row {row_id!r}: {exc}") from exc
+        raise _undecodable(where, row_id, exc) from exc
 
 
 def _collate_values(values: list[Any]) -> Any:
@@ -191,16 +199,12 @@ def _view(storage: torch.UntypedStorage, byte_offset: int, dtype: torch.dtype, s
     return empty.set_(storage, byte_offset // empty.element_size(), shape, strides)
 
 
-def _batch_buffer(rows: int, length: int) -> tuple[torch.Tensor, np.ndarray]:
-    """An uninitialised float32 [rows, length] tensor (see `_new_storage`) and its numpy view."""
-    tensor = _view(_new_storage(rows * length * 4), 0, torch.float32, (rows, length))
-    return tensor, tensor.numpy()
-
-
 def pad_audio(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """Clips of different lengths → (zero-padded float32 [batch, longest], int64 lengths [batch])."""
     lengths = [len(a) for a in arrays]
-    padded, out = _batch_buffer(len(arrays), max(lengths, default=0))
+    shape = (len(arrays), max(lengths, default=0))
+    padded = _view(_new_storage(shape[0] * shape[1] * 4), 0, torch.float32, shape)
+    out = padded.numpy()
     for i, a in enumerate(arrays):  # each sample written once: the clip, then zeros past its end
         out[i, : len(a)] = a
         out[i, len(a):] = 0.0
@@ -231,30 +235,32 @@ def _clip_reader(data: bytes, sampling_rate: int) -> tuple[int, Fill] | np.ndarr
 Clip = tuple[int, Fill] | np.ndarray  # see _clip_reader
 
 
-def open_clips(data: Sequence[bytes | None], ids: Sequence[Any], sampling_rate: int, where: str) -> list[Clip]:
+def _open_clips(data: Sequence[bytes | None], ids: Sequence[Any], sampling_rate: int, where: str) -> list[Clip]:
     """Each clip's `_clip_reader` (errors name the row): their lengths are known before decoding."""
     clips: list[Clip] = []
     for d, row_id in zip(data, ids, strict=True):
         if not d:
-            raise ValueError(f"{where}: row {row_id!r} has no stored audio bytes")
+            raise _no_bytes(where, row_id)
         try:
             clips.append(_clip_reader(d, sampling_rate))
         except Exception as exc:  # LibsndfileError (a RuntimeError), a bad header
-            raise RuntimeError(f"{where}: cannot decode audio of row {row_id!r}: {exc}") from exc
+            raise _undecodable(where, row_id, exc) from exc
     return clips
 
 
-def clip_frames(clip: Clip) -> int:
+def _clip_frames(clip: Clip) -> int:
     return len(clip) if isinstance(clip, np.ndarray) else clip[0]
 
 
-def fill_clips(clips: Sequence[Clip], out: np.ndarray, ids: Sequence[Any], where: str, *,
-               zeroed: bool = False) -> list[int]:
+def _fill_clips(clips: Sequence[Clip], out: np.ndarray, ids: Sequence[Any], where: str, *,
+                zeroed: bool) -> list[int]:
     """Decode clip i into row i of `out` (float32 [N, ≥ longest]), zeros past its end; the lengths.
 
-    With `zeroed` (`out` is new shared memory, already zeros) the padding is left untouched: its
-    pages are then never written, so the worker neither faults them in nor fills them (the padding
-    is about half of a batch of speech clips of mixed lengths)."""
+    A mono clip stored at the loader's rate (what speechpairs writes) is decoded in place: no
+    per-clip array, no copy; any other was decoded by `_clip_reader` and is copied in. With `zeroed`
+    (`out` is new shared memory, already zeros) the padding is left untouched: its pages are then
+    never written, so the worker neither faults them in nor fills them (the padding is about half
+    of a batch of speech clips of mixed lengths)."""
     lengths = []
     for i, (clip, row_id) in enumerate(zip(clips, ids, strict=True)):
         if isinstance(clip, np.ndarray):
@@ -264,23 +270,11 @@ def fill_clips(clips: Sequence[Clip], out: np.ndarray, ids: Sequence[Any], where
             try:
                 n = clip[1](out[i, : clip[0]])
             except Exception as exc:  # LibsndfileError, miniaudio.DecodeError
-                raise RuntimeError(f"{where}: cannot decode audio of row {row_id!r}: {exc}") from exc
+                raise _undecodable(where, row_id, exc) from exc
         if not zeroed:
             out[i, n:] = 0.0
         lengths.append(n)
     return lengths
-
-
-def decode_padded(data: Sequence[bytes | None], ids: Sequence[Any], sampling_rate: int,
-                  where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """`pad_audio` of the decoded clips, each decoded straight into its row of the padded tensor.
-
-    A mono clip stored at `sampling_rate` (what speechpairs writes) is decoded into place: no
-    per-clip array, no copy; any other is decoded, then copied in. Errors name the row.
-    """
-    clips = open_clips(data, ids, sampling_rate, where)
-    padded, out = _batch_buffer(len(clips), max(map(clip_frames, clips), default=0))
-    return padded, torch.tensor(fill_clips(clips, out, ids, where), dtype=torch.int64)
 
 
 def pass_batch(batch: dict[str, Any]) -> dict[str, Any]:
@@ -351,14 +345,14 @@ def arrow_to_batch(table: pa.Table, *, keep: Sequence[str], decode_audio: bool, 
     data = audio.flatten()[audio.type.get_field_index("bytes")].to_pylist()
     valid = audio.is_valid().to_pylist()
     ids = table.column("id").to_pylist() if "id" in table.column_names else [None] * n
-    clips = open_clips([d if ok else None for d, ok in zip(data, valid, strict=True)], ids, sampling_rate, where)
-    width = max(map(clip_frames, clips), default=0)
+    clips = _open_clips([d if ok else None for d, ok in zip(data, valid, strict=True)], ids, sampling_rate, where)
+    width = max(map(_clip_frames, clips), default=0)
     out["audio_array"] = None  # placed first in the storage, below
     out["audio_lengths"] = torch.zeros(n, dtype=torch.int64)  # set once decoded
     out["sampling_rate"] = torch.full((n,), sampling_rate, dtype=torch.int64)
     storage = pack_tensors(out, head_bytes=n * width * 4)
     out["audio_array"] = _view(storage, 0, torch.float32, (n, width))
-    lengths = fill_clips(clips, out["audio_array"].numpy(), ids, where, zeroed=storage.is_shared())
+    lengths = _fill_clips(clips, out["audio_array"].numpy(), ids, where, zeroed=storage.is_shared())
     out["audio_lengths"].copy_(torch.tensor(lengths, dtype=torch.int64))
     return out
 
@@ -461,4 +455,4 @@ def prefetched(make: Callable[[], Iterator[T]], depth: int = 2) -> Generator[T, 
 
 
 __all__ = ["arrow_to_batch", "collate_speech_batch", "column_to_batch", "decode_audio_bytes", "decode_or_raise",
-           "decode_padded", "fill_clips", "open_clips", "pack_tensors", "pad_audio", "prefetched", "preload_worker_imports", "row_converters"]
+           "pack_tensors", "pad_audio", "prefetched", "preload_worker_imports", "row_converters"]

@@ -11,10 +11,14 @@ import io
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import soundfile as sf
+
+from schemas.arrow import AUDIO_TYPE
 
 pytest.importorskip("torch")
 
@@ -27,6 +31,16 @@ def encoded(samples: np.ndarray, sr: int, fmt: str, subtype: str) -> bytes:
     buf = io.BytesIO()
     sf.write(buf, samples, sr, format=fmt, subtype=subtype)
     return buf.getvalue()
+
+
+def decoded_batch(data: list[bytes | None], ids: list[str], where: str = "test") -> tuple[Any, Any]:
+    """(audio_array, audio_lengths) of the batch mode's conversion of rows holding these bytes."""
+    table = pa.table({"id": pa.array(ids, pa.string()),
+                      "audio": pa.array([{"bytes": d, "path": f"{i}.flac"} for d, i in zip(data, ids, strict=True)],
+                                        AUDIO_TYPE)})
+    batch = tb.arrow_to_batch(table, keep=["id"], decode_audio=True, sampling_rate=SR, where=where)
+    assert batch["id"] == ids
+    return batch["audio_array"], batch["audio_lengths"]
 
 
 def libsndfile_mono(data: bytes) -> np.ndarray:
@@ -91,7 +105,7 @@ def test_padded_batch_equals_libsndfile_with_and_without_dr_flac(clips: dict[str
     for fast in (True, False):
         if not fast:
             monkeypatch.setattr(tb, "_miniaudio", None)
-        padded, lengths = tb.decode_padded(data, names, SR, "test")
+        padded, lengths = decoded_batch(data, names)
         assert padded.shape == (len(data), max(len(r) for r in refs))
         assert lengths.tolist() == [len(r) for r in refs]
         for i, ref in enumerate(refs):
@@ -107,10 +121,10 @@ def test_bad_audio_names_the_row(clips: dict[str, bytes]) -> None:
     good = clips["flac16"]
     corrupt = good[:42] + bytes(len(good) - 42)  # the header of a clip, frames of zeros
     with pytest.raises(RuntimeError, match=r"demo: cannot decode audio of row 'r2'"):
-        tb.decode_padded([good, corrupt], ["r1", "r2"], SR, "demo")
+        decoded_batch([good, corrupt], ["r1", "r2"], "demo")
     with pytest.raises(RuntimeError, match=r"cannot decode audio of row 'r3'"):
-        tb.decode_padded([b"not audio"], ["r3"], SR, "demo")
+        decoded_batch([b"not audio"], ["r3"], "demo")
     with pytest.raises(ValueError, match=r"row 'r4' has no stored audio bytes"):
-        tb.decode_padded([good, None], ["r1", "r4"], SR, "demo")
+        decoded_batch([good, None], ["r1", "r4"], "demo")
     with pytest.raises(RuntimeError, match=r"cannot decode audio of row 'r5'"):
         tb.decode_or_raise(corrupt, SR, "demo", "r5")
