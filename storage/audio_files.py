@@ -81,15 +81,25 @@ class AudioLookup:
                                        "file that does not hold its rows (run `speechpairs datasets verify`)")
             g = bisect.bisect_right(self._starts, row) - 1
             if g != run_group and run_rows:
-                pieces.append(self._group(run_group).take(pa.array(run_rows, pa.int64())))
+                pieces.append(self._rows_of(run_group, run_rows))
                 run_rows = []
             run_group = g
             run_rows.append(row - self._starts[g])
         if run_rows:
-            pieces.append(self._group(run_group).take(pa.array(run_rows, pa.int64())))
+            pieces.append(self._rows_of(run_group, run_rows))
         if not pieces:
             return pa.array([], type=AUDIO_TYPE)
-        return pa.concat_arrays(pieces).cast(AUDIO_TYPE)
+        joined = pieces[0] if len(pieces) == 1 else pa.concat_arrays(pieces)
+        return joined if joined.type == AUDIO_TYPE else joined.cast(AUDIO_TYPE)
+
+    def _rows_of(self, g: int, rows: list[int]) -> pa.Array:
+        """Rows `rows` of row group `g`: a slice (no copy) where they are consecutive, as a shard's
+        rows usually are in the audio file written with it."""
+        group = self._group(g)
+        first = rows[0]
+        if rows[-1] - first == len(rows) - 1 and rows == list(range(first, first + len(rows))):
+            return group.slice(first, len(rows))
+        return group.take(pa.array(rows, pa.int64()))
 
     def close(self) -> None:
         if self._fh is not None:

@@ -26,6 +26,7 @@ import soundfile as sf
 import torch
 
 from schemas.arrow import SAMPLING_RATE
+from storage.batch_memory import Lease, WorkerMemory
 
 try:  # dr_flac: the faster FLAC decoder where its wheel exists (see fast_flac_frames)
     import miniaudio as _miniaudio
@@ -101,7 +102,10 @@ def row_converters(schema: pa.Schema, columns: list[str] | None, batchable: bool
     return out
 
 
-def fast_flac_frames(data: bytes, sampling_rate: int) -> int | None:
+Encoded = bytes | memoryview  # a clip's stored bytes, or a view of them in the Arrow buffer they were read into
+
+
+def fast_flac_frames(data: Encoded, sampling_rate: int) -> int | None:
     """The frame count of a 16-bit mono FLAC stream at `sampling_rate` (what speechpairs stores),
     read from its STREAMINFO header, when dr_flac (miniaudio) is there to decode it; else None.
 
@@ -117,11 +121,11 @@ def fast_flac_frames(data: bytes, sampling_rate: int) -> int | None:
     return frames if ok else None
 
 
-def _flac16_into(data: bytes, row: np.ndarray) -> int:
+def _flac16_into(data: Encoded, row: np.ndarray) -> int:
     """Decode a `fast_flac_frames` clip straight into `row` (float32, contiguous); the frames written."""
     assert _miniaudio is not None
     ffi, lib = _miniaudio.ffi, _miniaudio.lib
-    flac = lib.ma_dr_flac_open_memory(data, len(data), ffi.NULL)
+    flac = lib.ma_dr_flac_open_memory(ffi.from_buffer(data), len(data), ffi.NULL)
     if not flac:
         raise _miniaudio.DecodeError("not a decodable FLAC stream")
     try:
@@ -131,7 +135,7 @@ def _flac16_into(data: bytes, row: np.ndarray) -> int:
         lib.ma_dr_flac_close(flac)
 
 
-def decode_audio_bytes(data: bytes, sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
+def decode_audio_bytes(data: Encoded, sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
     """Encoded audio (FLAC/WAV/…) → float32 mono array at `sampling_rate` (soxr if resampling)."""
     frames = fast_flac_frames(data, sampling_rate)
     if frames is not None:
@@ -214,7 +218,7 @@ def pad_audio(arrays: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]
 Fill = Callable[[np.ndarray], int]
 
 
-def _clip_reader(data: bytes, sampling_rate: int) -> tuple[int, Fill] | np.ndarray:
+def _clip_reader(data: Encoded, sampling_rate: int) -> tuple[int, Fill] | np.ndarray:
     """How one clip gets into its row of a batch: (its length from the header, a function that
     decodes it into a row and returns the frames written), or, where the header cannot say (several
     channels, another rate), the clip decoded."""
@@ -235,7 +239,7 @@ def _clip_reader(data: bytes, sampling_rate: int) -> tuple[int, Fill] | np.ndarr
 Clip = tuple[int, Fill] | np.ndarray  # see _clip_reader
 
 
-def _open_clips(data: Sequence[bytes | None], ids: Sequence[Any], sampling_rate: int, where: str) -> list[Clip]:
+def _open_clips(data: Sequence[Encoded | None], ids: Sequence[Any], sampling_rate: int, where: str) -> list[Clip]:
     """Each clip's `_clip_reader` (errors name the row): their lengths are known before decoding."""
     clips: list[Clip] = []
     for d, row_id in zip(data, ids, strict=True):
@@ -329,37 +333,76 @@ def column_to_batch(arr: pa.Array) -> Any:
 
 
 def arrow_to_batch(table: pa.Table, *, keep: Sequence[str], decode_audio: bool, sampling_rate: int,
-                   where: str) -> dict[str, Any]:
+                   where: str, memory: WorkerMemory | None = None) -> dict[str, Any]:
     """A table of N rows → one batch dict: the `keep` columns by `column_to_batch`, and with
     `decode_audio` the clips decoded here into "audio_array" (float32 [N, longest], zeros beyond
     each clip), "audio_lengths" (int64 [N]) and "sampling_rate" (int64 [N]).
 
     Every tensor of the batch is a view into one storage (`pack_tensors`): the audio first, decoded
-    in place, then the number columns."""
+    in place, then the number columns. With `memory` (a DataLoader worker's), that storage is one of
+    the worker's reused slots where one is free, and the batch is a `LeasedBatch`."""
     n = table.num_rows
     out: dict[str, Any] = {name: column_to_batch(table.column(name).combine_chunks()) for name in keep}
-    if not decode_audio:
-        pack_tensors(out)
-        return out
-    audio = table.column("audio").combine_chunks()
-    data = audio.flatten()[audio.type.get_field_index("bytes")].to_pylist()
-    valid = audio.is_valid().to_pylist()
-    ids = table.column("id").to_pylist() if "id" in table.column_names else [None] * n
-    clips = _open_clips([d if ok else None for d, ok in zip(data, valid, strict=True)], ids, sampling_rate, where)
-    width = max(map(_clip_frames, clips), default=0)
-    out["audio_array"] = None  # placed first in the storage, below
-    out["audio_lengths"] = torch.zeros(n, dtype=torch.int64)  # set once decoded
-    out["sampling_rate"] = torch.full((n,), sampling_rate, dtype=torch.int64)
-    storage = pack_tensors(out, head_bytes=n * width * 4)
-    out["audio_array"] = _view(storage, 0, torch.float32, (n, width))
-    lengths = _fill_clips(clips, out["audio_array"].numpy(), ids, where, zeroed=storage.is_shared())
-    out["audio_lengths"].copy_(torch.tensor(lengths, dtype=torch.int64))
+    clips: list[Clip] = []
+    ids: list[Any] = []
+    width = 0
+    if decode_audio:
+        ids = table.column("id").to_pylist() if "id" in table.column_names else [None] * n
+        clips = _open_clips(audio_views(table.column("audio")), ids, sampling_rate, where)
+        width = max(map(_clip_frames, clips), default=0)
+        out["audio_array"] = None  # placed first in the storage, below
+        out["audio_lengths"] = torch.zeros(n, dtype=torch.int64)  # set once decoded
+        out["sampling_rate"] = torch.full((n,), sampling_rate, dtype=torch.int64)
+    lease: Lease | None = None
+
+    def new_storage(nbytes: int) -> torch.UntypedStorage:
+        nonlocal lease
+        if memory is None or not nbytes:
+            return _new_storage(nbytes)
+        storage, lease = memory.storage(nbytes)
+        return storage
+
+    storage = pack_tensors(out, head_bytes=n * width * 4, new_storage=new_storage)
+    try:
+        if decode_audio:
+            out["audio_array"] = _view(storage, 0, torch.float32, (n, width))
+            zeroed = lease is None and storage.is_shared()  # new shared memory reads as zeros
+            lengths = _fill_clips(clips, out["audio_array"].numpy(), ids, where, zeroed=zeroed)
+            out["audio_lengths"].copy_(torch.tensor(lengths, dtype=torch.int64))
+    except BaseException:
+        if memory is not None and lease is not None:
+            memory.release(lease)
+        raise
+    return out if memory is None or lease is None else memory.leased(out, lease)
+
+
+def audio_views(audio: pa.ChunkedArray) -> list[memoryview | None]:
+    """Each row's stored audio bytes (`audio` struct column) as a view into the Arrow buffer pyarrow
+    read them into, None where missing: decoding reads them there, where a list of Python bytes would
+    copy every clip once more (~70 KB a row) and allocate it."""
+    out: list[memoryview | None] = []
+    for chunk in audio.chunks:
+        data = chunk.flatten()[chunk.type.get_field_index("bytes")]  # the struct's nulls included
+        if len(data) == 0:
+            continue
+        if data.null_count == len(data):
+            out.extend([None] * len(data))
+            continue
+        _, offsets_buf, values_buf = data.buffers()
+        width = np.int64 if pa.types.is_large_binary(data.type) else np.int32
+        offsets = np.frombuffer(offsets_buf, dtype=width, count=len(data) + 1, offset=data.offset * width().itemsize)
+        values = memoryview(values_buf) if values_buf is not None else memoryview(b"")
+        valid = data.is_valid().to_pylist() if data.null_count else [True] * len(data)
+        bounds = offsets.tolist()
+        out.extend(values[bounds[i]:bounds[i + 1]] if ok else None for i, ok in enumerate(valid))
     return out
 
 
-def pack_tensors(batch: dict[str, Any], head_bytes: int = 0) -> torch.UntypedStorage:
-    """Make every 1-D tensor of `batch` (nested dicts too) a view into one new storage, after its
-    first `head_bytes` (left for the caller); returns the storage.
+def pack_tensors(batch: dict[str, Any], head_bytes: int = 0,
+                 new_storage: Callable[[int], torch.UntypedStorage] | None = None) -> torch.UntypedStorage:
+    """Make every 1-D tensor of `batch` (nested dicts too) a view into one storage (from
+    `new_storage(nbytes)`, by default new memory), after its first `head_bytes` (left for the
+    caller); returns the storage.
 
     A DataLoader worker hands each tensor storage over as its own shared-memory segment (a file
     descriptor passed through a socket each, about a millisecond of both processes): a batch of
@@ -381,7 +424,7 @@ def pack_tensors(batch: dict[str, Any], head_bytes: int = 0) -> torch.UntypedSto
         end = -(-end // 8) * 8  # every view starts 8-byte aligned
         offsets.append(end)
         end += t.numel() * t.element_size()
-    storage = _new_storage(end)
+    storage = (new_storage or _new_storage)(end)
     for (d, key, t), offset in zip(found, offsets, strict=True):
         view = _view(storage, offset, t.dtype, (t.numel(),))
         view.copy_(t)
@@ -454,5 +497,5 @@ def prefetched(make: Callable[[], Iterator[T]], depth: int = 2) -> Generator[T, 
         stop.set()
 
 
-__all__ = ["arrow_to_batch", "collate_speech_batch", "column_to_batch", "decode_audio_bytes", "decode_or_raise",
+__all__ = ["arrow_to_batch", "audio_views", "collate_speech_batch", "column_to_batch", "decode_audio_bytes", "decode_or_raise",
            "pack_tensors", "pad_audio", "prefetched", "preload_worker_imports", "row_converters"]

@@ -56,6 +56,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from schemas.arrow import SAMPLING_RATE
 from schemas.config import S3Config
+from storage.batch_memory import WorkerMemory
 from storage.reader import DatasetHandle, open_dataset
 from storage.torch_batches import (
     arrow_to_batch,
@@ -145,6 +146,7 @@ class SpeechPairsIterableDataset(IterableDataset[dict[str, Any]]):
         # (spawned workers) shares it too; a plain copy (copy.deepcopy) gets its own.
         self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self._worker_handle: tuple[int, DatasetHandle] | None = None
+        self._worker_memory: WorkerMemory | None = None
         self.decode_audio, self.sampling_rate = decode_audio, sampling_rate
         self.split: Split = split
         self.read_batch_size = max(1, read_batch_size)
@@ -179,6 +181,14 @@ class SpeechPairsIterableDataset(IterableDataset[dict[str, Any]]):
         if self._worker_handle is None or self._worker_handle[0] != pid:
             self._worker_handle = (pid, self.handle.detached())
         return self._worker_handle[1]
+
+    def _memory_in_worker(self) -> WorkerMemory | None:
+        """This worker process's batch memory (storage.batch_memory); None outside a worker."""
+        if get_worker_info() is None:
+            return None
+        if self._worker_memory is None or self._worker_memory.pid != os.getpid():
+            self._worker_memory = WorkerMemory()
+        return self._worker_memory
 
     def _read_columns(self) -> list[str] | None:
         if self.columns is None or not self.decode_audio or "audio" in self.columns:
@@ -220,9 +230,11 @@ class SpeechPairsIterableDataset(IterableDataset[dict[str, Any]]):
         if self.decode_audio and "sampling_rate" in keep:
             keep.remove("sampling_rate")  # replaced by the decoded clips' rate, as in per-row mode
 
+        memory = self._memory_in_worker()
+
         def convert(table: pa.Table) -> dict[str, Any]:
             return arrow_to_batch(table, keep=keep, decode_audio=self.decode_audio,
-                                  sampling_rate=self.sampling_rate, where=handle.uri)
+                                  sampling_rate=self.sampling_rate, where=handle.uri, memory=memory)
 
         def record_batches() -> Iterator[pa.RecordBatch]:
             for shard, start, stop in pieces:
