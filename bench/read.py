@@ -21,6 +21,7 @@ again there) that imports only the reader and torch.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -83,6 +84,8 @@ def torch_loader_rates(handle: DatasetHandle, rows: int, plain_rate: float, roun
             end = time.perf_counter()
             assert n == rows, (n, rows, kw)
             out.append((n / (end - t0), (n - first_rows) / max(end - first_t, 1e-9)))
+        del loader  # its persistent workers end here: the next figure runs beside no idle ones
+        gc.collect()
         return out
 
     results: dict[tuple[str, bool, int], float] = {}
