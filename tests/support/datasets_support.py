@@ -49,6 +49,12 @@ def make_version(root: str, dataset: str, *, workdir: Path, repeat: int = 1, sha
     return run_plain(config)
 
 
+def open_local_version(work: Path, *, repeat: int = 3, shard_size: int = 4) -> DatasetHandle:
+    """`make_version` of dataset "demo" under work/root (30 rows in 8 shards by default), opened."""
+    manifest = make_version(str(work / "root"), "demo", workdir=work, repeat=repeat, shard_size=shard_size)
+    return open_dataset(f"{work}/root/demo", manifest.lineage.version)
+
+
 def quarantine_rows(root: Path, dataset: str, version: str) -> list[dict]:
     """Every quarantine row of a committed version under a local root, found through its manifest
     (the parts live at data keys outside the version folder since manifest layout 2)."""

@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from storage.reader import DatasetHandle, open_dataset
-from tests.support.datasets_support import make_version
+from storage.reader import DatasetHandle
+from tests.support.datasets_support import open_local_version
 from tests.support.stored import stored_rows
 
 torch = pytest.importorskip("torch")
@@ -32,9 +32,7 @@ from storage.torch_dataset import pass_batch
 
 @pytest.fixture(scope="module")
 def v30(tmp_path_factory: pytest.TempPathFactory) -> DatasetHandle:
-    work = tmp_path_factory.mktemp("batch_memory")
-    manifest = make_version(str(work / "root"), "demo", workdir=work, repeat=3, shard_size=4)
-    return open_dataset(f"{work}/root/demo", manifest.lineage.version)
+    return open_local_version(tmp_path_factory.mktemp("batch_memory"))
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 from schemas.config import S3Config
 from storage.reader import DatasetHandle, open_dataset
 from tests.support.batches import assert_batch_equal
-from tests.support.datasets_support import make_version
+from tests.support.datasets_support import make_version, open_local_version
 from tests.support.seaweedfs import SeaweedS3
 
 torch = pytest.importorskip("torch")
@@ -33,9 +33,7 @@ ROWS = 30
 @pytest.fixture(scope="module")
 def local_v30(tmp_path_factory: pytest.TempPathFactory) -> DatasetHandle:
     """30 rows in 8 shards of ≤4 (batches of 7 cross shard boundaries)."""
-    work = tmp_path_factory.mktemp("batches_v30")
-    manifest = make_version(str(work / "root"), "demo", workdir=work, repeat=3, shard_size=4)
-    return open_dataset(f"{work}/root/demo", manifest.lineage.version)
+    return open_local_version(tmp_path_factory.mktemp("batches_v30"))
 
 
 @pytest.fixture(scope="module")
