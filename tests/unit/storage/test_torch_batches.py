@@ -205,7 +205,7 @@ def test_decoded_batches_under_two_workers_match_stored_audio(v30: DatasetHandle
         ds = v30.torch_dataset(world_size=2, rank=rank, batch_size=4, columns=["id"])
         per_rank += list(DataLoader(ds, batch_size=None, num_workers=2, timeout=120))
     assert sorted(i for b in per_rank for i in b["id"]) == sorted(want)
-    padded = 0  # rows shorter than their batch: the worker leaves their padding to the new memory's zeros
+    padded = 0  # rows shorter than their batch: their padding must read as zeros
     for batch in per_rank:
         padded += int((batch["audio_lengths"] < batch["audio_array"].shape[1]).sum())
         # The batch crossed the process boundary as one shared-memory segment: every tensor a view of it.
